@@ -1,0 +1,519 @@
+"""Celery result backend storing results as sheppy task records: ``result_backend = "sheppy://..."``.
+
+Results of queue ``q`` (``result_backend_transport_options["queue"]``, default
+``task_default_queue``) are records ``sheppy:tasks:<q>:<id>``. Storing one is
+one script: record, then an entry in ``sheppy:finished:<q>`` (terminal states)
+or ``sheppy:celery:<q>:states`` (others), and sheppy's completed counter.
+
+``AsyncResult.get()`` waits on those two streams with ``XREAD BLOCK`` from the
+last id read (:class:`ResultConsumer`): nothing is lost while a connection is
+down, and one reader serves every waiter of the process.
+
+Chords are joined natively: :meth:`SheppyBackend.apply_chord` puts the header's
+task ids in a set, each finished part removes its own id, and the part that
+empties the set fires the body; a part that reports twice removes nothing.
+"""
+
+import threading
+import time
+from functools import partial
+
+import redis
+from celery import states
+from celery._state import task_join_will_block
+from celery.backends.asynchronous import AsyncBackendMixin, BaseResultConsumer
+from celery.backends.base import KeyValueStoreBackend, _create_chord_error_with_cause
+from celery.canvas import maybe_signature
+from celery.exceptions import BackendStoreError, ChordError, ImproperlyConfigured
+from celery.result import GroupResult, ResultBase, allow_join_result
+from celery.utils.log import get_logger
+from celery.utils.time import humanize_seconds
+from kombu.transport.redis import get_redis_error_classes
+from kombu.utils.encoding import bytes_to_str, ensure_bytes
+from kombu.utils.functional import retry_over_time
+from kombu.utils.objects import cached_property
+
+from . import connection, keys, records, scripts
+
+logger = get_logger(__name__)
+
+E_LOST = "Connection to Redis lost: Retry (%s/%s) %s."
+
+#: sheppy keeps finished-stream entries for about this long (seconds).
+STREAM_KEEP_SECONDS = 60
+
+#: Longest single XREAD BLOCK of a result waiter, in seconds.
+MAX_BLOCK_SECONDS = 1.0
+
+#: A read position unused for this long (seconds) is renewed before the next wait,
+#: so a waiter does not first read a backlog it has no interest in.
+POSITION_STALE_SECONDS = 20.0
+
+#: Ids a producer may hold for results nobody waits on before unwaited ones are dropped.
+MAX_WATCHED_IDS = 10000
+
+# Settings with the stock Redis backend's names -> our connection option names.
+_CONF_OPTIONS = {
+    "redis_socket_timeout": "socket_timeout",
+    "redis_socket_connect_timeout": "socket_connect_timeout",
+    "redis_retry_on_timeout": "retry_on_timeout",
+    "redis_socket_keepalive": "socket_keepalive",
+    "redis_backend_health_check_interval": "health_check_interval",
+    "redis_max_connections": "max_connections",
+    "redis_username": "username",
+    "redis_password": "password",
+    "redis_client_name": "client_name",
+}
+
+# Options of the stock backend that make no sense for a fixed layout: accepted, ignored.
+_IGNORED_TRANSPORT_OPTIONS = {"global_keyprefix", "result_chord_ordered"}
+_OWN_TRANSPORT_OPTIONS = {"queue", "retry_policy", "additional_connection_errors"}
+
+
+class ResultConsumer(BaseResultConsumer):
+    """Delivers stored results to waiting ``AsyncResult`` objects.
+
+    One thread at a time reads the finished and states streams with
+    ``XREAD BLOCK`` from the last ids it has seen; other waiting threads sleep
+    until it is done, then look at their results. Entries for ids this process
+    waits on are fetched with one ``MGET``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        backend = self.backend
+        self._connection_errors = backend.connection_errors
+        self._streams = (keys.finished_stream(backend.queue), keys.state_stream(backend.queue))
+        self._reset_state()
+
+    def _reset_state(self):
+        self._lock = threading.Lock()
+        self._read_done = threading.Condition(self._lock)
+        self._reading = False
+        self._watched = {}  # sheppy id -> Celery task id
+        self._positions = None  # stream key -> last id read
+        self._last_read = 0.0
+
+    def on_after_fork(self):
+        self._reset_state()
+        self.backend.reset_connections()
+        super().on_after_fork()
+
+    def start(self, initial_task_id, **kwargs):
+        self.consume_from(initial_task_id)
+
+    def consume_from(self, task_id):
+        task_id = bytes_to_str(task_id)
+        with self._lock:
+            if len(self._watched) >= MAX_WATCHED_IDS:
+                self._drop_unwaited()
+            self._watched[records.sheppy_id(task_id)] = task_id
+            stale = time.monotonic() - self._last_read > POSITION_STALE_SECONDS
+        if stale:
+            # Before the caller reads the record: a result stored after that read is
+            # then announced after this position.
+            self._mark_position()
+
+    def cancel_for(self, task_id):
+        with self._lock:
+            self._watched.pop(records.sheppy_id(bytes_to_str(task_id)), None)
+
+    def _drop_unwaited(self):
+        concrete, weak = self._pending_results
+        for sid, task_id in list(self._watched.items()):
+            if task_id not in concrete and task_id not in weak:
+                del self._watched[sid]
+
+    def _mark_position(self):
+        client = self.backend.client
+        with client.pipeline(transaction=False) as pipe:
+            for stream in self._streams:
+                pipe.xrevrange(stream, count=1)
+            newest = self.backend.ensure(pipe.execute, ())
+        positions = {s: (e[0][0] if e else b"0-0") for s, e in zip(self._streams, newest)}
+        with self._lock:
+            if self._positions is None or time.monotonic() - self._last_read > POSITION_STALE_SECONDS:
+                self._positions = positions
+                self._last_read = time.monotonic()
+
+    def on_wait_for_pending(self, result, **kwargs):
+        for meta in result._iter_meta(**kwargs):
+            if meta is not None:
+                self.on_state_change(meta, None)
+
+    def on_state_change(self, meta, message):
+        super().on_state_change(meta, message)
+        if meta["status"] in states.READY_STATES:
+            self.cancel_for(meta["task_id"])
+
+    def drain_events_until(self, p, timeout=None, on_interval=None):
+        # Never block for longer than the caller's timeout in one read.
+        interval = MAX_BLOCK_SECONDS if timeout is None else max(min(timeout, MAX_BLOCK_SECONDS), 0.01)
+        return self.drainer.drain_events_until(
+            p, timeout=timeout, interval=interval, on_interval=on_interval)
+
+    def drain_events(self, timeout=None):
+        with self._lock:
+            if self._reading:
+                self._read_done.wait(MAX_BLOCK_SECONDS if timeout is None else timeout)
+                return
+            self._reading = True
+        try:
+            with self.reconnect_on_error():
+                self._read_once(timeout)
+        finally:
+            with self._lock:
+                self._reading = False
+                self._read_done.notify_all()
+
+    def _read_once(self, timeout):
+        if self._positions is None:
+            self._mark_position()
+        block = MAX_BLOCK_SECONDS if timeout is None else min(timeout, MAX_BLOCK_SECONDS)
+        with self._lock:
+            positions = dict(self._positions)
+        reply = self.backend.blocking_client.xread(
+            positions, count=1000, block=max(int(block * 1000), 1) if block > 0 else None)
+        wanted = []
+        for stream, entries in reply or ():
+            stream = bytes_to_str(stream)
+            for entry_id, fields in entries:
+                positions[stream] = entry_id
+                sid = bytes_to_str(fields.get(b"task_id", b""))
+                if sid in self._watched:
+                    wanted.append(sid)
+        with self._lock:
+            self._positions = positions
+            self._last_read = time.monotonic()
+        if wanted:
+            self._deliver(list(dict.fromkeys(wanted)))
+
+    def _deliver(self, sids):
+        backend = self.backend
+        values = backend.client.mget([keys.task_record(backend.queue, sid) for sid in sids])
+        for value in values:
+            if value:
+                self.on_state_change(backend.decode_result(value), None)
+
+    def _reconnect(self):
+        self.backend.ensure(self._resync, ())
+
+    def _resync(self):
+        """After a lost connection: fresh connections, then the records of every watched id."""
+        self.backend.reset_connections()
+        with self._lock:
+            sids = list(self._watched)
+        for start in range(0, len(sids), 1000):
+            self._deliver(sids[start:start + 1000])
+
+
+class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
+    """Celery result backend on Redis, storing sheppy task records."""
+
+    ResultConsumer = ResultConsumer
+
+    #: :pypi:`redis` client module.
+    redis = redis
+    connection_class_ssl = redis.SSLConnection
+
+    #: Maximum number of connections in the pool (``redis_max_connections``).
+    max_connections = None
+
+    supports_autoexpire = True
+    supports_native_join = True
+    supports_result_compression = True
+    supports_failure_expires = True
+
+    #: Redis's largest string value (bytes); bigger results get BackendStoreError.
+    _MAX_STR_VALUE_SIZE = 512 * 1024 * 1024
+
+    key_t = str
+
+    def __init__(self, host=None, port=None, db=None, password=None,
+                 max_connections=None, url=None, connection_pool=None, **kwargs):
+        if host and "://" in host:
+            url, host = host, None
+        super().__init__(expires_type=int, url=url, **kwargs)
+        conf = self.app.conf
+        failure_expires = conf.get("result_failure_expires")
+        self.failure_expires = (
+            self.expires if failure_expires is None
+            else self.prepare_expires(failure_expires, type=int))
+        options = self._transport_options
+        unknown = set(options) - _OWN_TRANSPORT_OPTIONS - _IGNORED_TRANSPORT_OPTIONS - set(
+            connection.OPTION_PARSERS)
+        if unknown:
+            raise ImproperlyConfigured(
+                f"unknown result_backend_transport_options for sheppy://: {sorted(unknown)}")
+        self.queue = keys.check_queue(options.get("queue") or conf.task_default_queue)
+
+        settings = {ours: conf.get(stock) for stock, ours in _CONF_OPTIONS.items()}
+        settings.update((k, v) for k, v in options.items() if k in connection.OPTION_PARSERS)
+        settings.update(conf.get("redis_backend_use_ssl") or {})
+        for name, value in (("host", host), ("port", port), ("db", db), ("password", password)):
+            if value is not None:
+                settings[name] = value
+        if max_connections:
+            settings["max_connections"] = max_connections
+        try:
+            self.connparams = connection.connection_kwargs(url or "sheppy://", settings)
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"sheppy result backend: {exc}") from None
+        self.max_connections = self.connparams.get("max_connections")
+        self._ConnectionPool = connection_pool
+        self._native_json = self.serializer == "json" and not self.compression
+
+        self.connection_errors, self.channel_errors = get_redis_error_classes()
+        extra_errors = options.get("additional_connection_errors") or ()
+        self.connection_errors += tuple(extra_errors)
+        self._registered_at = 0.0
+        self.result_consumer = self.ResultConsumer(
+            self, self.app, self.accept, self._pending_results, self._pending_messages)
+
+    # -- connections -------------------------------------------------------------
+
+    @cached_property
+    def _transport_options(self):
+        return self.app.conf.get("result_backend_transport_options") or {}
+
+    @property
+    def ConnectionPool(self):
+        if self._ConnectionPool is None:
+            self._ConnectionPool = self.redis.ConnectionPool
+        return self._ConnectionPool
+
+    @cached_property
+    def client(self):
+        return self.redis.Redis(connection_pool=self.ConnectionPool(**self.connparams))
+
+    @cached_property
+    def blocking_client(self):
+        """A client for XREAD BLOCK, whose socket timeout outlasts the block."""
+        params = connection.blocking_kwargs(self.connparams, MAX_BLOCK_SECONDS)
+        return self.redis.Redis(connection_pool=self.ConnectionPool(**params))
+
+    def reset_connections(self):
+        for name in ("client", "blocking_client"):
+            client = self.__dict__.get(name)
+            if client is not None:
+                client.connection_pool.reset()
+
+    @cached_property
+    def _store_script(self):
+        return self.client.register_script(scripts.STORE_RESULT)
+
+    @cached_property
+    def _chord_part_script(self):
+        return self.client.register_script(scripts.CHORD_PART_RETURN)
+
+    # -- retry policy -------------------------------------------------------------
+
+    def exception_safe_to_retry(self, exc):
+        return isinstance(exc, self.connection_errors)
+
+    @cached_property
+    def retry_policy(self):
+        policy = dict(super().retry_policy)
+        policy.update(self._transport_options.get("retry_policy") or {})
+        return policy
+
+    def ensure(self, fun, args, **policy):
+        retry_policy = dict(self.retry_policy, **policy)
+        max_retries = retry_policy.get("max_retries")
+        return retry_over_time(
+            fun, self.connection_errors, args, {},
+            partial(self.on_connection_error, max_retries), **retry_policy)
+
+    def on_connection_error(self, max_retries, exc, intervals, retries):
+        tts = next(intervals)
+        logger.error(E_LOST.strip(), retries, max_retries or "Inf", humanize_seconds(tts, "in "))
+        return tts
+
+    # -- keys ----------------------------------------------------------------------
+
+    def get_key_for_task(self, task_id, key=""):
+        if not task_id:
+            raise ValueError(f"task_id must not be empty. Got {task_id} instead.")
+        return keys.task_record(self.queue, records.sheppy_id(task_id))
+
+    def get_key_for_group(self, group_id, key=""):
+        if not group_id:
+            raise ValueError(f"group_id must not be empty. Got {group_id} instead.")
+        return keys.group_record(self.queue, records.sheppy_id(group_id))
+
+    def get_key_for_chord(self, group_id, key=""):
+        if not group_id:
+            raise ValueError(f"group_id must not be empty. Got {group_id} instead.")
+        return keys.chord_pending_set(self.queue, records.sheppy_id(group_id))
+
+    # -- key/value primitives (the stock backend's public surface) ------------------
+
+    def get(self, key):
+        return self.client.get(key)
+
+    def mget(self, keys):
+        return self.client.mget(keys)
+
+    def set(self, key, value, expires=None, **retry_policy):
+        self._check_size(value)
+        return self.ensure(self._set, (key, value, expires), **retry_policy)
+
+    def _set(self, key, value, expires=None):
+        expires = self.expires if expires is None else expires
+        return self.client.set(key, value, ex=expires or None)
+
+    def _set_with_state(self, key, value, state):
+        if state == states.FAILURE:
+            return self.set(key, value, expires=self.failure_expires)
+        return self.set(key, value)
+
+    def delete(self, key):
+        self.client.delete(key)
+
+    def incr(self, key):
+        return self.client.incr(key)
+
+    def expire(self, key, value):
+        if not value:
+            return self.client.persist(key)
+        return self.client.expire(key, value)
+
+    def forget(self, task_id):
+        super().forget(task_id)
+        self.result_consumer.cancel_for(task_id)
+
+    def on_task_call(self, producer, task_id):
+        if not task_join_will_block():
+            self.result_consumer.consume_from(task_id)
+
+    def _check_size(self, value):
+        if value is not None and len(value) > self._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError(
+                f"result of {len(value)} bytes is over Redis's value limit of "
+                f"{self._MAX_STR_VALUE_SIZE} bytes")
+
+    # -- results ---------------------------------------------------------------------
+
+    def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        payload = None if self._native_json else ensure_bytes(self.encode(meta))
+        text = records.dumps(records.build_record(meta["task_id"], meta, request, payload))
+        try:
+            self._check_size(text)
+        except BackendStoreError as exc:
+            raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
+        expires = self.failure_expires if state == states.FAILURE else self.expires
+        self._write_record(records.sheppy_id(task_id), text, state in records.TERMINAL_STATES, expires)
+        return result
+
+    def _write_record(self, sid, text, terminal, expires):
+        queue = self.queue
+        min_id = f"{int((time.time() - STREAM_KEEP_SECONDS) * 1000)}-0"
+        with self.client.pipeline(transaction=False) as pipe:
+            self._store_script(
+                keys=[keys.task_record(queue, sid), keys.finished_stream(queue),
+                      keys.state_stream(queue), keys.completed_counter(queue)],
+                args=[text, int(expires or 0), 1 if terminal else 0, sid, min_id],
+                client=pipe)
+            # sheppy's tools list queues from the registry; it lives in another
+            # cluster slot, so it is kept apart from the script, and renewed once a minute.
+            now = time.monotonic()
+            if now - self._registered_at > 60:
+                pipe.hsetnx(keys.queue_registry(), queue, "{}")
+            pipe.execute()
+        self._registered_at = now
+
+    def decode_result(self, payload):
+        record = records.loads(payload)
+        return self.meta_from_decoded(records.meta_from_record(record, self.decode))
+
+    # -- groups and chords --------------------------------------------------------------
+
+    @property
+    def _chord_ttl(self):
+        return self._chord_result_expires or self.chord_expires or 0
+
+    def apply_chord(self, header_result_args, body, **kwargs):
+        self.ensure_chords_allowed()
+        header_result = self.app.GroupResult(*header_result_args)
+        group_key = self.get_key_for_group(header_result.id)
+        chord_key = self.get_key_for_chord(header_result.id)
+        group_value = self.encode({"result": header_result.as_tuple()})
+        self._check_size(group_value)
+        ids = _leaf_ids(header_result)
+        ttl = self._chord_ttl
+
+        def record_chord():
+            # A re-applied frozen chord reuses its group id: start from an empty set.
+            with self.client.pipeline() as pipe:
+                pipe.delete(chord_key)
+                pipe.sadd(chord_key, *ids)
+                if ttl:
+                    pipe.expire(chord_key, ttl)
+                pipe.set(group_key, group_value, ex=ttl or None)
+                pipe.execute()
+
+        self.ensure(record_chord, ())
+
+    def set_chord_size(self, group_id, chord_size):
+        """Nothing to do: a chord's size is the number of ids left in its pending set."""
+
+    def add_to_chord(self, group_id, result):
+        chord_key = self.get_key_for_chord(group_id)
+        with self.client.pipeline() as pipe:
+            pipe.sadd(chord_key, result.id)
+            if self._chord_ttl:
+                pipe.expire(chord_key, self._chord_ttl)
+            pipe.execute()
+
+    def on_chord_part_return(self, request, state, result, **kwargs):
+        group_id, task_id = request.group, request.id
+        if not group_id or not task_id:
+            return
+        chord_key = self.get_key_for_chord(group_id)
+        last = self.ensure(lambda: self._chord_part_script(keys=[chord_key], args=[task_id]), ())
+        if last == 1:
+            self._fire_chord_body(request, group_id)
+
+    def _fire_chord_body(self, request, group_id):
+        app = self.app
+        callback = maybe_signature(request.chord, app=app)
+        header = GroupResult.restore(group_id, backend=self)
+        if header is None:
+            return self.chord_error_from_stack(
+                callback, ChordError(f"GroupResult {group_id} no longer exists"))
+        try:
+            with allow_join_result():
+                values = header.join_native(timeout=app.conf.result_chord_join_timeout, propagate=True)
+        except Exception as exc:  # pylint: disable=broad-except
+            try:
+                culprit = next(header._failed_join_report())
+                reason = f"Dependency {culprit.id} raised {exc!r}"
+            except StopIteration:
+                reason = repr(exc)
+            logger.exception("Chord %r raised: %r", group_id, reason)
+            return self.chord_error_from_stack(
+                callback, _create_chord_error_with_cause(message=reason, original_exc=exc))
+        try:
+            app.amqp._retry_publish(callback.delay, values)
+        except Exception as exc:  # pylint: disable=broad-except
+            logger.exception("Chord callback for %r raised: %r", group_id, exc)
+            return self.chord_error_from_stack(
+                callback, _create_chord_error_with_cause(
+                    message=f"Callback error: {exc!r}", original_exc=exc))
+
+    def __reduce__(self, args=(), kwargs=None):
+        kwargs = {} if not kwargs else kwargs
+        return super().__reduce__(args, dict(kwargs, expires=self.expires, url=self.url))
+
+
+def _leaf_ids(result):
+    """Ids of the tasks that report to a chord with header ``result``, in header order."""
+    ids = []
+    for node in result.results:
+        if isinstance(node, GroupResult):
+            ids.extend(_leaf_ids(node))
+        elif isinstance(node, ResultBase):
+            ids.append(node.id)
+    return ids

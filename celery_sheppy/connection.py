@@ -1,0 +1,167 @@
+"""``sheppy://`` URLs and options -> redis-py connection keyword arguments.
+
+URL form::
+
+    sheppy://[[username]:password@]host[:port][/db][?option=value&...]
+    sheppys://...   (TLS; ssl_cert_reqs, ssl_ca_certs, ssl_certfile, ssl_keyfile)
+
+Sources, later wins: :data:`DEFAULTS`, the options given in code or settings
+(``redis_socket_timeout``, ``broker_transport_options``...), the URL's query.
+Every accepted option is in :data:`OPTION_PARSERS`; anything else is refused
+with an error that names it. Times are in seconds.
+"""
+
+import ssl
+from urllib.parse import quote, unquote, urlsplit
+
+import redis
+from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+
+SCHEMES = {"sheppy": False, "sheppys": True}  # scheme -> TLS
+
+#: Defaults, in seconds. redis-py 8 would otherwise time reads out after 5 s.
+DEFAULTS = {
+    "socket_timeout": 30.0,
+    "socket_connect_timeout": 5.0,
+    "health_check_interval": 25,
+}
+
+#: Blocking reads (XREAD/XREADGROUP BLOCK) get this much more socket time than they block for.
+BLOCKING_READ_MARGIN = 5.0
+
+_CERT_REQS = {
+    "required": ssl.CERT_REQUIRED, "cert_required": ssl.CERT_REQUIRED,
+    "optional": ssl.CERT_OPTIONAL, "cert_optional": ssl.CERT_OPTIONAL,
+    "none": ssl.CERT_NONE, "cert_none": ssl.CERT_NONE,
+}
+
+
+def _cert_reqs(value):
+    if isinstance(value, int):
+        return value
+    try:
+        return _CERT_REQS[str(value).lower()]
+    except KeyError:
+        raise ValueError(
+            f"ssl_cert_reqs must be CERT_REQUIRED, CERT_OPTIONAL or CERT_NONE, got {value!r}"
+        ) from None
+
+
+def _bool(value):
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean, got {value!r}")
+
+
+def _float_or_none(value):
+    return None if value is None else float(value)
+
+
+def _int_or_none(value):
+    return None if value is None else int(value)
+
+
+#: Every connection option we accept, with its parser.
+OPTION_PARSERS = {
+    **URL_QUERY_ARGUMENT_PARSERS,
+    "socket_timeout": _float_or_none,
+    "socket_connect_timeout": _float_or_none,
+    "health_check_interval": int,
+    "max_connections": _int_or_none,
+    "retry_on_timeout": _bool,
+    "socket_keepalive": _bool,
+    "client_name": str,
+    "username": str,
+    "password": str,
+    "db": int,
+    "ssl_cert_reqs": _cert_reqs,
+    "ssl_ca_certs": str,
+    "ssl_certfile": str,
+    "ssl_keyfile": str,
+    "ssl_check_hostname": _bool,
+}
+_TLS_ONLY = {"ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname"}
+
+
+def parse_option(name, value):
+    try:
+        parser = OPTION_PARSERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown sheppy connection option {name!r}; accepted: {', '.join(sorted(OPTION_PARSERS))}"
+        ) from None
+    try:
+        return parser(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad value for sheppy connection option {name!r}: {exc}") from None
+
+
+def parse_url(url):
+    """Keyword arguments for ``redis.Redis`` from a ``sheppy://`` URL (no defaults applied)."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise ValueError(f"not a sheppy URL: {redact(url)!r} (schemes: sheppy://, sheppys://)")
+    kwargs = {"host": parts.hostname or "localhost"}
+    try:
+        kwargs["port"] = parts.port or 6379
+    except ValueError:
+        raise ValueError(f"bad port in sheppy URL {redact(url)!r}") from None
+    if parts.username:
+        kwargs["username"] = unquote(parts.username)
+    if parts.password:
+        kwargs["password"] = unquote(parts.password)
+    db = parts.path.strip("/")
+    if db:
+        if not db.isdigit():
+            raise ValueError(f"database in sheppy URL must be a number, got {db!r}")
+        kwargs["db"] = int(db)
+    for pair in filter(None, parts.query.split("&")):
+        name, _, value = pair.partition("=")
+        kwargs[name] = parse_option(name, unquote(value))
+    return kwargs
+
+
+def connection_kwargs(url, options=None):
+    """``redis.Redis``/``ConnectionPool`` keyword arguments: defaults < ``options`` < URL."""
+    tls = SCHEMES.get(urlsplit(url).scheme)
+    kwargs = dict(DEFAULTS)
+    for name, value in (options or {}).items():
+        if value is not None:
+            kwargs[name] = parse_option(name, value)
+    kwargs.update(parse_url(url))
+    tls_options = _TLS_ONLY & set(kwargs)
+    if tls:
+        kwargs["connection_class"] = redis.SSLConnection
+        kwargs.setdefault("ssl_cert_reqs", ssl.CERT_REQUIRED)
+    elif tls_options:
+        raise ValueError(
+            f"TLS options {sorted(tls_options)} given for a plain sheppy:// URL; use sheppys://"
+        )
+    if kwargs.get("max_connections") is None:
+        kwargs.pop("max_connections", None)
+    return kwargs
+
+
+def blocking_kwargs(kwargs, block_seconds):
+    """``kwargs`` for a connection that blocks up to ``block_seconds`` in one read."""
+    timeout = kwargs.get("socket_timeout") or 0
+    return dict(kwargs, socket_timeout=max(timeout, block_seconds + BLOCKING_READ_MARGIN))
+
+
+def redact(url):
+    """``url`` with its password replaced by ``**``, for logs and banners."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    user = quote(unquote(parts.username or ""), safe="")
+    return parts._replace(netloc=f"{user}:**@{netloc}").geturl()

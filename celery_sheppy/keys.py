@@ -1,0 +1,96 @@
+"""Every Redis key name celery_sheppy reads or writes, built here and nowhere else.
+
+Sheppy's layout (sheppy 0.0.7; the ``sheppy`` prefix is fixed in sheppy itself):
+
+==========================================  ======  ==============================================
+key                                          type    content
+==========================================  ======  ==============================================
+``sheppy:tasks:<q>:<id>``                    string  JSON task record (see ``records.py``)
+``sheppy:pending:<q>``                       stream  field ``data`` = task record JSON; group
+                                                     ``workers``
+``sheppy:finished:<q>``                      stream  field ``task_id``; one entry per record that
+                                                     got ``finished_at``; trimmed to ~60 s
+``sheppy:scheduled:<q>``                     zset    task id -> due time (epoch seconds)
+``sheppy:completed:<q>``                     string  count of records that got ``finished_at``
+``sheppy:_queues``                           hash    queue name -> ``"{}"``; sheppy lists queues
+``sheppy:workflows:<q>:<wf>:pending``        set     ids still pending in a workflow step; we use
+                                                     it for a chord's header task ids
+==========================================  ======  ==============================================
+
+Celery data that has no place in sheppy's layout lives under ``sheppy:celery:<q>:``,
+a namespace sheppy never scans:
+
+==========================================  ======  ==============================================
+``sheppy:celery:<q>:group:<gid>``            string  saved ``GroupResult`` (Celery's encoding)
+``sheppy:celery:<q>:states``                 stream  field ``task_id``; non-terminal state changes
+                                                     (STARTED, RETRY, custom), for
+                                                     ``get(on_message=...)``; trimmed to ~60 s
+==========================================  ======  ==============================================
+
+Every key of one queue contains the queue name, and no multi-key command mixes
+queues: a hash-tagged queue name such as ``{celery}`` puts a queue's keys in one
+Redis Cluster slot.
+"""
+
+PREFIX = "sheppy"
+
+#: Consumer group sheppy's workers read ``sheppy:pending:<q>`` with.
+CONSUMER_GROUP = "workers"
+
+# sheppy uses the queue name raw inside SCAN MATCH patterns (``sheppy:tasks:<q>:*``),
+# so glob characters and ':' would make one queue's scan match another queue's keys.
+_FORBIDDEN_IN_QUEUE = frozenset(":*?[]\\")
+
+
+class InvalidQueueName(ValueError):
+    """A queue name that cannot be used in Sheppy's layout."""
+
+
+def check_queue(queue):
+    """Return ``queue`` if it is usable as a sheppy queue name, else raise InvalidQueueName."""
+    if not isinstance(queue, str) or not queue:
+        raise InvalidQueueName(f"queue name must be a non-empty string, got {queue!r}")
+    bad = sorted(set(queue) & _FORBIDDEN_IN_QUEUE)
+    if bad or any(ch.isspace() for ch in queue):
+        raise InvalidQueueName(
+            f"queue name {queue!r} cannot be used in Sheppy's layout: it contains "
+            f"{''.join(bad) or 'white space'!r}; sheppy's tools use queue names inside "
+            "SCAN patterns, where ':', '*', '?', '[', ']' and '\\' leak across queues"
+        )
+    return queue
+
+
+def task_record(queue, sheppy_id):
+    return f"{PREFIX}:tasks:{queue}:{sheppy_id}"
+
+
+def pending_stream(queue):
+    return f"{PREFIX}:pending:{queue}"
+
+
+def finished_stream(queue):
+    return f"{PREFIX}:finished:{queue}"
+
+
+def scheduled_set(queue):
+    return f"{PREFIX}:scheduled:{queue}"
+
+
+def completed_counter(queue):
+    return f"{PREFIX}:completed:{queue}"
+
+
+def queue_registry():
+    return f"{PREFIX}:_queues"
+
+
+def chord_pending_set(queue, group_id):
+    return f"{PREFIX}:workflows:{queue}:{group_id}:pending"
+
+
+def group_record(queue, group_id):
+    return f"{PREFIX}:celery:{queue}:group:{group_id}"
+
+
+def state_stream(queue):
+    return f"{PREFIX}:celery:{queue}:states"

@@ -1,0 +1,257 @@
+"""Celery result meta <-> sheppy 0.0.7 task records. Pure functions, no Redis.
+
+A record is a sheppy task record (what ``sheppy.models.Task.model_validate``
+accepts) with the Celery data sheppy has no field for kept in the top-level
+``celery`` key, which sheppy accepts and drops::
+
+    {"id": "<uuid>", "status": "completed", "result": 42,
+     "spec": {"func": "celery_sheppy:celery_task"},
+     "finished_at": "2026-11-22T05:00:00.123456+00:00",
+     "celery": {...}}
+
+``id`` is the Celery task id when it is a canonical lower-case UUID, else the
+UUIDv5 of it in :data:`CELERY_ID_NAMESPACE` (sheppy accepts UUID ids only); the
+Celery id is then kept as ``celery.task_id``.
+
+With the json result serializer the Celery meta is stored natively: a
+successful result is sheppy's ``result``, everything else sits in ``celery``
+and fields sheppy already holds are not repeated. With any other serializer
+(or result compression) ``celery.payload`` holds Celery's own encoding of the
+whole meta in base64; sheppy's fields are still filled in for its tools.
+"""
+
+import base64
+from datetime import datetime, timezone
+from uuid import UUID, uuid5
+
+from celery import states
+from kombu.utils import json as kombu_json
+
+#: ``spec.func`` of every record we write. sheppy imports it on every read and
+#: checks ``result`` against its return annotation; it has none, so any result passes.
+SPEC_FUNC = "celery_sheppy:celery_task"
+
+#: Namespace of the UUIDv5 ids that stand for Celery task ids which are not UUIDs.
+CELERY_ID_NAMESPACE = UUID("6f1c6d1e-52f4-4b0e-9a57-0c3d8e1b7a11")
+
+#: Celery state -> sheppy status; any state not listed (custom ones such as
+#: PROGRESS, REJECTED, IGNORED) maps to ``processing``.
+STATUS_BY_STATE = {
+    states.PENDING: "pending",
+    states.RECEIVED: "pending",
+    states.STARTED: "processing",
+    states.RETRY: "retrying",
+    states.SUCCESS: "completed",
+    states.FAILURE: "failed",
+    states.REVOKED: "cancelled",
+}
+DEFAULT_STATUS = "processing"
+
+#: sheppy status -> Celery state, for records sheppy itself wrote.
+STATE_BY_STATUS = {
+    "new": states.PENDING,
+    "scheduled": states.PENDING,
+    "pending": states.PENDING,
+    "processing": states.STARTED,
+    "retrying": states.RETRY,
+    "completed": states.SUCCESS,
+    "failed": states.FAILURE,
+    "cancelled": states.REVOKED,
+    "unknown": states.PENDING,
+}
+
+#: Celery states whose record gets ``finished_at`` (sheppy: terminal).
+TERMINAL_STATES = frozenset(states.READY_STATES)
+
+# Meta keys dropped when they hold these values, and restored on read.
+_META_DEFAULTS = {"traceback": None, "children": []}
+
+
+class RecordError(ValueError):
+    """Bytes that are not a task record we can read."""
+
+
+def celery_task(*args, **kwargs):
+    """Stands in ``spec.func`` of Celery task records so sheppy can import it."""
+    raise RuntimeError(
+        "this sheppy record belongs to a Celery task: run it with a Celery worker "
+        "(broker_url = 'sheppy://...'), not with a sheppy worker"
+    )
+
+
+def sheppy_id(task_id):
+    """The sheppy record id for a Celery task (or group) id."""
+    if isinstance(task_id, bytes):
+        task_id = task_id.decode()
+    task_id = str(task_id)
+    try:
+        if str(UUID(task_id)) == task_id:
+            return task_id
+    except ValueError:
+        pass
+    return str(uuid5(CELERY_ID_NAMESPACE, task_id))
+
+
+def status_for(state):
+    return STATUS_BY_STATE.get(state, DEFAULT_STATUS)
+
+
+def error_text(exc):
+    """sheppy's ``error``: ``"ExceptionClass: message"``, from an exception or Celery's dict."""
+    if isinstance(exc, BaseException):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, dict):
+        message = exc.get("exc_message", "")
+        if isinstance(message, (list, tuple)):
+            message = ", ".join(str(part) for part in message)
+        return f"{exc.get('exc_type', 'Exception')}: {message}"
+    return None if exc is None else f"Exception: {exc}"
+
+
+def aware_iso(value):
+    """``value`` (datetime or ISO string) as a timezone-aware ISO-8601 string; naive means UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.isoformat()
+
+
+def _retry_due(exc, now):
+    """When a RETRY is due, from Celery's Retry exception (``when`` = seconds or datetime)."""
+    when = getattr(exc, "when", None)
+    if when is None and isinstance(exc, dict):
+        message = exc.get("exc_message")
+        if isinstance(message, (list, tuple)) and len(message) >= 2:
+            when = message[1]
+    if isinstance(when, (int, float)) and not isinstance(when, bool):
+        return datetime.fromtimestamp(now.timestamp() + when, timezone.utc).isoformat()
+    if isinstance(when, (str, datetime)):
+        return aware_iso(when)
+    return None
+
+
+def build_record(task_id, meta, request=None, payload=None, now=None):
+    """The sheppy record for Celery ``meta`` of ``task_id``, as a dict.
+
+    ``payload``, when given, is Celery's own encoding of ``meta`` (bytes); the
+    record then keeps it instead of the meta's fields.
+    """
+    now = now or datetime.now(timezone.utc)
+    state = meta["status"]
+    rid = sheppy_id(task_id)
+    record = {"id": rid, "status": status_for(state)}
+    result = meta.get("result")
+    if state in states.EXCEPTION_STATES:
+        record["error"] = error_text(result)
+    if state == states.SUCCESS and payload is None:
+        record["result"] = result
+    record["spec"] = _spec(meta, payload)
+
+    finished_at = None
+    if state in TERMINAL_STATES:
+        finished_at = aware_iso(meta.get("date_done")) or now.isoformat()
+        record["finished_at"] = finished_at
+    if state == states.RETRY:
+        record["retry_count"] = (getattr(request, "retries", None) or 0) + 1
+        record["last_retry_at"] = now.isoformat()
+        record["next_retry_at"] = _retry_due(result, now)
+    elif request is not None and getattr(request, "retries", None):
+        record["retry_count"] = request.retries
+
+    if payload is not None:
+        extras = {"status": state, "payload": base64.b64encode(payload).decode("ascii")}
+    else:
+        extras = _compact_meta(meta, rid, str(task_id), finished_at)
+    record["celery"] = extras
+    return record
+
+
+def _spec(meta, payload):
+    spec = {"func": SPEC_FUNC}
+    # args/kwargs are only known with result_extended, and only JSON-safe on the json path.
+    if payload is None:
+        if isinstance(meta.get("args"), (list, tuple)):
+            spec["args"] = list(meta["args"])
+        if isinstance(meta.get("kwargs"), dict):
+            spec["kwargs"] = meta["kwargs"]
+    return spec
+
+
+def _compact_meta(meta, rid, task_id, finished_at):
+    extras = {}
+    for key, value in meta.items():
+        if key == "result" and meta["status"] == states.SUCCESS:
+            continue  # stored as sheppy's result
+        if key == "status" and value == STATE_BY_STATUS[status_for(value)]:
+            continue
+        if key == "task_id" and value == rid:
+            continue
+        if key == "date_done" and value is not None and value == finished_at:
+            continue
+        if key in _META_DEFAULTS and value == _META_DEFAULTS[key]:
+            continue
+        extras[key] = value
+    if "task_id" not in extras and task_id != rid:
+        extras["task_id"] = task_id
+    return extras
+
+
+def dumps(record):
+    """A record as compact JSON text (kombu's encoder: datetimes, UUIDs, Decimals survive)."""
+    return kombu_json.dumps(record, separators=(",", ":"))
+
+
+def loads(raw):
+    """A record from its JSON text; bad bytes raise RecordError."""
+    try:
+        record = kombu_json.loads(raw)
+    except (ValueError, TypeError) as exc:
+        raise RecordError(f"not a JSON task record: {exc}") from exc
+    if not isinstance(record, dict) or "id" not in record or "status" not in record:
+        raise RecordError("not a task record: 'id' and 'status' are required")
+    return record
+
+
+def meta_from_record(record, decode_payload):
+    """Celery meta from a record dict; ``decode_payload(bytes)`` decodes Celery's encoding."""
+    extras = record.get("celery")
+    if not isinstance(extras, dict):
+        return _meta_from_sheppy(record)
+    if "payload" in extras:
+        try:
+            payload = base64.b64decode(extras["payload"])
+        except (ValueError, TypeError) as exc:
+            raise RecordError(f"bad Celery payload in record {record['id']}: {exc}") from exc
+        return decode_payload(payload)
+    meta = {"status": extras.get("status") or STATE_BY_STATUS.get(record["status"], states.PENDING)}
+    meta["result"] = record.get("result") if meta["status"] == states.SUCCESS else None
+    for key, value in _META_DEFAULTS.items():
+        meta[key] = list(value) if isinstance(value, list) else value
+    meta["date_done"] = record.get("finished_at")
+    meta.update(extras)
+    meta.setdefault("task_id", record["id"])
+    return meta
+
+
+def _meta_from_sheppy(record):
+    """Celery meta for a record a sheppy worker wrote (no Celery extras)."""
+    state = STATE_BY_STATUS.get(record["status"], states.PENDING)
+    result = record.get("result")
+    if state in states.EXCEPTION_STATES:
+        exc_type, _, message = (record.get("error") or "Exception: ").partition(": ")
+        result = {"exc_type": exc_type or "Exception", "exc_message": [message], "exc_module": None}
+    return {
+        "status": state,
+        "result": result,
+        "traceback": None,
+        "children": [],
+        "date_done": record.get("finished_at"),
+        "task_id": record["id"],
+    }
+

@@ -1,0 +1,36 @@
+-- Store a Celery result as a sheppy task record and announce it, atomically.
+--
+-- KEYS[1]  sheppy:tasks:<q>:<id>       string  the task record (JSON)
+-- KEYS[2]  sheppy:finished:<q>         stream  gets {task_id} when the record is terminal
+-- KEYS[3]  sheppy:celery:<q>:states    stream  gets {task_id} for any other state
+-- KEYS[4]  sheppy:completed:<q>        string  counter of terminal records
+-- ARGV[1]  record JSON
+-- ARGV[2]  time to live in seconds (0: no expiry)
+-- ARGV[3]  "1" if the record is terminal (has finished_at), else "0"
+-- ARGV[4]  sheppy task id (the stream entries' task_id)
+-- ARGV[5]  MINID for trimming both streams (entries older than ~60 s go)
+--
+-- Returns 1, or 0 when the stored record is already "completed" (a SUCCESS is
+-- never overwritten: a redelivered task must not replace its first result).
+-- The record is written before the entry, so a waiter that sees the entry finds it.
+
+local current = redis.call('GET', KEYS[1])
+-- the status is the record's second key, right after the 36-character id
+if current and string.find(string.sub(current, 1, 120), '"status":%s*"completed"') then
+    return 0
+end
+
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+else
+    redis.call('SET', KEYS[1], ARGV[1])
+end
+
+if ARGV[3] == '1' then
+    redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[5], '*', 'task_id', ARGV[4])
+    redis.call('INCRBY', KEYS[4], 1)
+else
+    redis.call('XADD', KEYS[3], 'MINID', '~', ARGV[5], '*', 'task_id', ARGV[4])
+end
+return 1

@@ -1,0 +1,168 @@
+"""Fixtures shared by tests/ and t/integration/: private redis-servers and real Celery workers.
+
+Every server is a ``redis-server`` process of our own on a free loopback port,
+stopped by its PID; no test touches a server it did not start.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server process on 127.0.0.1, started and stopped by this test run."""
+
+    def __init__(self, *extra_args):
+        if not shutil.which("redis-server"):
+            pytest.exit("redis-server is not installed: apt-get update && apt-get install -y redis-server",
+                        returncode=3)
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="celery-sheppy-redis-")
+        self.extra_args = list(extra_args)
+        self.process = None
+        self.start()
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def sheppy_url(self, db=0):
+        return f"sheppy://127.0.0.1:{self.port}/{db}"
+
+    def client(self, **kwargs):
+        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
+
+    def start(self):
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", self.dir, "--save", "", "--appendonly", "no", *self.extra_args]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if self.client(socket_timeout=1).ping():
+                    return
+            except redis.ConnectionError:
+                pass
+            except redis.ResponseError as exc:  # loading the append-only file
+                if "LOADING" not in str(exc):
+                    raise
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.05)
+
+    def kill(self):
+        """SIGKILL, as a crash would."""
+        if self.process and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def restart(self, downtime=0.0):
+        self.kill()
+        time.sleep(downtime)
+        self.start()
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    client = redis_server.client()
+    client.flushall()
+    yield client
+    client.close()
+
+
+class Worker:
+    """``celery worker`` in a subprocess, on the app in t/integration/tasks.py."""
+
+    def __init__(self, broker, backend, pool="prefork", concurrency=2, queues="celery",
+                 extra_env=None, args=()):
+        self.log = tempfile.NamedTemporaryFile(prefix="celery-sheppy-worker-", suffix=".log",
+                                               delete=False)
+        env = dict(os.environ, CELERY_SHEPPY_BROKER=broker, CELERY_SHEPPY_BACKEND=backend,
+                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   **(extra_env or {}))
+        cmd = [sys.executable, "-m", "celery", "-A", "t.integration.tasks", "worker",
+               "-P", pool, "-c", str(concurrency), "-Q", queues, "-l", "INFO",
+               "--without-gossip", "--without-mingle", "--without-heartbeat",
+               "-n", f"w{free_port()}@%h", *args]
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                        cwd=str(ROOT), start_new_session=True)
+        self.wait_for_log("ready.")
+
+    def output(self):
+        return Path(self.log.name).read_text(errors="replace")
+
+    def wait_for_log(self, text, timeout=60):
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited:\n{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not log {text!r}:\n{self.output()[-4000:]}")
+            time.sleep(0.1)
+
+    def kill(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, timeout=30):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # stray pool children
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def start_worker():
+    workers = []
+
+    def start(*args, **kwargs):
+        worker = Worker(*args, **kwargs)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()

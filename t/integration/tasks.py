@@ -1,0 +1,87 @@
+"""The Celery app the integration tests run in real workers.
+
+Broker and result backend come from CELERY_SHEPPY_BROKER / CELERY_SHEPPY_BACKEND;
+extra settings from CELERY_SHEPPY_CONF (JSON).
+"""
+
+import json
+import os
+import time
+
+from celery import Celery
+from celery.exceptions import Ignore
+
+app = Celery("t.integration.tasks")
+app.conf.update(
+    broker_url=os.environ.get("CELERY_SHEPPY_BROKER", "redis://127.0.0.1:6379/0"),
+    result_backend=os.environ.get("CELERY_SHEPPY_BACKEND", "sheppy://127.0.0.1:6379/0"),
+    result_extended=True,
+    task_track_started=True,
+    worker_prefetch_multiplier=4,
+    broker_connection_retry_on_startup=True,
+)
+app.conf.update(json.loads(os.environ.get("CELERY_SHEPPY_CONF", "{}")))
+
+
+@app.task
+def add(x, y):
+    return x + y
+
+
+@app.task
+def tsum(values):
+    return sum(values)
+
+
+@app.task
+def identity(value):
+    return value
+
+
+@app.task
+def fail(message="expected failure"):
+    raise ValueError(message)
+
+
+@app.task
+def sleep(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(bind=True)
+def progress(self, steps, delay=0.2):
+    for step in range(steps):
+        self.update_state(state="PROGRESS", meta={"step": step, "of": steps})
+        time.sleep(delay)
+    return steps
+
+
+@app.task(bind=True, max_retries=3, default_retry_delay=0.1)
+def retry_once(self, value):
+    if self.request.retries < 1:
+        raise self.retry(countdown=0.1)
+    return value
+
+
+@app.task(bind=True, max_retries=None)
+def retry_forever(self):
+    raise self.retry(countdown=3600)
+
+
+@app.task(bind=True)
+def store_twice(self, value):
+    """Stores its result and reports to its chord twice, as a redelivered run would."""
+    for _ in range(2):
+        self.backend.mark_as_done(self.request.id, value, request=self.request)
+    raise Ignore()
+
+
+@app.task
+def record_run(key, value):
+    """Counts its runs in Redis (the test's server) so tests can see duplicates."""
+    import redis
+
+    url = os.environ["CELERY_SHEPPY_COUNTER_URL"]
+    redis.Redis.from_url(url).rpush(key, json.dumps(value))
+    return value

@@ -167,7 +167,7 @@ def build_record(task_id, meta, request=None, payload=None, now=None):
     if payload is not None:
         extras = {"status": state, "payload": base64.b64encode(payload).decode("ascii")}
     else:
-        extras = _compact_meta(meta, rid, str(task_id), finished_at)
+        extras = _compact_meta(meta, rid, str(task_id), finished_at, record["spec"])
     record["celery"] = extras
     return record
 
@@ -183,9 +183,11 @@ def _spec(meta, payload):
     return spec
 
 
-def _compact_meta(meta, rid, task_id, finished_at):
+def _compact_meta(meta, rid, task_id, finished_at, spec):
     extras = {}
     for key, value in meta.items():
+        if key in ("args", "kwargs") and key in spec:
+            continue  # kept once, in sheppy's spec
         if key == "result" and meta["status"] == states.SUCCESS:
             continue  # stored as sheppy's result
         if key == "status" and value == STATE_BY_STATUS[status_for(value)]:
@@ -234,6 +236,10 @@ def meta_from_record(record, decode_payload):
     for key, value in _META_DEFAULTS.items():
         meta[key] = list(value) if isinstance(value, list) else value
     meta["date_done"] = record.get("finished_at")
+    spec = record.get("spec") or {}
+    for key in ("args", "kwargs"):
+        if key in spec:
+            meta[key] = spec[key]
     meta.update(extras)
     meta.setdefault("task_id", record["id"])
     return meta

@@ -166,3 +166,13 @@ def start_worker():
     yield start
     for worker in workers:
         worker.stop()
+
+
+def client_app(broker, backend, **conf):
+    """A Celery app for the test process; it calls the tasks of t/integration/tasks.py by name."""
+    from celery import Celery
+
+    app = Celery("celery-sheppy-tests", set_as_current=False)
+    app.conf.update(broker_url=broker, result_backend=backend, result_extended=True,
+                    broker_connection_retry_on_startup=True, **conf)
+    return app

@@ -279,18 +279,25 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
     @property
     def ConnectionPool(self):
         if self._ConnectionPool is None:
-            self._ConnectionPool = self.redis.ConnectionPool
+            # Threads beyond max_connections wait for a free connection instead of
+            # failing at once (redis-py's plain pool raises MaxConnectionsError).
+            self._ConnectionPool = partial(
+                self.redis.BlockingConnectionPool, timeout=connection.POOL_WAIT_SECONDS)
         return self._ConnectionPool
+
+    def _pool(self, params):
+        return self.ConnectionPool(**dict(params, max_connections=self.max_connections
+                                          or connection.DEFAULT_MAX_CONNECTIONS))
 
     @cached_property
     def client(self):
-        return self.redis.Redis(connection_pool=self.ConnectionPool(**self.connparams))
+        return self.redis.Redis(connection_pool=self._pool(self.connparams))
 
     @cached_property
     def blocking_client(self):
         """A client for XREAD BLOCK, whose socket timeout outlasts the block."""
-        params = connection.blocking_kwargs(self.connparams, MAX_BLOCK_SECONDS)
-        return self.redis.Redis(connection_pool=self.ConnectionPool(**params))
+        return self.redis.Redis(connection_pool=self._pool(
+            connection.blocking_kwargs(self.connparams, MAX_BLOCK_SECONDS)))
 
     def reset_connections(self):
         for name in ("client", "blocking_client"):
@@ -386,11 +393,28 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         if not task_join_will_block():
             self.result_consumer.consume_from(task_id)
 
+    @cached_property
+    def _max_value_size(self):
+        """The largest value this server takes (bytes): ``proto-max-bulk-len``, capped at 512 MiB.
+
+        A larger value makes Redis drop the connection instead of answering with an error.
+        """
+        try:
+            reply = self.client.config_get("proto-max-bulk-len")
+            return min(int(reply["proto-max-bulk-len"]), self._MAX_STR_VALUE_SIZE)
+        except (redis.ResponseError, KeyError, ValueError):  # CONFIG denied by ACL, or a proxy
+            return self._MAX_STR_VALUE_SIZE
+
     def _check_size(self, value):
-        if value is not None and len(value) > self._MAX_STR_VALUE_SIZE:
+        if value is None:
+            return
+        size = len(value)
+        if isinstance(value, str) and size * 4 > self._max_value_size:
+            size = len(value.encode("utf-8"))  # only worth counting bytes near the limit
+        if size > self._max_value_size:
             raise BackendStoreError(
-                f"result of {len(value)} bytes is over Redis's value limit of "
-                f"{self._MAX_STR_VALUE_SIZE} bytes")
+                f"result of {size} bytes is over this Redis server's value limit of "
+                f"{self._max_value_size} bytes (proto-max-bulk-len)")
 
     # -- results ---------------------------------------------------------------------
 

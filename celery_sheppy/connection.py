@@ -26,6 +26,12 @@ DEFAULTS = {
     "health_check_interval": 25,
 }
 
+#: Connections of one pool (one process) unless ``max_connections`` says otherwise.
+DEFAULT_MAX_CONNECTIONS = 100
+
+#: How long a thread waits for a free pooled connection before ConnectionError, in seconds.
+POOL_WAIT_SECONDS = 20
+
 #: Blocking reads (XREAD/XREADGROUP BLOCK) get this much more socket time than they block for.
 BLOCKING_READ_MARGIN = 5.0
 

@@ -21,6 +21,7 @@ whole meta in base64; sheppy's fields are still filled in for its tools.
 """
 
 import base64
+import re
 from datetime import datetime, timezone
 from uuid import UUID, uuid5
 
@@ -122,18 +123,19 @@ def aware_iso(value):
     return value.isoformat()
 
 
-def _retry_due(exc, now):
-    """When a RETRY is due, from Celery's Retry exception (``when`` = seconds or datetime)."""
-    when = getattr(exc, "when", None)
-    if when is None and isinstance(exc, dict):
-        message = exc.get("exc_message")
-        if isinstance(message, (list, tuple)) and len(message) >= 2:
-            when = message[1]
-    if isinstance(when, (int, float)) and not isinstance(when, bool):
-        return datetime.fromtimestamp(now.timestamp() + when, timezone.utc).isoformat()
-    if isinstance(when, (str, datetime)):
-        return aware_iso(when)
-    return None
+# Celery's Retry says when in its text: "Retry in 5s" or "Retry at 2026-11-22 05:00:00+00:00".
+_RETRY_WHEN = re.compile(r"Retry (?:in (?P<seconds>[0-9.]+)s|at (?P<at>\d{4}-\d\d-\d\d[ T][0-9:.+-]+))")
+
+
+def _retry_due(traceback, now):
+    """When a RETRY is due. Celery stores the retried exception, not the Retry, so the
+    only trace of ``when`` is the Retry's text at the end of the traceback."""
+    match = _RETRY_WHEN.search((traceback or "")[-300:])
+    if match is None:
+        return None
+    if match["seconds"]:
+        return datetime.fromtimestamp(now.timestamp() + float(match["seconds"]), timezone.utc).isoformat()
+    return aware_iso(match["at"])
 
 
 def build_record(task_id, meta, request=None, payload=None, now=None):
@@ -160,7 +162,7 @@ def build_record(task_id, meta, request=None, payload=None, now=None):
     if state == states.RETRY:
         record["retry_count"] = (getattr(request, "retries", None) or 0) + 1
         record["last_retry_at"] = now.isoformat()
-        record["next_retry_at"] = _retry_due(result, now)
+        record["next_retry_at"] = _retry_due(meta.get("traceback"), now)
     elif request is not None and getattr(request, "retries", None):
         record["retry_count"] = request.retries
 

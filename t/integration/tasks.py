@@ -78,10 +78,34 @@ def store_twice(self, value):
 
 
 @app.task
-def record_run(key, value):
-    """Counts its runs in Redis (the test's server) so tests can see duplicates."""
+def record_run(value, key=None):
+    """Counts its runs under ``key`` in Redis (the test's server) so tests can see duplicates.
+
+    As a chord body, ``record_run.s(key)`` is called with the header results first.
+    """
     import redis
 
+    key = value if key is None else key
     url = os.environ["CELERY_SHEPPY_COUNTER_URL"]
     redis.Redis.from_url(url).rpush(key, json.dumps(value))
     return value
+
+
+@app.task(bind=True)
+def leave_state(self, state=None, meta=None):
+    """Leaves its record as a running task's: STARTED, or custom ``state`` with ``meta``."""
+    if state:
+        self.update_state(state=state, meta=meta)
+    raise Ignore()
+
+
+@app.task(bind=True, max_retries=None)
+def retry_later(self, message="not yet", countdown=3600):
+    """Retries with a long countdown, with the exception that made it retry."""
+    raise self.retry(exc=LookupError(message), countdown=countdown)
+
+
+@app.task
+def as_set(*values):
+    """A result that JSON cannot encode (pickle result serializer only)."""
+    return set(values)

@@ -1,0 +1,252 @@
+"""The sheppy:// result backend with real Celery workers and a real redis-server.
+
+The broker is the stock redis:// transport on db 1 of the same private server;
+results live on db 0 in Sheppy's layout.
+"""
+
+import json
+import threading
+import time
+import uuid
+
+import pytest
+from celery import chord, group
+from celery.exceptions import ChordError, TimeoutError as CeleryTimeoutError
+from celery.result import GroupResult
+
+from celery_sheppy import keys, records
+from conftest import RedisServer, Worker, client_app
+
+TASKS = "t.integration.tasks"
+
+
+def sig(app, name, *args, **options):
+    return app.signature(f"{TASKS}.{name}", args=args, **options)
+
+
+def record_of(client, task_id, queue="celery"):
+    raw = client.get(keys.task_record(queue, records.sheppy_id(task_id)))
+    return None if raw is None else json.loads(raw)
+
+
+@pytest.fixture(scope="module", params=["prefork", "threads"])
+def worker(request, redis_server):
+    pool = request.param
+    w = Worker(redis_server.url.replace("/0", "/1"), redis_server.sheppy_url(), pool=pool,
+               concurrency=2 if pool == "prefork" else 8,
+               extra_env={"CELERY_SHEPPY_COUNTER_URL": redis_server.url.replace("/0", "/2")})
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def app(redis_server):
+    app = client_app(redis_server.url.replace("/0", "/1"), redis_server.sheppy_url())
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def client(redis_server):
+    return redis_server.client()
+
+
+@pytest.fixture
+def counter(redis_server):
+    """Db 2 of the test server, where record_run counts the runs of a task."""
+    return redis_server.client(db=2)
+
+
+# -- single tasks ---------------------------------------------------------------------
+
+
+def test_task_result_is_returned_and_stored_as_a_completed_sheppy_record(worker, app, client):
+    result = sig(app, "add", 2, 3).delay()
+    assert result.get(timeout=20) == 5
+    record = record_of(client, result.id)
+    assert record["status"] == "completed" and record["result"] == 5
+    assert record["finished_at"] and record["spec"]["args"] == [2, 3]
+
+
+def test_failure_raises_the_original_exception_type_with_traceback(worker, app, client):
+    result = sig(app, "fail", "boom").delay()
+    with pytest.raises(ValueError, match="boom"):
+        result.get(timeout=20)
+    assert "ValueError: boom" in result.traceback
+    record = record_of(client, result.id)
+    assert record["status"] == "failed" and record["error"] == "ValueError: boom"
+
+
+def test_custom_states_reach_on_message_before_the_result(worker, app, client):
+    seen = []
+    result = sig(app, "progress", 3, 0.3).delay()
+    assert result.get(timeout=20, on_message=seen.append) == 3
+    progress = [m["result"] for m in seen if m["status"] == "PROGRESS"]
+    assert progress and progress[-1] == {"step": 2, "of": 3}
+    assert seen[-1]["status"] == "SUCCESS"
+
+
+def test_custom_state_is_readable_while_the_task_runs(worker, app, client):
+    result = sig(app, "progress", 5, 0.4).delay()
+    deadline = time.monotonic() + 20
+    while result.state != "PROGRESS" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert result.state == "PROGRESS" and result.info["of"] == 5
+    assert record_of(client, result.id)["status"] == "processing"
+    assert result.get(timeout=20) == 5
+
+
+def test_retried_task_succeeds_and_counts_its_retries(worker, app, client):
+    result = sig(app, "retry_once", "ok").delay()
+    assert result.get(timeout=20) == "ok"
+    assert result.retries == 1
+    assert record_of(client, result.id)["retry_count"] == 1
+
+
+def test_retrying_task_record_is_retrying_with_next_retry_at(worker, app, client):
+    result = sig(app, "retry_forever").delay()
+    deadline = time.monotonic() + 20
+    while result.state != "RETRY" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    record = record_of(client, result.id)
+    assert record["status"] == "retrying" and record["retry_count"] == 1 and record["next_retry_at"]
+    app.control.revoke(result.id)
+
+
+def test_extended_results_keep_name_args_kwargs_worker_and_queue(worker, app):
+    result = app.signature(f"{TASKS}.add", args=(4,), kwargs={"y": 5}).delay()
+    assert result.get(timeout=20) == 9
+    assert result.name == f"{TASKS}.add" and result.args == [4] and result.kwargs == {"y": 5}
+    assert result.worker and result.queue == "celery" and result.retries == 0
+    assert result.date_done is not None
+
+
+def test_non_uuid_task_ids_work_for_celery(worker, app, client):
+    task_id = f"my-id-{uuid.uuid4().hex[:6]}"
+    result = sig(app, "add", 1, 1).apply_async(task_id=task_id)
+    assert result.get(timeout=20) == 2
+    assert app.AsyncResult(task_id).result == 2
+    record = record_of(client, task_id)
+    assert record["id"] == records.sheppy_id(task_id) and record["celery"]["task_id"] == task_id
+
+
+def test_forget_deletes_the_record(worker, app, client):
+    result = sig(app, "add", 1, 2).delay()
+    result.get(timeout=20)
+    result.forget()
+    assert record_of(client, result.id) is None
+    assert app.AsyncResult(result.id).state == "PENDING"
+
+
+def test_get_with_a_timeout_raises_in_time_for_a_slow_task(worker, app):
+    result = sig(app, "sleep", 3).delay()
+    started = time.monotonic()
+    with pytest.raises(CeleryTimeoutError):
+        result.get(timeout=0.5)
+    assert time.monotonic() - started < 1.5
+    assert result.get(timeout=20) == 3
+
+
+# -- groups and chords ------------------------------------------------------------------
+
+
+def test_group_results_come_back_in_order_and_the_group_can_be_saved_and_restored(worker, app):
+    result = group(sig(app, "add", i, i) for i in range(20)).delay()
+    assert result.get(timeout=30) == [2 * i for i in range(20)]
+    assert result.join_native(timeout=10) == [2 * i for i in range(20)]
+    result.save()
+    restored = GroupResult.restore(result.id, app=app)
+    assert [r.id for r in restored.results] == [r.id for r in result.results]
+    restored.delete()
+    assert GroupResult.restore(result.id, app=app) is None
+
+
+def test_chord_body_gets_header_results_in_header_order(worker, app):
+    delays = [0.6, 0.3, 0.0]  # the first part finishes last
+    result = chord([sig(app, "sleep", d) for d in delays], sig(app, "identity"))()
+    assert result.get(timeout=30) == delays
+
+
+def test_chord_of_1000_parts_fires_once(worker, app, counter):
+    key = f"chord-{uuid.uuid4()}"
+    result = chord((sig(app, "add", i, 0) for i in range(1000)),
+                   sig(app, "record_run", key))()
+    assert result.get(timeout=120) == list(range(1000))
+    time.sleep(0.5)
+    assert counter.llen(key) == 1
+
+
+def test_chord_part_that_reports_twice_fires_the_body_once(worker, app, counter):
+    key = f"chord-{uuid.uuid4()}"
+    result = chord([sig(app, "store_twice", i) for i in range(5)], sig(app, "record_run", key))()
+    assert result.get(timeout=30) == [0, 1, 2, 3, 4]
+    time.sleep(0.5)
+    assert counter.llen(key) == 1
+
+
+def test_chord_with_a_failing_part_fails_the_body_with_chord_error(worker, app):
+    result = chord([sig(app, "add", 1, 1), sig(app, "fail", "part broke")], sig(app, "tsum"))()
+    with pytest.raises(ValueError, match="part broke"):  # get() raises the header's error first
+        result.get(timeout=30)
+    result.get(timeout=30, propagate=False)
+    assert result.state == "FAILURE"
+    assert isinstance(result.result, ChordError) and "part broke" in str(result.result)
+
+
+def test_chord_error_calls_the_bodys_link_error(worker, app, counter):
+    key = f"errback-{uuid.uuid4()}"
+    body = sig(app, "tsum")
+    body.link_error(sig(app, "record_run", key, immutable=True))
+    result = chord([sig(app, "fail", "x")], body)()
+    result.get(timeout=30, propagate=False)
+    assert isinstance(result.result, ChordError)
+    deadline = time.monotonic() + 10
+    while counter.llen(key) < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert counter.llen(key) == 1
+
+
+def test_chord_with_an_empty_header_runs_the_body_with_no_results(worker, app):
+    assert chord([], sig(app, "tsum"))().get(timeout=20) == 0
+
+
+def test_chord_with_a_group_in_its_header_gets_every_result(worker, app):
+    header = [group(sig(app, "add", 1, 1), sig(app, "add", 2, 2)), sig(app, "add", 3, 3)]
+    result = chord(header, sig(app, "identity"))()
+    # Celery flattens a group in a header; the stock redis:// backend also gives [4, 2, 6]
+    assert sorted(result.get(timeout=30)) == [2, 4, 6]
+
+
+def test_chord_in_a_chain_passes_its_result_on(worker, app):
+    workflow = chord([sig(app, "add", 1, 1), sig(app, "add", 2, 2)], sig(app, "tsum")) | sig(app, "add", 10)
+    assert workflow.delay().get(timeout=30) == 16
+
+
+def test_nested_chord_in_a_chord_header(worker, app):
+    inner = chord([sig(app, "add", 1, 1), sig(app, "add", 2, 2)], sig(app, "tsum"))
+    result = chord([inner, sig(app, "add", 5, 5)], sig(app, "tsum"))()
+    assert result.get(timeout=30) == 16
+
+
+# -- many waiters ------------------------------------------------------------------------
+
+
+def test_500_concurrent_waiters_in_one_process_all_get_their_result(worker, app):
+    results = [sig(app, "add", i, 1).delay() for i in range(500)]
+    got, errors = {}, []
+    barrier = threading.Barrier(500)
+
+    def wait(result, expected):
+        try:
+            barrier.wait(30)
+            got[result.id] = result.get(timeout=90) == expected
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wait, args=(r, i + 1)) for i, r in enumerate(results)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    assert len(got) == 500 and all(got.values())

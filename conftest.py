@@ -29,15 +29,24 @@ def free_port():
 class RedisServer:
     """A redis-server process on 127.0.0.1, started and stopped by this test run."""
 
-    def __init__(self, *extra_args):
+    def __init__(self, *extra_args, tls=False, password=None, username=None):
         if not shutil.which("redis-server"):
             pytest.exit("redis-server is not installed: apt-get update && apt-get install -y redis-server",
                         returncode=3)
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="celery-sheppy-redis-")
         self.extra_args = list(extra_args)
+        self.tls = tls
+        self.password = password
+        self.username = username  # an ACL user the extra args define; password is then its own
+        if tls:
+            make_certificates(self.dir)
         self.process = None
         self.start()
+
+    @property
+    def ca_file(self):
+        return os.path.join(self.dir, "ca.pem")
 
     @property
     def url(self):
@@ -47,10 +56,22 @@ class RedisServer:
         return f"sheppy://127.0.0.1:{self.port}/{db}"
 
     def client(self, **kwargs):
+        if self.tls:
+            kwargs.update(ssl=True, ssl_ca_certs=self.ca_file, ssl_cert_reqs="required")
+        if self.password:
+            kwargs.setdefault("password", self.password)
+        if self.username:
+            kwargs.setdefault("username", self.username)
         return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
 
     def start(self):
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+        listen = ["--port", "0", "--tls-port", str(self.port),
+                  "--tls-cert-file", os.path.join(self.dir, "server.pem"),
+                  "--tls-key-file", os.path.join(self.dir, "server.key"),
+                  "--tls-ca-cert-file", self.ca_file, "--tls-auth-clients", "no",
+                  ] if self.tls else ["--port", str(self.port)]
+        auth = ["--requirepass", self.password] if self.password and not self.username else []
+        args = ["redis-server", *listen, *auth, "--bind", "127.0.0.1",
                 "--dir", self.dir, "--save", "", "--appendonly", "no", *self.extra_args]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -89,6 +110,20 @@ class RedisServer:
     def close(self):
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def make_certificates(directory):
+    """A throw-away CA and a server certificate for 127.0.0.1, made with openssl."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+            "-keyout", "ca.key", "-out", "ca.pem")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+            "-keyout", "server.key", "-out", "server.csr")
+    Path(directory, "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem")
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ empties the set fires the body; a part that reports twice removes nothing.
 
 import threading
 import time
+from contextlib import contextmanager
 from functools import partial
 
 import redis
@@ -38,6 +39,9 @@ from . import connection, keys, records, scripts
 logger = get_logger(__name__)
 
 E_LOST = "Connection to Redis lost: Retry (%s/%s) %s."
+
+#: Connection errors that no retry can mend (redis-py counts them as ConnectionError).
+NOT_RETRIED = (redis.AuthenticationError, redis.exceptions.AuthorizationError)
 
 #: sheppy keeps finished-stream entries for about this long (seconds).
 STREAM_KEEP_SECONDS = 60
@@ -195,6 +199,19 @@ class ResultConsumer(BaseResultConsumer):
             if value:
                 self.on_state_change(backend.decode_result(value), None)
 
+    @contextmanager
+    def reconnect_on_error(self):
+        try:
+            yield
+        except self._connection_errors as lost:
+            try:
+                self._reconnect()
+            except self._connection_errors as exc:
+                # The next wait tries again: nothing here needs a restart of the application.
+                raise redis.ConnectionError(
+                    f"lost the connection to the result backend {self.backend.as_uri()} and "
+                    f"could not reconnect within its retry policy: {exc}") from lost
+
     def _reconnect(self):
         self.backend.ensure(self._resync, ())
 
@@ -316,7 +333,7 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
     # -- retry policy -------------------------------------------------------------
 
     def exception_safe_to_retry(self, exc):
-        return isinstance(exc, self.connection_errors)
+        return isinstance(exc, self.connection_errors) and not isinstance(exc, NOT_RETRIED)
 
     @cached_property
     def retry_policy(self):
@@ -332,6 +349,8 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
             partial(self.on_connection_error, max_retries), **retry_policy)
 
     def on_connection_error(self, max_retries, exc, intervals, retries):
+        if isinstance(exc, NOT_RETRIED):
+            raise exc
         tts = next(intervals)
         logger.error(E_LOST.strip(), retries, max_retries or "Inf", humanize_seconds(tts, "in "))
         return tts

@@ -25,6 +25,20 @@ a namespace sheppy never scans:
 ``sheppy:celery:<q>:states``                 stream  field ``task_id``; non-terminal state changes
                                                      (STARTED, RETRY, custom), for
                                                      ``get(on_message=...)``; trimmed to ~60 s
+``sheppy:celery:<q>:priority:<n>``           stream  the broker's messages of priority step ``n``
+                                                     (> 0; step 0 is ``sheppy:pending:<q>``), same
+                                                     entries and group as the pending stream
+==========================================  ======  ==============================================
+
+Broker routing, which belongs to an exchange rather than a queue (an empty queue
+segment, so it can never collide with a queue's keys):
+
+==========================================  ======  ==============================================
+``sheppy:celery::exchange:<x>``              zset    bindings of exchange ``x``: member
+                                                     ``routing_key SEP pattern SEP queue SEP
+                                                     expires_ms``, score = deadline (epoch ms, inf:
+                                                     permanent); member ``VERSION`` scores the last
+                                                     change (negative epoch µs)
 ==========================================  ======  ==============================================
 
 Every key of one queue contains the queue name, and no multi-key command mixes
@@ -94,3 +108,14 @@ def group_record(queue, group_id):
 
 def state_stream(queue):
     return f"{PREFIX}:celery:{queue}:states"
+
+
+def priority_stream(queue, step):
+    """The broker's stream for ``queue`` and priority step ``step``; step 0 is the pending stream."""
+    if not step:
+        return pending_stream(queue)
+    return f"{PREFIX}:celery:{queue}:priority:{step}"
+
+
+def exchange_bindings(exchange):
+    return f"{PREFIX}:celery::exchange:{exchange}"

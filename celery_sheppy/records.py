@@ -263,3 +263,98 @@ def _meta_from_sheppy(record):
         "task_id": record["id"],
     }
 
+
+
+# -- broker: kombu messages <-> pending entries ---------------------------------------
+#
+# A pending entry's ``data`` is a sheppy record that carries the whole kombu message in
+# ``celery.message``. For a Celery task with a JSON body (protocol 2: ``[args, kwargs,
+# embed]``) the arguments live once, in sheppy's ``spec``, and ``celery.embed`` holds
+# the rest of the body; any other body stays in the message (base64 when binary)::
+#
+#     {"id": "<uuid>", "status": "pending", "spec": {"func": ..., "args": [2, 2], "kwargs": {}},
+#      "created_at": "...", "scheduled_at": null, "retry_count": 0,
+#      "celery": {"message": {"headers": {...}, "properties": {...}, "content-type": ...},
+#                 "embed": {"callbacks": null, ...}}}
+#
+# Messages that are not tasks (remote control, events) get a fresh UUID and no arguments.
+
+_JSON = "application/json"
+
+from uuid import uuid4  # noqa: E402  (kept with the broker functions)
+
+
+def message_to_record(message, now=None):
+    """The pending-entry record (JSON text) for a kombu message dict (as kombu's virtual
+    channel publishes it: body already encoded, ``properties`` with ``delivery_info``)."""
+    now = now or datetime.now(timezone.utc)
+    message = dict(message)
+    headers = message.get("headers") or {}
+    properties = dict(message.get("properties") or {})
+    properties.pop("delivery_tag", None)
+    message["properties"] = properties
+    body = message.get("body")
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        message["body"] = base64.b64encode(bytes(body)).decode("ascii")
+        properties["body_encoding"] = "base64"
+
+    task_id = headers.get("id") if headers.get("task") else None
+    record = {"id": sheppy_id(task_id) if task_id else str(uuid4()), "status": "pending"}
+    spec = {"func": SPEC_FUNC}
+    extras = {}
+    parts = _task_body(message, headers) if task_id else None
+    if parts is not None:
+        spec["args"], spec["kwargs"], extras["embed"] = parts
+        del message["body"]
+    record["spec"] = spec
+    record["created_at"] = now.isoformat()
+    if task_id:
+        record["scheduled_at"] = aware_iso(headers.get("eta"))
+        if headers.get("retries"):
+            record["retry_count"] = headers["retries"]
+    extras["message"] = message
+    record["celery"] = extras
+    return dumps(record)
+
+
+def _task_body(message, headers):
+    """``(args, kwargs, embed)`` of a protocol 2 JSON task body, or None."""
+    body = message.get("body")
+    if (message.get("content-type") != _JSON or not isinstance(body, str)
+            or headers.get("compression") or message["properties"].get("body_encoding")):
+        return None
+    try:
+        parts = kombu_json.loads(body)
+    except ValueError:
+        return None
+    if (isinstance(parts, list) and len(parts) == 3 and isinstance(parts[0], list)
+            and isinstance(parts[1], dict) and isinstance(parts[2], (dict, type(None)))):
+        return parts
+    return None
+
+
+def record_to_message(raw):
+    """``(record, kombu message dict)`` from a pending entry's ``data``; RecordError if bad."""
+    record = loads(raw)
+    extras = record.get("celery")
+    message = extras.get("message") if isinstance(extras, dict) else None
+    if not isinstance(message, dict) or not isinstance(message.get("properties"), dict):
+        raise RecordError(f"record {record.get('id')} carries no Celery message")
+    message = dict(message, properties=dict(message["properties"]))
+    if "body" not in message:
+        spec = record.get("spec") or {}
+        message["body"] = kombu_json.dumps(
+            [spec.get("args", []), spec.get("kwargs", {}), extras.get("embed")])
+    return record, message
+
+
+def mark_redelivered(record):
+    """A copy of a pending record whose message says ``redelivered``, as text."""
+    extras = dict(record["celery"])
+    message = dict(extras["message"])
+    message["headers"] = dict(message.get("headers") or {}, redelivered=True)
+    properties = dict(message["properties"])
+    properties["delivery_info"] = dict(properties.get("delivery_info") or {}, redelivered=True)
+    message["properties"] = properties
+    extras["message"] = message
+    return dumps(dict(record, celery=extras))

@@ -12,3 +12,8 @@ def source(name):
 
 STORE_RESULT = source("store_result")
 CHORD_PART_RETURN = source("chord_part_return")
+REQUEUE = source("requeue")
+READ = source("read")
+PURGE = source("purge")
+BIND = source("bind")
+REAP_CONSUMERS = source("reap_consumers")

@@ -109,3 +109,9 @@ def retry_later(self, message="not yet", countdown=3600):
 def as_set(*values):
     """A result that JSON cannot encode (pickle result serializer only)."""
     return set(values)
+
+
+@app.task
+def big(size):
+    """A result of ``size`` characters."""
+    return "y" * size

@@ -1,0 +1,984 @@
+"""Kombu transport on Redis Streams in Sheppy's layout: ``broker_url = "sheppy://host:port/db"``.
+
+Features
+========
+* Type: virtual (``kombu.transport.virtual``), asynchronous (Celery's event loop).
+* Exchanges: direct, topic, fanout. Bindings live in Redis, so any process routes.
+* Priorities: yes (``priority_steps``; the lower number is delivered first, as with
+  the stock ``redis://`` transport).
+* Queue expiry (``Queue(expires=...)``) and message TTL (``expiration``,
+  ``Queue(message_ttl=...)``): yes.
+
+URL
+===
+::
+
+    sheppy://[[username]:password@]host[:port][/db][?option=value&...]
+    sheppys://...    (TLS, options as for ``rediss://``)
+
+The scheme resolves without an import in user code: see ``docs/transport.md``.
+
+Layout
+======
+Queue ``q`` is the stream ``sheppy:pending:<q>`` (priority step ``n > 0``:
+``sheppy:celery:<q>:priority:<n>``), read by consumer group ``workers``; every
+channel is one consumer with a unique name. Each entry is ``{"data": <record>}``,
+a sheppy task record carrying the kombu message (``records.message_to_record``).
+
+* publish: one ``XADD`` (``XADD`` + ``PEXPIRE`` for an expiring queue); a named
+  exchange costs one ``ZSCORE`` more in the same round trip, which proves the
+  cached binding table current.
+* consume: a blocking ``XREADGROUP`` over all consumed streams, sent on the
+  channel's own connection and read when its socket is readable (Celery's hub, or
+  ``drain_events``); ``COUNT`` follows the QoS prefetch budget.
+* ack: ``XACK`` + ``XDEL``, one round trip. Requeue and restore of unacked
+  messages: ``scripts/requeue.lua`` (``XACK`` + ``XDEL`` + ``XADD``, atomic).
+
+Transport options
+=================
+``visibility_timeout`` (s; kept for the lease of the reliability work),
+``polling_interval`` (s, longest single block of a read; default 1),
+``priority_steps``, ``queue_order_strategy`` (``round_robin``, ``sorted``,
+``priority``), ``max_batch`` (most messages per read without a prefetch limit),
+``consumer_reap_after`` (s), ``socket_timeout``, ``socket_connect_timeout``,
+``socket_keepalive``, ``health_check_interval``, ``max_connections``,
+``retry_on_timeout``, ``client_name``, ``username``, ``password``,
+``body_encoding``, ``deadletter_queue``. ``global_keyprefix`` and ``sep`` are
+refused: sheppy's key layout is fixed.
+"""
+
+import os
+import socket
+from bisect import bisect
+from collections import deque
+from itertools import count
+from queue import Empty
+from time import monotonic, time
+from uuid import uuid4
+
+import redis
+from kombu.exceptions import ChannelError
+from kombu.log import get_logger
+from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
+from kombu.transport.redis import PublishBatch, get_redis_error_classes
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.eventio import ERR, READ, poll
+from kombu.utils.objects import cached_property
+from kombu.utils.scheduling import cycle_by_name
+
+from . import connection as options_mod
+from . import keys, records, scripts
+
+logger = get_logger(__name__)
+
+GROUP = keys.CONSUMER_GROUP
+
+#: Separator inside binding members (the stock Redis transport's).
+SEP = "\x06\x16"
+
+#: Member of an exchange's binding zset whose score versions the table.
+VERSION_MEMBER = "\x00version"
+
+#: Stock default: four priority streams per queue.
+PRIORITY_STEPS = [0, 3, 6, 9]
+
+#: A binding of an expiring queue lives this many times the queue's expiry,
+#: and never less than MIN_BINDING_MS, and is renewed by its consumer.
+BINDING_EXPIRES_FACTOR = 2
+MIN_BINDING_MS = 60 * 60 * 1000
+
+#: Options sheppy's fixed layout cannot honour.
+REFUSED_OPTIONS = ("global_keyprefix", "sep")
+
+#: Options passed to redis-py (names as in ``connection.OPTION_PARSERS``).
+CONNECTION_OPTIONS = (
+    "socket_timeout", "socket_connect_timeout", "socket_keepalive", "health_check_interval",
+    "max_connections", "retry_on_timeout", "client_name", "username", "password",
+)
+
+
+class QoS(virtual.QoS):
+    """Prefetch accounting of kombu's virtual QoS; acks and put-backs go to Redis."""
+
+    def ack(self, delivery_tag):
+        self.channel._ack([delivery_tag])
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag, requeue=False):
+        if requeue:
+            self.channel._put_back([delivery_tag])
+        else:
+            # Dead letters come with the reliability work; until then a rejected
+            # message is dropped, as with the stock transport.
+            self.channel._ack([delivery_tag])
+        super().ack(delivery_tag)
+
+    def restore_unacked(self):
+        """Put every unacked message back in its stream (one round trip)."""
+        self._flush()
+        tags = list(self._delivered)
+        self._delivered.clear()
+        if tags:
+            try:
+                self.channel._put_back(tags)
+            except self.channel.connection_errors as exc:
+                # Still pending in the group: nothing is lost, and a lease
+                # recovery redelivers them. Not worth an emergency dump.
+                logger.warning("Could not return %d unacked message(s) to Redis (%r); "
+                               "they stay pending in their consumer group", len(tags), exc)
+        return []
+
+
+class Channel(virtual.Channel):
+    """A kombu channel: one consumer of the ``workers`` group."""
+
+    QoS = QoS
+
+    supports_fanout = True
+    body_encoding = None  # text bodies are kept as text, bytes as base64 (records.py)
+
+    #: Seconds (kept for the lease of the reliability work).
+    visibility_timeout = 3600
+    #: Longest single block of a read, in seconds.
+    polling_interval = 1.0
+    priority_steps = PRIORITY_STEPS
+    queue_order_strategy = "round_robin"
+    #: Most messages one read asks for when the prefetch count is unlimited.
+    max_batch = 100
+    #: Seconds after which an idle consumer with no pending messages is removed.
+    consumer_reap_after = 300
+    global_keyprefix = ""
+    sep = SEP
+
+    socket_timeout = None
+    socket_connect_timeout = None
+    socket_keepalive = None
+    health_check_interval = None
+    max_connections = None
+    retry_on_timeout = None
+    client_name = None
+    username = None
+    password = None
+
+    from_transport_options = virtual.Channel.from_transport_options + (
+        "visibility_timeout", "polling_interval", "priority_steps", "queue_order_strategy",
+        "max_batch", "consumer_reap_after", "global_keyprefix", "sep", *CONNECTION_OPTIONS,
+    )
+
+    _reading = None  # the blocking connection while a read is outstanding
+    _closing = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in REFUSED_OPTIONS:
+            if getattr(self, name) != getattr(Channel, name):
+                raise ChannelError(f"transport option {name!r} is not supported by sheppy://: "
+                                   "sheppy's key layout is fixed")
+        self.priority_steps = sorted(set(int(step) for step in self.priority_steps)) or [0]
+        self.connection_errors = self.connection.connection_errors
+        self.consumer_name = f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:12]}"
+        self._queue_cycle = cycle_by_name(self.queue_order_strategy)()
+        self._buffer = deque()  # (queue, stream, entry id, data): read, not yet delivered
+        self._inflight = {}  # delivery tag -> (stream, entry id, record)
+        self._no_ack = set()
+        self._expires = {}  # queue -> x-expires (ms)
+        self._message_ttl = {}  # queue -> x-message-ttl (ms)
+        self._auto_delete = set()
+        self._grouped = set()  # queues whose streams have the group (this channel knows)
+        self._tables = {}  # exchange -> (version, [(routing_key, pattern, queue, expires_ms)])
+        self._maintained_at = monotonic()
+        self._reaped_at = 0.0
+        self._fd = None
+        self._read_sent_at = None
+        try:
+            self.client.ping()
+        except Exception:
+            self._disconnect()
+            raise
+        self.connection.cycle.add(self)
+
+    # -- connections -------------------------------------------------------------------
+
+    @cached_property
+    def connparams(self):
+        conninfo = self.connection.client
+        settings = {name: getattr(self, name) for name in CONNECTION_OPTIONS
+                    if getattr(self, name) is not None}
+        if conninfo.userid:
+            settings.setdefault("username", conninfo.userid)
+        if conninfo.password:
+            settings.setdefault("password", conninfo.password)
+        if isinstance(conninfo.ssl, dict):
+            settings.update(conninfo.ssl)
+        url = conninfo.hostname or "localhost"
+        if "://" not in url:  # after a failover switch kombu splits the URL
+            scheme = conninfo.transport_cls if isinstance(conninfo.transport_cls, str) else "sheppy"
+            port = f":{conninfo.port}" if conninfo.port else ""
+            db = str(conninfo.virtual_host or "").strip("/")
+            url = f"{scheme}://{url}{port}/{db if db.isdigit() else ''}"
+        try:
+            return options_mod.connection_kwargs(url, settings)
+        except ValueError as exc:
+            raise ChannelError(f"sheppy:// broker: {exc}") from None
+
+    @cached_property
+    def pool(self):
+        return redis.ConnectionPool(**self.connparams)
+
+    @cached_property
+    def client(self):
+        """Client for every command but the blocking read."""
+        return redis.Redis(connection_pool=self.pool)
+
+    @cached_property
+    def _blocking_pool(self):
+        params = options_mod.blocking_kwargs(self.connparams, self.polling_interval)
+        params.pop("max_connections", None)
+        return redis.ConnectionPool(**params)
+
+    @cached_property
+    def _blocking_conn(self):
+        """The connection the blocking XREADGROUP is sent on (never in the pool's rotation)."""
+        return self._blocking_pool.get_connection()
+
+    def conn_or_acquire(self, client=None):  # kombu's PublishBatch enters this
+        from contextlib import nullcontext
+        return nullcontext(client or self.client)
+
+    def _disconnect(self):
+        for name in ("pool", "_blocking_pool"):
+            pool = self.__dict__.pop(name, None)
+            if pool is not None:
+                pool.disconnect()
+        for name in ("client", "_blocking_conn"):
+            self.__dict__.pop(name, None)
+        self._reading = None
+
+    @cached_property
+    def _scripts(self):
+        register = self.client.register_script
+        return {
+            "requeue": register(scripts.REQUEUE),
+            "read": register(scripts.READ),
+            "purge": register(scripts.PURGE),
+            "bind": register(scripts.BIND),
+            "reap": register(scripts.REAP_CONSUMERS),
+        }
+
+    # -- streams of a queue ----------------------------------------------------------------
+
+    def priority(self, n):
+        steps = self.priority_steps
+        return steps[max(bisect(steps, n) - 1, 0)]
+
+    def _streams(self, queue):
+        """The queue's streams, highest priority (lowest step) first."""
+        keys.check_queue(queue)
+        return [keys.priority_stream(queue, step) for step in self.priority_steps]
+
+    def _stream_for(self, queue, message):
+        return keys.priority_stream(
+            keys.check_queue(queue), self.priority(self._get_message_priority(message)))
+
+    def _ensure_groups(self, queue, force=False):
+        if queue in self._grouped and not force:
+            return
+        streams = self._streams(queue)
+        with self.client.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            if queue in self._expires:
+                for stream in streams:
+                    pipe.pexpire(stream, self._expires[queue])
+            replies = pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+                raise reply
+        self._grouped.add(queue)
+
+    # -- declaring ---------------------------------------------------------------------------
+
+    def prepare_queue_arguments(self, arguments, **kwargs):
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
+    def _new_queue(self, queue, auto_delete=False, arguments=None, **kwargs):
+        arguments = arguments or {}
+        for name, table in (("x-expires", self._expires), ("x-message-ttl", self._message_ttl)):
+            value = arguments.get(name)
+            if value is None:
+                table.pop(queue, None)
+            else:
+                table[queue] = int(value)
+        if auto_delete:
+            self._auto_delete.add(queue)
+        self._ensure_groups(queue, force=True)
+        if not auto_delete and queue not in self._expires:
+            # sheppy's tools list queues from this hash; transient queues stay out of it.
+            self.client.hsetnx(keys.queue_registry(), queue, "{}")
+
+    def _has_queue(self, queue, **kwargs):
+        return bool(self.client.exists(*self._streams(queue)))
+
+    def _size(self, queue):
+        """Messages waiting in ``queue`` (delivered, unacked ones not counted)."""
+        streams = self._streams(queue)
+        with self.client.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xlen(stream)
+                pipe.xpending(stream, GROUP)
+            replies = pipe.execute(raise_on_error=False)
+        size = 0
+        for length, pending in zip(replies[::2], replies[1::2]):
+            if isinstance(length, int):
+                size += length - (pending["pending"] if isinstance(pending, dict) else 0)
+        return max(size, 0)
+
+    def _purge(self, queue):
+        """Delete the waiting messages of ``queue``; delivered ones stay. Returns the count."""
+        purged = 0
+        script = self._scripts["purge"]
+        for stream in self._streams(queue):
+            while True:
+                deleted = script(keys=[stream], args=[GROUP, 10000])
+                purged += deleted
+                if deleted < 10000:
+                    break
+        return purged
+
+    def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
+        if if_empty and self._size(queue):
+            return
+        super().queue_delete(queue, if_unused=if_unused, if_empty=if_empty, **kwargs)
+        self._drop_queue(queue)
+
+    def _delete(self, queue, exchange, routing_key, pattern, *args, **kwargs):
+        self._unbind(exchange, routing_key, pattern, queue)
+
+    def _drop_queue(self, queue):
+        self.client.delete(*self._streams(queue))
+        self.client.hdel(keys.queue_registry(), queue)
+        self._grouped.discard(queue)
+        self._auto_delete.discard(queue)
+
+    # -- bindings ------------------------------------------------------------------------------
+
+    def _binding_prefix(self, routing_key, pattern, queue):
+        return SEP.join([routing_key or "", pattern or "", queue, ""])
+
+    def _binding_ms(self, queue):
+        expires = self._expires.get(queue)
+        return max(expires * BINDING_EXPIRES_FACTOR, MIN_BINDING_MS) if expires else 0
+
+    def _queue_bind(self, exchange, routing_key, pattern, queue):
+        self._scripts["bind"](
+            keys=[keys.exchange_bindings(exchange)],
+            args=[self._binding_prefix(routing_key, pattern, queue), self._expires.get(queue, 0),
+                  self._binding_ms(queue), "add", VERSION_MEMBER])
+        self._tables.pop(exchange, None)
+
+    def _unbind(self, exchange, routing_key, pattern, queue):
+        self._scripts["bind"](
+            keys=[keys.exchange_bindings(exchange)],
+            args=[self._binding_prefix(routing_key, pattern, queue), 0, 0, "remove",
+                  VERSION_MEMBER])
+        self._tables.pop(exchange, None)
+
+    def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
+        super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
+        _, pattern, _ = self.typeof(exchange).prepare_bind(queue, exchange, routing_key, arguments)
+        self._unbind(exchange, routing_key, pattern, queue)
+
+    def _load_table(self, exchange):
+        rows = self.client.zrange(keys.exchange_bindings(exchange), 0, -1, withscores=True)
+        self._tables[exchange] = table = _parse_table(rows)
+        return table
+
+    def get_table(self, exchange):
+        version, bindings = self._tables.get(exchange) or self._load_table(exchange)
+        return [(rk, pattern, queue) for rk, pattern, queue, _ in bindings]
+
+    def _route(self, exchange, routing_key, bindings):
+        """``{queue: expires_ms}`` that a message with ``routing_key`` goes to."""
+        exchange_type = self.typeof(exchange)
+        table = [(rk, pattern, queue) for rk, pattern, queue, _ in bindings]
+        if exchange_type.type == "fanout":
+            # Fanout ignores the routing key, except for bindings with a pattern
+            # (Celery's event receivers bind "task.#"), as the stock fanout_patterns.
+            topic = self.exchange_types["topic"]
+            queues = {queue for rk, _, queue in table
+                      if not rk or rk == "#" or topic._match(topic.key_to_pattern(rk), routing_key)}
+        else:
+            queues = exchange_type.lookup(table, exchange, routing_key, None)
+        if not queues and self.deadletter_queue:
+            queues = {self.deadletter_queue}
+        expires = {queue: ms for _, _, queue, ms in bindings}
+        return {queue: expires.get(queue, 0) for queue in queues if queue}
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    @property
+    def supports_batch_publish(self):
+        return not self.connparams.get("retry_on_timeout")
+
+    def create_publish_batch(self, max_size):
+        return PublishBatch(self, max_size)
+
+    def basic_publish(self, message, exchange, routing_key, **kwargs):
+        self._inplace_augment_message(message, exchange, routing_key)
+        batch = kwargs.pop("_publish_batch", None)
+        if not exchange:
+            return self._put(routing_key, message, _publish_batch=batch)
+        if batch is not None:
+            version, bindings = self._tables.get(exchange) or self._load_table(exchange)
+            for queue, expires in self._route(exchange, routing_key, bindings).items():
+                self._add_put(batch.add, queue, message, expires)
+            return None
+        return self._publish_routed(exchange, routing_key, message)
+
+    def _publish_routed(self, exchange, routing_key, message):
+        """XADD to the queues bound to ``exchange``; the binding table's version is
+        read in the same round trip, and when it changed the delivery is corrected
+        (added to newly bound queues, deleted from unbound ones)."""
+        version, bindings = self._tables.get(exchange) or self._load_table(exchange)
+        routed = self._route(exchange, routing_key, bindings)
+        record = records.message_to_record(message)
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zscore(keys.exchange_bindings(exchange), VERSION_MEMBER)
+            order = []
+            for queue, expires in routed.items():
+                stream = self._stream_for(queue, message)
+                pipe.xadd(stream, {"data": record})
+                if expires:
+                    pipe.pexpire(stream, expires)
+                order.append((queue, stream, len(pipe.command_stack) - (2 if expires else 1)))
+            replies = pipe.execute()
+        if replies[0] == version:
+            return
+        current = self._load_table(exchange)[1]
+        now = self._route(exchange, routing_key, current)
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue, stream, index in order:
+                if queue not in now:
+                    pipe.xdel(stream, replies[index])
+            for queue, expires in now.items():
+                if queue not in routed:
+                    self._add_put(_adder(pipe), queue, message, expires, record)
+            pipe.execute()
+
+    def _put(self, queue, message, **kwargs):
+        batch = kwargs.get("_publish_batch")
+        expires = self._expires.get(queue, 0)
+        if batch is not None:
+            return self._add_put(batch.add, queue, message, expires)
+        if not expires:
+            self.client.xadd(self._stream_for(queue, message),
+                             {"data": records.message_to_record(message)})
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            self._add_put(_adder(pipe), queue, message, expires)
+            pipe.execute()
+
+    def _add_put(self, add, queue, message, expires, record=None):
+        stream = self._stream_for(queue, message)
+        add("xadd", stream, {"data": record or records.message_to_record(message)})
+        if expires:
+            add("pexpire", stream, expires)
+
+    def _put_fanout(self, exchange, message, routing_key, **kwargs):
+        batch = kwargs.get("_publish_batch")
+        if batch is not None:
+            version, bindings = self._tables.get(exchange) or self._load_table(exchange)
+            for queue, expires in self._route(exchange, routing_key, bindings).items():
+                self._add_put(batch.add, queue, message, expires)
+            return
+        self._publish_routed(exchange, routing_key, message)
+
+    # -- consuming -------------------------------------------------------------------------------
+
+    def basic_consume(self, queue, no_ack, *args, **kwargs):
+        self._ensure_groups(queue)
+        if no_ack:
+            self._no_ack.add(queue)
+        else:
+            self._no_ack.discard(queue)
+        result = super().basic_consume(queue, no_ack, *args, **kwargs)
+        self._queue_cycle.update(self.active_queues)
+        self._maybe_reap(force=True)
+        return result
+
+    def basic_cancel(self, consumer_tag):
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        self._queue_cycle.update(self.active_queues)
+        if queue is not None and queue not in self._active_queues:
+            self._no_ack.discard(queue)
+            kept = [item for item in self._buffer if item[0] != queue]
+            returned = [item for item in self._buffer if item[0] == queue]
+            self._buffer = deque(kept)
+            if returned and not self._closing:
+                self._return_buffered(returned)
+        return result
+
+    @property
+    def active_queues(self):
+        return list(dict.fromkeys(self._active_queues))
+
+    def _budget(self):
+        budget = self.qos.can_consume_max_estimate()
+        if budget is None:
+            budget = self.max_batch
+        return budget - len(self._buffer)
+
+    def _get(self, queue, timeout=None):
+        """One message of ``queue``, highest priority first (``basic_get``)."""
+        for index, item in enumerate(self._buffer):
+            if item[0] == queue:
+                del self._buffer[index]
+                message = self._receive(*item)
+                if message is not None:
+                    return message
+        self._ensure_groups(queue)
+        reply = self._scripts["read"](keys=self._streams(queue),
+                                      args=[GROUP, self.consumer_name, 1])
+        for stream, entry_id, data in zip(reply[::3], reply[1::3], reply[2::3]):
+            message = self._receive(queue, bytes_to_str(stream), bytes_to_str(entry_id), data)
+            if message is not None:
+                return message
+        raise Empty()
+
+    def _start_read(self):
+        """Send the blocking XREADGROUP for every consumed queue, if there is room."""
+        if self._reading is not None or self._closing or self._buffer:
+            return False
+        queues = self.active_queues
+        if not queues or not self.qos.can_consume():
+            return False
+        budget = self._budget()
+        if budget <= 0:
+            return False
+        for queue in queues:
+            self._ensure_groups(queue)
+        ordered = self._queue_cycle.consume(len(queues))
+        streams = [stream for queue in ordered for stream in self._streams(queue)]
+        per_stream = max(1, budget // len(streams))
+        conn = self._blocking_conn
+        conn.send_command("XREADGROUP", "GROUP", GROUP, self.consumer_name, "COUNT", per_stream,
+                          "BLOCK", max(int(self.polling_interval * 1000), 1),
+                          "STREAMS", *streams, *([">"] * len(streams)))
+        self._reading = conn
+        self._read_sent_at = monotonic()
+        self._read_order = {stream: index for index, stream in enumerate(
+            keys.priority_stream(queue, step)
+            for step in self.priority_steps for queue in ordered)}
+        self._read_queues = {keys.priority_stream(queue, step): queue
+                             for queue in ordered for step in self.priority_steps}
+        return True
+
+    @property
+    def fileno(self):
+        conn = self._reading
+        sock = getattr(conn, "_sock", None)
+        return sock.fileno() if sock is not None else None
+
+    def _finish_read(self):
+        """Read the reply of the outstanding XREADGROUP into the buffer."""
+        conn = self._reading
+        if conn is None:
+            return 0
+        self._reading = None
+        try:
+            reply = self.client.parse_response(conn, "XREADGROUP")
+        except redis.ResponseError as exc:
+            if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
+                self._grouped.clear()  # a stream expired or was deleted: declare again
+                return 0
+            raise
+        except self.connection_errors:
+            conn.disconnect()
+            raise
+        entries = []
+        for stream, items in reply or ():
+            stream = bytes_to_str(stream)
+            queue = self._read_queues[stream]
+            for entry_id, fields in items:
+                entries.append((self._read_order[stream], queue, stream,
+                                bytes_to_str(entry_id), (fields or {}).get(b"data")))
+        entries.sort(key=lambda entry: entry[0])  # priority first, then queue order; stable
+        if entries:
+            self._queue_cycle.rotate(entries[0][1])
+        self._buffer.extend(entry[1:] for entry in entries)
+        return len(entries)
+
+    def _deliver_buffered(self, limit=None):
+        """Hand buffered messages to their consumers while the QoS allows; returns how many."""
+        delivered = 0
+        no_ack = []
+        try:
+            while self._buffer and (limit is None or delivered < limit) and self.qos.can_consume():
+                queue, stream, entry_id, data = item = self._buffer.popleft()
+                message = self._receive(*item)
+                if message is None:
+                    continue
+                if queue in self._no_ack:
+                    no_ack.append(message["properties"]["delivery_tag"])
+                delivered += 1
+                self.connection._deliver(message, queue)
+        finally:
+            if no_ack:
+                self._ack(no_ack)
+        return delivered
+
+    def _receive(self, queue, stream, entry_id, data):
+        """The kombu message of an entry, registered as in flight; None if it is dropped."""
+        try:
+            record, message = records.record_to_message(data)
+        except records.RecordError as exc:
+            # Dead letters come with the reliability work; the entry stays pending.
+            logger.error("Cannot decode message %s of %s: %s", entry_id, stream, exc)
+            return None
+        tag = f"{entry_id} {stream}"
+        self._inflight[tag] = (stream, entry_id, record)
+        properties = message["properties"]
+        ttl = properties.get("expiration") or self._message_ttl.get(queue)
+        if ttl is not None:
+            published_ms = int(entry_id.split("-", 1)[0])
+            try:
+                expired = time() * 1000 - published_ms > float(ttl)
+            except (TypeError, ValueError):
+                expired = False
+            if expired:
+                self._ack([tag])
+                return None
+        properties["delivery_tag"] = tag
+        return message
+
+    # -- acknowledging ---------------------------------------------------------------------------
+
+    def _ack(self, tags):
+        entries = [self._inflight.pop(tag, None) for tag in tags]
+        by_stream = {}
+        for entry in filter(None, entries):
+            by_stream.setdefault(entry[0], []).append(entry[1])
+        if not by_stream:
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, GROUP, *ids)
+                pipe.xdel(stream, *ids)
+            pipe.execute()
+
+    def _put_back(self, tags):
+        entries = [self._inflight.pop(tag, None) for tag in tags]
+        self._requeue([entry for entry in entries if entry is not None])
+
+    def _return_buffered(self, items):
+        """Put read-but-undelivered entries back (they are pending for this consumer)."""
+        entries = []
+        for queue, stream, entry_id, data in items:
+            try:
+                record, _ = records.record_to_message(data)
+            except records.RecordError:
+                continue
+            entries.append((stream, entry_id, record))
+        self._requeue(entries, redelivered=False)
+
+    def _requeue(self, entries, redelivered=True):
+        if not entries:
+            return
+        script = self._scripts["requeue"]
+        with self.client.pipeline(transaction=False) as pipe:
+            for stream, entry_id, record in entries:
+                text = records.mark_redelivered(record) if redelivered else records.dumps(record)
+                script(keys=[stream], args=[GROUP, entry_id, text], client=pipe)
+            pipe.execute()
+
+    # -- upkeep -------------------------------------------------------------------------------
+
+    def maintain(self):
+        """Renew expiring queues and their bindings; remove dead consumers. Cheap when idle."""
+        now = monotonic()
+        consumed = [queue for queue in self.active_queues if queue in self._expires]
+        if consumed:
+            every = min(self._expires[queue] for queue in consumed) / 1000 / 3
+            if now - self._maintained_at >= every:
+                self._maintained_at = now
+                self._renew(consumed)
+        self._maybe_reap()
+
+    def _renew(self, queues):
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                for stream in self._streams(queue):
+                    pipe.pexpire(stream, self._expires[queue])
+                for exchange, routing_key, arguments in self.state.queue_bindings(queue):
+                    _, pattern, _ = self.typeof(exchange).prepare_bind(
+                        queue, exchange, routing_key, arguments)
+                    if self._binding_ms(queue) and self._binding_due(queue):
+                        self._scripts["bind"](
+                            keys=[keys.exchange_bindings(exchange)],
+                            args=[self._binding_prefix(routing_key, pattern, queue),
+                                  self._expires[queue], self._binding_ms(queue), "add",
+                                  VERSION_MEMBER],
+                            client=pipe)
+            pipe.execute()
+
+    def _binding_due(self, queue):
+        # Bindings live >= MIN_BINDING_MS: renewing them every third of that is enough.
+        last = getattr(self, "_bindings_renewed", {}).get(queue, 0.0)
+        if monotonic() - last < self._binding_ms(queue) / 1000 / 3:
+            return False
+        self.__dict__.setdefault("_bindings_renewed", {})[queue] = monotonic()
+        return True
+
+    def _maybe_reap(self, force=False, own=False):
+        now = monotonic()
+        if not force and not own and now - self._reaped_at < self.consumer_reap_after / 2:
+            return
+        self._reaped_at = now
+        queues = self.active_queues
+        if not queues:
+            return
+        script = self._scripts["reap"]
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                for stream in self._streams(queue):
+                    script(keys=[stream], args=[GROUP, int(self.consumer_reap_after * 1000),
+                                                self.consumer_name if own else ""], client=pipe)
+            pipe.execute(raise_on_error=False)
+
+    def read_overdue(self):
+        """True when the outstanding read's reply is late enough to suspect a dead socket."""
+        sent = self._read_sent_at
+        if self._reading is None or sent is None:
+            return False
+        grace = self.polling_interval + (self.connparams.get("health_check_interval") or 25)
+        return monotonic() - sent > grace
+
+    # -- closing --------------------------------------------------------------------------------
+
+    def close(self):
+        if self.closed:
+            return
+        self._closing = True
+        self.connection.cycle.discard(self)
+        try:
+            if self._reading is not None:
+                self._finish_read()
+        except Exception:  # pylint: disable=broad-except
+            logger.debug("sheppy: outstanding read lost on close", exc_info=True)
+        consumed = self.active_queues
+        auto_delete = [queue for queue in consumed if queue in self._auto_delete]
+        try:
+            super().close()  # cancels consumers, returns unacked messages (QoS)
+            self._return_buffered(list(self._buffer))
+            self._buffer.clear()
+            for queue in auto_delete:
+                self.queue_delete(queue)
+            self._active_queues = consumed
+            self._maybe_reap(own=True)
+            self._active_queues = []
+        except self.connection_errors as exc:
+            logger.warning("sheppy: could not tidy up channel on close: %r", exc)
+        finally:
+            self._disconnect()
+
+
+def _adder(pipe):
+    """``add(name, *args)`` into a pipeline, as kombu's PublishBatch.add."""
+    return lambda name, *args: getattr(pipe, name)(*args)
+
+
+def _parse_table(rows):
+    """``(version, [(routing_key, pattern, queue, expires_ms)])`` from a binding zset."""
+    version = None
+    bindings = []
+    now_ms = time() * 1000
+    for member, score in rows:
+        member = bytes_to_str(member)
+        if member == VERSION_MEMBER:
+            version = score
+            continue
+        if score <= now_ms:
+            continue
+        parts = member.split(SEP)
+        if len(parts) != 4:
+            continue
+        routing_key, pattern, queue, expires = parts
+        bindings.append((routing_key, pattern or None, queue, int(expires or 0)))
+    return version, bindings
+
+
+class Poller:
+    """Waits on the blocking reads of every channel of a transport.
+
+    With Celery's hub, each channel's read connection is registered as a reader;
+    without one, :meth:`get` polls them (``Connection.drain_events``).
+    """
+
+    def __init__(self):
+        self._channels = []
+        self._hub = None
+        self._registered = {}  # fd -> channel, in the hub
+
+    def add(self, channel):
+        self._channels.append(channel)
+
+    def discard(self, channel):
+        if channel in self._channels:
+            self._channels.remove(channel)
+        for fd, chan in list(self._registered.items()):
+            if chan is channel:
+                self._unregister(fd)
+
+    def close(self):
+        for fd in list(self._registered):
+            self._unregister(fd)
+        self._channels = []
+
+    def _unregister(self, fd):
+        self._registered.pop(fd, None)
+        if self._hub is not None:
+            try:
+                self._hub.remove_reader(fd)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    # -- with a hub --------------------------------------------------------------------
+
+    def on_tick(self):
+        for channel in list(self._channels):
+            channel._deliver_buffered()
+            if channel._start_read():
+                fd = channel.fileno
+                if self._registered.get(fd) is not channel:
+                    for old, chan in list(self._registered.items()):
+                        if chan is channel:
+                            self._unregister(old)
+                    self._registered[fd] = channel
+                    self._hub.add_reader(fd, self.on_readable, fd)
+
+    def on_readable(self, fd):
+        channel = self._registered.get(fd)
+        if channel is None:
+            return
+        if channel._reading is None or channel.fileno != fd:
+            # Nothing asked: the server closed the idle connection.
+            self._unregister(fd)
+            channel._blocking_conn.disconnect()
+            return
+        try:
+            channel._finish_read()
+        except channel.connection_errors:
+            self._unregister(fd)
+            raise
+        channel._deliver_buffered()
+
+    def maintain(self):
+        for channel in list(self._channels):
+            try:
+                channel.maintain()
+                if channel.read_overdue():
+                    logger.warning("sheppy: read got no reply in time; dropping the connection")
+                    fd = channel.fileno
+                    if fd is not None:
+                        self._unregister(fd)
+                    channel._reading.disconnect()
+                    channel._reading = None
+            except channel.connection_errors:
+                logger.debug("sheppy: upkeep failed, will retry", exc_info=True)
+
+    # -- without a hub (drain_events) ------------------------------------------------------------
+
+    def get(self, callback, timeout=None):
+        for channel in list(self._channels):
+            if channel._deliver_buffered(limit=1):
+                return
+        self._maintain_if_due()
+        waiting = {}
+        for channel in list(self._channels):
+            channel._start_read()
+            if channel._reading is not None:
+                waiting[channel.fileno] = channel
+        if not waiting:
+            from time import sleep
+            sleep(min(timeout, 0.1) if timeout is not None else 0.1)
+            raise Empty()
+        poller = poll()
+        try:
+            for fd in waiting:
+                poller.register(fd, READ | ERR)
+            events = poller.poll(timeout)
+        finally:
+            poller.close()
+        for fd, _ in events or ():
+            channel = waiting.get(fd)
+            if channel is not None:
+                channel._finish_read()
+        for channel in list(self._channels):
+            if channel._deliver_buffered(limit=1):
+                return
+        raise Empty()
+
+    _maintained_at = 0.0
+
+    def _maintain_if_due(self):
+        if monotonic() - self._maintained_at >= 1.0:
+            self._maintained_at = monotonic()
+            self.maintain()
+
+
+class Transport(virtual.Transport):
+    """``sheppy://`` transport."""
+
+    Channel = Channel
+
+    polling_interval = None  # no sleeping between reads: they block in Redis
+    default_port = 6379
+    #: Celery treats us as Redis: events use a fanout exchange, mingle and gossip work.
+    driver_type = "redis"
+    driver_name = "sheppy"
+    can_parse_url = True
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True,
+        batch_publish=True,
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
+    )
+
+    connection_errors, channel_errors = get_redis_error_classes()
+
+    #: Seconds between upkeep runs (expiring queues, dead consumers, stuck reads).
+    upkeep_interval = 1.0
+
+    def __init__(self, client, **kwargs):
+        super().__init__(client, **kwargs)
+        self.cycle = Poller()
+        self._upkeep_tref = None
+
+    def driver_version(self):
+        return redis.__version__
+
+    def as_uri(self, uri, include_password=False, mask="**"):
+        if include_password:
+            return uri
+        return options_mod.redact(uri).replace(":**@", f":{mask}@")
+
+    def register_with_event_loop(self, connection, loop):
+        cycle = self.cycle
+        cycle._hub = loop
+        cycle._registered.clear()
+        loop.on_tick.add(cycle.on_tick)
+        if self._upkeep_tref is not None:
+            self._upkeep_tref.cancel()
+        self._upkeep_tref = loop.call_repeatedly(self.upkeep_interval, cycle.maintain)
+
+    def on_readable(self, fileno):
+        self.cycle.on_readable(fileno)
+
+    def close_connection(self, connection):
+        super().close_connection(connection)
+        self.cycle.close()
+
+
+_unused = count  # keep flake8 quiet about the import while drafting

@@ -1,0 +1,145 @@
+"""The sheppy:// result backend when Redis restarts, goes away or refuses a value."""
+
+import threading
+import time
+import uuid
+
+import pytest
+import redis
+from celery import states
+from celery.exceptions import BackendStoreError
+
+from celery_sheppy import keys
+from conftest import RedisServer, Worker, client_app
+
+TASKS = "t.integration.tasks"
+QUICK_RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
+
+
+@pytest.fixture
+def durable_server():
+    """A server that keeps its data across a SIGKILL (append-only file, fsync always)."""
+    server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
+    yield server
+    server.close()
+
+
+@pytest.mark.slow
+def test_redis_restart_while_waiters_block_loses_no_result(durable_server):
+    # Given 20 waiters blocked on 20 running tasks of a worker that retries result writes
+    # (all 20 run at once: the stock redis:// broker used here would hold back prefetched
+    # messages for its hour-long visibility timeout after a restart)
+    broker = durable_server.url.replace("/0", "/1")
+    backend = durable_server.sheppy_url()
+    worker = Worker(broker, backend, pool="threads", concurrency=20, extra_env={
+        "CELERY_SHEPPY_CONF": '{"result_backend_always_retry": true, "result_backend_max_retries": 100}'})
+    app = client_app(broker, backend)
+    try:
+        results = [app.signature(f"{TASKS}.sleep", args=(3.0,)).delay() for _ in range(20)]
+        deadline = time.monotonic() + 20
+        while any(r.state != states.STARTED for r in results) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        got, errors = [], []
+
+        def wait(result):
+            try:
+                got.append(result.get(timeout=60))
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=wait, args=(r,)) for r in results]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        # When Redis is killed and comes back two seconds later, while the tasks still run
+        durable_server.restart(downtime=2.0)
+        for thread in threads:
+            thread.join(90)
+        # Then every waiter has its result
+        assert not errors
+        assert got == [3.0] * 20
+    finally:
+        worker.stop()
+        app.close()
+
+
+def test_get_raises_a_clear_error_when_redis_is_down_instead_of_hanging():
+    server = RedisServer()
+    app = client_app(server.url.replace("/0", "/1"), server.sheppy_url(),
+                     result_backend_transport_options={"retry_policy": QUICK_RETRY})
+    result = app.AsyncResult(str(uuid.uuid4()))
+    server.close()
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError, match="onnect"):
+        result.get(timeout=None)
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.slow
+def test_waiter_blocked_when_redis_dies_gets_an_error_after_the_retry_policy():
+    server = RedisServer()
+    app = client_app(server.url.replace("/0", "/1"), server.sheppy_url(),
+                     result_backend_transport_options={"retry_policy": QUICK_RETRY})
+    result = app.AsyncResult(str(uuid.uuid4()))  # never runs: the waiter blocks on the stream
+    failure = []
+
+    def wait():
+        try:
+            result.get(timeout=None)
+        except Exception as exc:  # checked below
+            failure.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(1.5)
+    server.close()
+    waiter.join(20)
+    assert not waiter.is_alive()
+    assert len(failure) == 1 and isinstance(failure[0], redis.ConnectionError)
+    assert "could not reconnect" in str(failure[0]) and server.sheppy_url()[:-2] in str(failure[0])
+
+
+def test_result_over_the_servers_value_limit_gets_backend_store_error_and_keeps_the_connection():
+    server = RedisServer("--proto-max-bulk-len", "1mb")
+    app = client_app(server.url.replace("/0", "/1"), server.sheppy_url())
+    try:
+        backend = app.backend
+        task_id = str(uuid.uuid4())
+        with pytest.raises(BackendStoreError, match="proto-max-bulk-len"):
+            backend.store_result(task_id, "x" * (2 * 1024 * 1024), states.SUCCESS)
+        assert backend.client.ping()
+        backend.store_result(task_id, "small", states.SUCCESS)
+        assert app.AsyncResult(task_id).get(timeout=5) == "small"
+    finally:
+        app.close()
+        server.close()
+
+
+def test_worker_task_with_an_oversize_result_fails_with_a_clear_error():
+    server = RedisServer("--proto-max-bulk-len", "1mb")
+    broker, backend = server.url.replace("/0", "/1"), server.sheppy_url()
+    worker = Worker(broker, backend, pool="threads", concurrency=2)
+    app = client_app(broker, backend)
+    try:
+        result = app.signature(f"{TASKS}.big", args=(2 * 1024 * 1024,)).delay()
+        with pytest.raises(BackendStoreError, match="value limit"):
+            result.get(timeout=30)
+        assert app.signature(f"{TASKS}.add", args=(1, 1)).delay().get(timeout=30) == 2
+    finally:
+        worker.stop()
+        app.close()
+        server.close()
+
+
+def test_result_write_is_not_retried_forever_for_a_non_connection_error(redis_server):
+    # A script error is a bug, not an outage: it surfaces at once.
+    app = client_app(redis_server.url, redis_server.sheppy_url())
+    client = redis_server.client()
+    task_id = str(uuid.uuid4())
+    client.set(keys.finished_stream("celery"), "not a stream")
+    try:
+        with pytest.raises(redis.ResponseError):
+            app.backend.store_result(task_id, 1, states.SUCCESS)
+    finally:
+        client.delete(keys.finished_stream("celery"))
+        app.close()

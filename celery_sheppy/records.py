@@ -147,17 +147,21 @@ def build_record(task_id, meta, request=None, payload=None, now=None):
     now = now or datetime.now(timezone.utc)
     state = meta["status"]
     rid = sheppy_id(task_id)
-    record = {"id": rid, "status": status_for(state)}
+    finished_at = None
+    if state in TERMINAL_STATES:
+        finished_at = aware_iso(meta.get("date_done")) or now.isoformat()
+    # sheppy shows created_at and sorts ``task list`` by it; a record without one is
+    # "created" whenever it is read. It is the third key: the store script keeps the
+    # created_at of the record already stored, so it is the task's first report.
+    record = {"id": rid, "status": status_for(state),
+              "created_at": finished_at or now.isoformat()}
     result = meta.get("result")
     if state in states.EXCEPTION_STATES:
         record["error"] = error_text(result)
     if state == states.SUCCESS and payload is None:
         record["result"] = result
     record["spec"] = _spec(meta, payload)
-
-    finished_at = None
-    if state in TERMINAL_STATES:
-        finished_at = aware_iso(meta.get("date_done")) or now.isoformat()
+    if finished_at is not None:
         record["finished_at"] = finished_at
     if state == states.RETRY:
         record["retry_count"] = (getattr(request, "retries", None) or 0) + 1
@@ -170,7 +174,8 @@ def build_record(task_id, meta, request=None, payload=None, now=None):
         extras = {"status": state, "payload": base64.b64encode(payload).decode("ascii")}
     else:
         extras = _compact_meta(meta, rid, str(task_id), finished_at, record["spec"])
-    record["celery"] = extras
+    if extras:  # a record without them reads back as the same meta (see _meta_from_sheppy)
+        record["celery"] = extras
     return record
 
 

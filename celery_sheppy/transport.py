@@ -51,7 +51,7 @@ import os
 import socket
 from bisect import bisect
 from collections import deque
-from itertools import count
+
 from queue import Empty
 from time import monotonic, time
 from uuid import uuid4
@@ -68,7 +68,9 @@ from kombu.utils.objects import cached_property
 from kombu.utils.scheduling import cycle_by_name
 
 from . import connection as options_mod
-from . import keys, records, scripts
+from . import keys, kombu_aliases, records, scripts
+
+kombu_aliases.register()  # importing the transport is enough for a plain kombu process
 
 logger = get_logger(__name__)
 
@@ -186,6 +188,7 @@ class Channel(virtual.Channel):
         self._message_ttl = {}  # queue -> x-message-ttl (ms)
         self._auto_delete = set()
         self._grouped = set()  # queues whose streams have the group (this channel knows)
+        self._read_from = set()  # queues this channel's consumer may appear in
         self._tables = {}  # exchange -> (version, [(routing_key, pattern, queue, expires_ms)])
         self._maintained_at = monotonic()
         self._reaped_at = 0.0
@@ -273,13 +276,21 @@ class Channel(virtual.Channel):
         return steps[max(bisect(steps, n) - 1, 0)]
 
     def _streams(self, queue):
-        """The queue's streams, highest priority (lowest step) first."""
+        """The queue's streams, highest priority (lowest step) first.
+
+        An expiring queue (remote-control replies, event receivers) has one stream:
+        publishers know it expires from its binding, so they never use another.
+        """
         keys.check_queue(queue)
+        if queue in self._expires:
+            return [keys.pending_stream(queue)]
         return [keys.priority_stream(queue, step) for step in self.priority_steps]
 
-    def _stream_for(self, queue, message):
-        return keys.priority_stream(
-            keys.check_queue(queue), self.priority(self._get_message_priority(message)))
+    def _stream_for(self, queue, message, expires=None):
+        keys.check_queue(queue)
+        if expires or (expires is None and queue in self._expires):
+            return keys.pending_stream(queue)
+        return keys.priority_stream(queue, self.priority(self._get_message_priority(message)))
 
     def _ensure_groups(self, queue, force=False):
         if queue in self._grouped and not force:
@@ -356,7 +367,7 @@ class Channel(virtual.Channel):
         self._unbind(exchange, routing_key, pattern, queue)
 
     def _drop_queue(self, queue):
-        self.client.delete(*self._streams(queue))
+        self.client.delete(*{keys.priority_stream(queue, step) for step in [0, *self.priority_steps]})
         self.client.hdel(keys.queue_registry(), queue)
         self._grouped.discard(queue)
         self._auto_delete.discard(queue)
@@ -447,7 +458,7 @@ class Channel(virtual.Channel):
             pipe.zscore(keys.exchange_bindings(exchange), VERSION_MEMBER)
             order = []
             for queue, expires in routed.items():
-                stream = self._stream_for(queue, message)
+                stream = self._stream_for(queue, message, expires)
                 pipe.xadd(stream, {"data": record})
                 if expires:
                     pipe.pexpire(stream, expires)
@@ -480,7 +491,7 @@ class Channel(virtual.Channel):
             pipe.execute()
 
     def _add_put(self, add, queue, message, expires, record=None):
-        stream = self._stream_for(queue, message)
+        stream = self._stream_for(queue, message, expires)
         add("xadd", stream, {"data": record or records.message_to_record(message)})
         if expires:
             add("pexpire", stream, expires)
@@ -498,6 +509,7 @@ class Channel(virtual.Channel):
 
     def basic_consume(self, queue, no_ack, *args, **kwargs):
         self._ensure_groups(queue)
+        self._read_from.add(queue)
         if no_ack:
             self._no_ack.add(queue)
         else:
@@ -516,8 +528,10 @@ class Channel(virtual.Channel):
             kept = [item for item in self._buffer if item[0] != queue]
             returned = [item for item in self._buffer if item[0] == queue]
             self._buffer = deque(kept)
-            if returned and not self._closing:
+            if returned:
                 self._return_buffered(returned)
+            if queue in self._auto_delete:
+                self.queue_delete(queue)  # its last consumer is gone, as with AMQP
         return result
 
     @property
@@ -539,6 +553,7 @@ class Channel(virtual.Channel):
                 if message is not None:
                     return message
         self._ensure_groups(queue)
+        self._read_from.add(queue)
         reply = self._scripts["read"](keys=self._streams(queue),
                                       args=[GROUP, self.consumer_name, 1])
         for stream, entry_id, data in zip(reply[::3], reply[1::3], reply[2::3]):
@@ -736,7 +751,7 @@ class Channel(virtual.Channel):
         if not force and not own and now - self._reaped_at < self.consumer_reap_after / 2:
             return
         self._reaped_at = now
-        queues = self.active_queues
+        queues = sorted(self._read_from) if own else self.active_queues
         if not queues:
             return
         script = self._scripts["reap"]
@@ -767,17 +782,11 @@ class Channel(virtual.Channel):
                 self._finish_read()
         except Exception:  # pylint: disable=broad-except
             logger.debug("sheppy: outstanding read lost on close", exc_info=True)
-        consumed = self.active_queues
-        auto_delete = [queue for queue in consumed if queue in self._auto_delete]
         try:
-            super().close()  # cancels consumers, returns unacked messages (QoS)
+            super().close()  # cancels consumers (auto_delete queues go), returns unacked
             self._return_buffered(list(self._buffer))
             self._buffer.clear()
-            for queue in auto_delete:
-                self.queue_delete(queue)
-            self._active_queues = consumed
             self._maybe_reap(own=True)
-            self._active_queues = []
         except self.connection_errors as exc:
             logger.warning("sheppy: could not tidy up channel on close: %r", exc)
         finally:
@@ -981,4 +990,4 @@ class Transport(virtual.Transport):
         self.cycle.close()
 
 
-_unused = count  # keep flake8 quiet about the import while drafting
+

@@ -12,19 +12,27 @@
 --
 -- Returns 1, or 0 when the stored record is already "completed" (a SUCCESS is
 -- never overwritten: a redelivered task must not replace its first result).
+-- A stored record's created_at replaces the new record's: it dates the first report.
 -- The record is written before the entry, so a waiter that sees the entry finds it.
 
 local current = redis.call('GET', KEYS[1])
--- the status is the record's second key, right after the 36-character id
-if current and string.find(string.sub(current, 1, 120), '"status":%s*"completed"') then
+-- id, status and created_at are the record's first keys (records.build_record)
+local head = current and string.sub(current, 1, 200)
+if head and string.find(head, '"status":%s*"completed"') then
     return 0
+end
+
+local record = ARGV[1]
+local created = head and string.match(head, '"created_at":%s*"([^"%%]+)"')
+if created then
+    record = string.gsub(record, '"created_at":"[^"]*"', '"created_at":"' .. created .. '"', 1)
 end
 
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then
-    redis.call('SET', KEYS[1], ARGV[1], 'EX', ttl)
+    redis.call('SET', KEYS[1], record, 'EX', ttl)
 else
-    redis.call('SET', KEYS[1], ARGV[1])
+    redis.call('SET', KEYS[1], record)
 end
 
 if ARGV[3] == '1' then

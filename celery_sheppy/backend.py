@@ -195,9 +195,17 @@ class ResultConsumer(BaseResultConsumer):
     def _deliver(self, sids):
         backend = self.backend
         values = backend.client.mget([keys.task_record(backend.queue, sid) for sid in sids])
-        for value in values:
-            if value:
-                self.on_state_change(backend.decode_result(value), None)
+        for sid, value in zip(sids, values):
+            if not value:
+                continue
+            try:
+                meta = backend.decode_result(value)
+            except records.RecordError as exc:
+                # Other waiters must not suffer; this task's own get() raises when it
+                # reads the record.
+                logger.error("Unreadable result record %s: %s", sid, exc)
+                continue
+            self.on_state_change(meta, None)
 
     @contextmanager
     def reconnect_on_error(self):

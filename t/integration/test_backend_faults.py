@@ -143,3 +143,34 @@ def test_result_write_is_not_retried_forever_for_a_non_connection_error(redis_se
     finally:
         client.delete(keys.finished_stream("celery"))
         app.close()
+
+
+def test_unreadable_record_fails_its_own_get_and_spares_other_waiters(redis_server):
+    app = client_app(redis_server.url, redis_server.sheppy_url())
+    client = redis_server.client()
+    bad, good = str(uuid.uuid4()), str(uuid.uuid4())
+    bad_result, good_result = app.AsyncResult(bad), app.AsyncResult(good)
+    outcome = {}
+
+    def wait(name, result):
+        try:
+            outcome[name] = result.get(timeout=20 if name == "good" else 3)
+        except Exception as exc:  # checked below
+            outcome[name] = exc
+
+    threads = [threading.Thread(target=wait, args=("bad", bad_result)),
+               threading.Thread(target=wait, args=("good", good_result))]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    # a foreign writer puts garbage where a record belongs, and announces it
+    client.set(keys.task_record("celery", bad), b"\x00not json")
+    client.xadd(keys.finished_stream("celery"), {"task_id": bad})
+    client.xadd(keys.finished_stream("celery"), {"no_task_id": "x"})
+    app.backend.store_result(good, "fine", states.SUCCESS)
+    threads[1].join(20)
+    assert outcome["good"] == "fine"
+    with pytest.raises(Exception, match="not a JSON task record"):
+        bad_result.get(timeout=1)
+    threads[0].join(10)
+    app.close()

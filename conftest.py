@@ -208,6 +208,8 @@ def client_app(broker, backend, **conf):
     from celery import Celery
 
     app = Celery("celery-sheppy-tests", set_as_current=False)
-    app.conf.update(broker_url=broker, result_backend=backend, result_extended=True,
-                    broker_connection_retry_on_startup=True, **conf)
+    settings = dict(broker_url=broker, result_backend=backend, result_extended=True,
+                    broker_connection_retry_on_startup=True)
+    settings.update(conf)
+    app.conf.update(settings)
     return app

@@ -4,6 +4,7 @@ Every server is a ``redis-server`` process of our own on a free loopback port,
 stopped by its PID; no test touches a server it did not start.
 """
 
+import atexit
 import os
 import shutil
 import signal
@@ -42,6 +43,7 @@ class RedisServer:
         if tls:
             make_certificates(self.dir)
         self.process = None
+        atexit.register(self.close)  # a test that fails half-way still stops its server
         self.start()
 
     @property
@@ -134,6 +136,20 @@ def redis_server():
 
 
 @pytest.fixture
+def make_redis_server():
+    """Starts servers with extra arguments; all of them stop when the test ends."""
+    servers = []
+
+    def make(*args, **kwargs):
+        servers.append(RedisServer(*args, **kwargs))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
 def redis_client(redis_server):
     client = redis_server.client()
     client.flushall()
@@ -157,7 +173,12 @@ class Worker:
                "-n", f"w{free_port()}@%h", *args]
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                         cwd=str(ROOT), start_new_session=True)
-        self.wait_for_log("ready.")
+        atexit.register(self.kill)
+        try:
+            self.wait_for_log("ready.")
+        except Exception:
+            self.kill()
+            raise
 
     def output(self):
         return Path(self.log.name).read_text(errors="replace")
@@ -172,9 +193,11 @@ class Worker:
             time.sleep(0.1)
 
     def kill(self):
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the worker and its pool children
+        except ProcessLookupError:
+            pass
+        self.process.wait()
 
     def stop(self, timeout=30):
         if self.process.poll() is None:

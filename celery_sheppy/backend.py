@@ -29,7 +29,6 @@ from celery.exceptions import BackendStoreError, ChordError, ImproperlyConfigure
 from celery.result import GroupResult, ResultBase, allow_join_result
 from celery.utils.log import get_logger
 from celery.utils.time import humanize_seconds
-from kombu.transport.redis import get_redis_error_classes
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.functional import retry_over_time
 from kombu.utils.objects import cached_property
@@ -288,7 +287,8 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         self._ConnectionPool = connection_pool
         self._native_json = self.serializer == "json" and not self.compression
 
-        self.connection_errors, self.channel_errors = get_redis_error_classes()
+        self.connection_errors = connection.CONNECTION_ERRORS
+        self.channel_errors = connection.CHANNEL_ERRORS
         extra_errors = options.get("additional_connection_errors") or ()
         self.connection_errors += tuple(extra_errors)
         self._registered_at = 0.0
@@ -465,7 +465,8 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
             self._store_script(
                 keys=[keys.task_record(queue, sid), keys.finished_stream(queue),
                       keys.state_stream(queue), keys.completed_counter(queue)],
-                args=[text, int(expires or 0), 1 if terminal else 0, sid, min_id],
+                args=[text, int(expires or 0), 1 if terminal else 0, sid, min_id,
+                      2 * STREAM_KEEP_SECONDS],
                 client=pipe)
             # sheppy's tools list queues from the registry; it lives in another
             # cluster slot, so it is kept apart from the script, and renewed once a minute.

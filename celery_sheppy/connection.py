@@ -19,6 +19,15 @@ from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 
 SCHEMES = {"sheppy": False, "sheppys": True}  # scheme -> TLS
 
+#: Errors that mean "the connection is gone or the server is not serving yet": worth a retry.
+CONNECTION_ERRORS = (
+    redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError,
+    redis.exceptions.InvalidResponse,
+)
+
+#: Errors of a command that reached the server: a retry would fail the same way.
+CHANNEL_ERRORS = (redis.DataError, redis.ResponseError)
+
 #: Defaults, in seconds. redis-py 8 would otherwise time reads out after 5 s.
 DEFAULTS = {
     "socket_timeout": 30.0,

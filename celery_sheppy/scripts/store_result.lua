@@ -9,6 +9,7 @@
 -- ARGV[3]  "1" if the record is terminal (has finished_at), else "0"
 -- ARGV[4]  sheppy task id (the stream entries' task_id)
 -- ARGV[5]  MINID for trimming both streams (entries older than ~60 s go)
+-- ARGV[6]  time to live of the states stream in seconds (it is ours, not sheppy's)
 --
 -- Returns 1, or 0 when the stored record is already "completed" (a SUCCESS is
 -- never overwritten: a redelivered task must not replace its first result).
@@ -40,5 +41,6 @@ if ARGV[3] == '1' then
     redis.call('INCRBY', KEYS[4], 1)
 else
     redis.call('XADD', KEYS[3], 'MINID', '~', ARGV[5], '*', 'task_id', ARGV[4])
+    redis.call('EXPIRE', KEYS[3], ARGV[6])
 end
 return 1

@@ -115,3 +115,14 @@ def as_set(*values):
 def big(size):
     """A result of ``size`` characters."""
     return "y" * size
+
+
+@app.task(acks_late=True)
+def add_acks_late(x, y):
+    return x + y
+
+
+@app.task(bind=True)
+def delivery(self):
+    """How the worker received this task: its ``redelivered`` flag."""
+    return bool((self.request.delivery_info or {}).get("redelivered"))

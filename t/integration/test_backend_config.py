@@ -85,8 +85,8 @@ def test_no_key_written_for_a_chord_is_left_without_a_ttl(redis_server):
         result.save()
         # queue-level structures of sheppy's layout (streams, counter, registry) are
         # bounded and shared, and sheppy keeps them without a TTL too
-        shared = {keys.finished_stream("celery"), keys.state_stream("celery"),
-                  keys.completed_counter("celery"), keys.queue_registry()}
+        shared = {keys.finished_stream("celery"), keys.completed_counter("celery"),
+                  keys.queue_registry()}
         leftover = [k.decode() for k in client.scan_iter(count=1000)
                     if k.decode() not in shared and client.ttl(k) == -1]
         assert leftover == []

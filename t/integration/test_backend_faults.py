@@ -10,18 +10,16 @@ from celery import states
 from celery.exceptions import BackendStoreError
 
 from celery_sheppy import keys
-from conftest import RedisServer, Worker, client_app
+from conftest import Worker, client_app
 
 TASKS = "t.integration.tasks"
 QUICK_RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
 
 @pytest.fixture
-def durable_server():
+def durable_server(make_redis_server):
     """A server that keeps its data across a SIGKILL (append-only file, fsync always)."""
-    server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
-    yield server
-    server.close()
+    return make_redis_server("--appendonly", "yes", "--appendfsync", "always")
 
 
 @pytest.mark.slow
@@ -63,8 +61,8 @@ def test_redis_restart_while_waiters_block_loses_no_result(durable_server):
         app.close()
 
 
-def test_get_raises_a_clear_error_when_redis_is_down_instead_of_hanging():
-    server = RedisServer()
+def test_get_raises_a_clear_error_when_redis_is_down_instead_of_hanging(make_redis_server):
+    server = make_redis_server()
     app = client_app(server.url.replace("/0", "/1"), server.sheppy_url(),
                      result_backend_transport_options={"retry_policy": QUICK_RETRY})
     result = app.AsyncResult(str(uuid.uuid4()))
@@ -76,8 +74,8 @@ def test_get_raises_a_clear_error_when_redis_is_down_instead_of_hanging():
 
 
 @pytest.mark.slow
-def test_waiter_blocked_when_redis_dies_gets_an_error_after_the_retry_policy():
-    server = RedisServer()
+def test_waiter_blocked_when_redis_dies_gets_an_error_after_the_retry_policy(make_redis_server):
+    server = make_redis_server()
     app = client_app(server.url.replace("/0", "/1"), server.sheppy_url(),
                      result_backend_transport_options={"retry_policy": QUICK_RETRY})
     result = app.AsyncResult(str(uuid.uuid4()))  # never runs: the waiter blocks on the stream
@@ -99,8 +97,9 @@ def test_waiter_blocked_when_redis_dies_gets_an_error_after_the_retry_policy():
     assert "could not reconnect" in str(failure[0]) and server.sheppy_url()[:-2] in str(failure[0])
 
 
-def test_result_over_the_servers_value_limit_gets_backend_store_error_and_keeps_the_connection():
-    server = RedisServer("--proto-max-bulk-len", "1mb")
+def test_result_over_the_servers_value_limit_gets_backend_store_error_and_keeps_the_connection(
+        make_redis_server):
+    server = make_redis_server("--proto-max-bulk-len", "1mb")
     app = client_app(server.url.replace("/0", "/1"), server.sheppy_url())
     try:
         backend = app.backend
@@ -115,8 +114,8 @@ def test_result_over_the_servers_value_limit_gets_backend_store_error_and_keeps_
         server.close()
 
 
-def test_worker_task_with_an_oversize_result_fails_with_a_clear_error():
-    server = RedisServer("--proto-max-bulk-len", "1mb")
+def test_worker_task_with_an_oversize_result_fails_with_a_clear_error(make_redis_server):
+    server = make_redis_server("--proto-max-bulk-len", "1mb")
     broker, backend = server.url.replace("/0", "/1"), server.sheppy_url()
     worker = Worker(broker, backend, pool="threads", concurrency=2)
     app = client_app(broker, backend)

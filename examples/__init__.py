@@ -1,0 +1,1 @@
+"""Runnable examples of celery-sheppy (``python -m examples.demo``)."""

@@ -1,0 +1,273 @@
+"""celery-sheppy demo: a Celery app with a real worker, results in Sheppy's Redis layout.
+
+    python -m examples.demo            # starts a private redis-server on a free loopback port
+    python -m examples.demo URL        # uses the Redis server at URL (redis://, sheppy://, ...)
+
+It starts ``celery worker -P prefork -c 2`` on ``examples/tasks.py``, runs a
+task, a failing task, a group, a chord and a task that reports progress,
+prints their results and the Redis keys they left, then stops the worker and
+the redis-server it started (by PID). Broker and results share db N of the
+server (N from the URL, default 0); results expire after an hour. Without
+celery_sheppy.transport the broker is Celery's stock redis:// on db N + 1.
+"""
+
+import importlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 30  # seconds, for every wait on a result or a process
+
+
+def transport_available():
+    """True when this package's broker transport is installed and kombu knows ``sheppy://``."""
+    try:
+        importlib.import_module("celery_sheppy.transport")
+        from kombu.transport import resolve_transport
+
+        resolve_transport("sheppy")
+    except (ImportError, KeyError):
+        return False
+    return True
+
+
+#: The broker: celery-sheppy's own ``sheppy://`` transport when it is there, else
+#: Celery's stock Redis transport on the next db of the same server.
+USE_SHEPPY_BROKER = transport_available()
+
+
+def urls(server_url):
+    """(broker URL, result backend URL, plain redis:// URL for display) for a server URL."""
+    parts = urlsplit(server_url)
+    tls = parts.scheme in ("rediss", "sheppys")
+    if parts.scheme not in ("redis", "rediss", "sheppy", "sheppys"):
+        sys.exit(f"not a Redis URL: {server_url!r} (redis://host:port/db or sheppy://...)")
+    db = int(parts.path.strip("/") or 0)
+    query = f"?{parts.query}" if parts.query else ""
+
+    def url(scheme, db):
+        return f"{scheme}{'s' if tls else ''}://{parts.netloc}/{db}{query}"
+
+    backend = url("sheppy", db)
+    broker = url("sheppy", db) if USE_SHEPPY_BROKER else url("redis", db + 1)
+    return broker, backend, url("redis", db)
+
+
+def redact(url):
+    from celery_sheppy.connection import redact as redact_sheppy_url
+
+    return redact_sheppy_url(url)
+
+
+# -- processes: an ephemeral redis-server and a worker, both stopped by PID ----------------
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of our own on a free loopback port, without persistence."""
+
+    def __init__(self):
+        if not shutil.which("redis-server"):
+            sys.exit("redis-server is not installed (Debian: apt-get install -y redis-server), "
+                     "or pass the URL of a Redis server")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="celery-sheppy-demo-redis-")
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self):
+        import redis
+
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            try:
+                client.ping()
+                return client.close()
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    sys.exit(f"redis-server on port {self.port} did not start")
+                time.sleep(0.05)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Worker:
+    """``celery worker -P prefork -c 2`` on examples.tasks, in its own process group."""
+
+    def __init__(self, broker, backend):
+        self.log = tempfile.NamedTemporaryFile(prefix="celery-sheppy-demo-worker-", suffix=".log",
+                                               delete=False)
+        env = dict(os.environ, DEMO_BROKER_URL=broker, DEMO_RESULT_BACKEND=backend,
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "examples.tasks", "worker",
+             "-P", "prefork", "-c", "2", "-l", "INFO", "-n", f"demo{os.getpid()}@%h",
+             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            cwd=str(ROOT), start_new_session=True)
+        try:
+            self._wait_for_log(" ready.")
+        except BaseException:
+            self.stop()
+            raise
+
+    def output(self):
+        return Path(self.log.name).read_text(errors="replace")
+
+    def _wait_for_log(self, text):
+        deadline = time.monotonic() + TIMEOUT * 2
+        while text not in self.output():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                sys.exit(f"the worker did not start; its log:\n{self.output()[-4000:]}")
+            time.sleep(0.1)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()  # warm shutdown
+            try:
+                self.process.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # any pool process left behind
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        self.log.close()
+        os.unlink(self.log.name)
+
+
+# -- the demo ------------------------------------------------------------------------------
+
+
+def show(step, text):
+    print(f"{step:<22}{text}", flush=True)
+
+
+def run_tasks():
+    from celery import chord, group
+
+    from examples.tasks import add, fail, progress, tsum
+
+    result = add.delay(2, 3)
+    show("task", f"add(2, 3) -> {result.get(timeout=TIMEOUT)}   (id {result.id})")
+    first_id = result.id
+
+    result = fail.delay("boom")
+    try:
+        result.get(timeout=TIMEOUT)
+    except ValueError as exc:
+        last_line = (result.traceback or "").strip().splitlines()[-1:]
+        show("failing task", f"fail('boom') -> {result.state}: {exc!r}; traceback ends {last_line}")
+
+    result = group(add.s(i, i) for i in range(10))()
+    show("group", f"add(i, i) for i in 0..9 -> {result.get(timeout=TIMEOUT)}")
+
+    result = chord(add.s(i, i) for i in range(10))(tsum.s())
+    show("chord", f"tsum(add(i, i) for i in 0..9) -> {result.get(timeout=TIMEOUT)}")
+
+    def on_message(meta):
+        show("", f"  on_message: {meta['status']} {meta['result']}")
+
+    result = progress.delay(3)
+    show("progress", "progress(3), custom PROGRESS states delivered to get(on_message=...):")
+    show("", f"-> {result.get(timeout=TIMEOUT, on_message=on_message)}")
+    return first_id
+
+
+def show_keys(display_url, task_id):
+    """The keys the demo left in Sheppy's layout, grouped by shape, and one task record."""
+    import redis
+
+    from celery_sheppy import keys, records
+
+    client = redis.Redis.from_url(display_url, decode_responses=True)
+    try:
+        shapes = Counter()
+        for key in client.scan_iter("sheppy:*", count=1000):
+            shape = re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<id>", key)
+            shapes[(shape, client.type(key))] += 1
+        print("\nRedis keys in Sheppy's layout:")
+        for (shape, kind), count in sorted(shapes.items()):
+            print(f"  {shape:<48}{kind:<8}x {count}")
+        record = client.get(keys.task_record("celery", records.sheppy_id(task_id)))
+        print(f"\nthe record of add(2, 3), {keys.task_record('celery', '<id>')}:")
+        print("  " + json.dumps(json.loads(record), indent=2).replace("\n", "\n  "))
+    finally:
+        client.close()
+
+
+def main(argv):
+    if len(argv) > 1 or (argv and argv[0] in ("-h", "--help")):
+        print(__doc__)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    # A plain SIGTERM should clean up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    server = worker = None
+    try:
+        if argv:
+            server_url = argv[0]
+            print(f"Redis: {redact(server_url)} (given)")
+        else:
+            server = RedisServer()
+            server_url = server.url
+            print(f"Redis: redis-server started on 127.0.0.1:{server.port} (pid {server.process.pid})")
+        broker, backend, display_url = urls(server_url)
+        os.environ.update(DEMO_BROKER_URL=broker, DEMO_RESULT_BACKEND=backend)
+        kind = "celery-sheppy's transport" if USE_SHEPPY_BROKER else "Celery's stock Redis transport"
+        print(f"broker_url     = {redact(broker)!r}   ({kind})")
+        print(f"result_backend = {redact(backend)!r}")
+
+        worker = Worker(broker, backend)
+        print(f"worker: celery worker -P prefork -c 2 (pid {worker.process.pid}) is ready\n")
+        task_id = run_tasks()
+        show_keys(display_url, task_id)
+    finally:
+        # Stopping takes at most a few seconds; a second Ctrl-C must not leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if worker:
+            worker.stop()
+            print("\nworker stopped")
+        if server:
+            server.stop()
+            print(f"redis-server (pid {server.process.pid}) stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

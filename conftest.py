@@ -87,6 +87,7 @@ class RedisServer:
                 if "LOADING" not in str(exc):
                     raise
             if time.monotonic() > deadline or self.process.poll() is not None:
+                self.kill()
                 raise RuntimeError(f"redis-server on port {self.port} did not start")
             time.sleep(0.05)
 

@@ -9,3 +9,6 @@ __version__ = "0.1.0"
 
 # sheppy imports ``celery_sheppy:celery_task`` (records.SPEC_FUNC) when it reads our records.
 from .records import celery_task  # noqa: E402,F401
+
+# Registers the sheppy:// broker scheme with kombu for processes that import us first.
+from . import kombu_aliases  # noqa: E402,F401

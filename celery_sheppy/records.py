@@ -23,7 +23,7 @@ whole meta in base64; sheppy's fields are still filled in for its tools.
 import base64
 import re
 from datetime import datetime, timezone
-from uuid import UUID, uuid5
+from uuid import UUID, uuid4, uuid5
 
 from celery import states
 from kombu.utils import json as kombu_json
@@ -269,7 +269,6 @@ def _meta_from_sheppy(record):
     }
 
 
-
 # -- broker: kombu messages <-> pending entries ---------------------------------------
 #
 # A pending entry's ``data`` is a sheppy record that carries the whole kombu message in
@@ -285,8 +284,6 @@ def _meta_from_sheppy(record):
 # Messages that are not tasks (remote control, events) get a fresh UUID and no arguments.
 
 _JSON = "application/json"
-
-from uuid import uuid4  # noqa: E402  (kept with the broker functions)
 
 
 def message_to_record(message, now=None):

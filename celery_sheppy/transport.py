@@ -51,9 +51,10 @@ import os
 import socket
 from bisect import bisect
 from collections import deque
+from contextlib import nullcontext
 
 from queue import Empty
-from time import monotonic, time
+from time import monotonic, sleep, time
 from uuid import uuid4
 
 import redis
@@ -61,7 +62,6 @@ from kombu.exceptions import ChannelError
 from kombu.log import get_logger
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
-from kombu.transport.redis import PublishBatch, get_redis_error_classes
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.eventio import ERR, READ, poll
 from kombu.utils.objects import cached_property
@@ -169,6 +169,7 @@ class Channel(virtual.Channel):
     )
 
     _reading = None  # the blocking connection while a read is outstanding
+    _blocking_id = None  # CLIENT ID of the blocking connection, to interrupt its read
     _closing = False
 
     def __init__(self, *args, **kwargs):
@@ -191,6 +192,7 @@ class Channel(virtual.Channel):
         self._read_from = set()  # queues this channel's consumer may appear in
         self._tables = {}  # exchange -> (version, [(routing_key, pattern, queue, expires_ms)])
         self._maintained_at = monotonic()
+        self._bindings_renewed = {}  # queue -> when its bindings' lifetime was renewed
         self._reaped_at = 0.0
         self._fd = None
         self._read_sent_at = None
@@ -209,17 +211,20 @@ class Channel(virtual.Channel):
         settings = {name: getattr(self, name) for name in CONNECTION_OPTIONS
                     if getattr(self, name) is not None}
         if conninfo.userid:
-            settings.setdefault("username", conninfo.userid)
+            settings["username"] = conninfo.userid
         if conninfo.password:
-            settings.setdefault("password", conninfo.password)
+            password = conninfo.password
+            settings["password"] = password() if callable(password) else password
         if isinstance(conninfo.ssl, dict):
             settings.update(conninfo.ssl)
-        url = conninfo.hostname or "localhost"
-        if "://" not in url:  # after a failover switch kombu splits the URL
-            scheme = conninfo.transport_cls if isinstance(conninfo.transport_cls, str) else "sheppy"
-            port = f":{conninfo.port}" if conninfo.port else ""
-            db = str(conninfo.virtual_host or "").strip("/")
-            url = f"{scheme}://{url}{port}/{db if db.isdigit() else ''}"
+        # kombu parsed the URL (as for redis://): rebuild it for our parser.
+        host = conninfo.hostname or "localhost"
+        host = f"[{host}]" if ":" in host else host
+        scheme = conninfo.transport_cls if conninfo.transport_cls in options_mod.SCHEMES else "sheppy"
+        db = str(conninfo.virtual_host or "").strip("/")
+        if db and not db.isdigit():
+            raise ChannelError(f"sheppy:// broker: the database must be a number, got {db!r}")
+        url = f"{scheme}://{host}:{conninfo.port or self.connection.default_port}/{db}"
         try:
             return options_mod.connection_kwargs(url, settings)
         except ValueError as exc:
@@ -246,7 +251,6 @@ class Channel(virtual.Channel):
         return self._blocking_pool.get_connection()
 
     def conn_or_acquire(self, client=None):  # kombu's PublishBatch enters this
-        from contextlib import nullcontext
         return nullcontext(client or self.client)
 
     def _disconnect(self):
@@ -257,6 +261,24 @@ class Channel(virtual.Channel):
         for name in ("client", "_blocking_conn"):
             self.__dict__.pop(name, None)
         self._reading = None
+        self._blocking_id = None
+
+    def _connect_blocking(self):
+        """The blocking connection, connected, with its client id known."""
+        conn = self._blocking_conn
+        if conn._sock is None or self._blocking_id is None:
+            conn.connect()
+            conn.send_command("CLIENT", "ID")
+            self._blocking_id = conn.read_response()
+        return conn
+
+    def _interrupt_read(self):
+        """Make the outstanding blocking read return now (its queues changed)."""
+        if self._reading is not None and self._blocking_id is not None:
+            try:
+                self.client.client_unblock(self._blocking_id)
+            except self.connection_errors:
+                pass
 
     @cached_property
     def _scripts(self):
@@ -433,6 +455,10 @@ class Channel(virtual.Channel):
         return not self.connparams.get("retry_on_timeout")
 
     def create_publish_batch(self, max_size):
+        # Imported here: kombu's redis module needs `packaging`, which only
+        # Producer.batch() users should have to install.
+        from kombu.transport.redis import PublishBatch
+
         return PublishBatch(self, max_size)
 
     def basic_publish(self, message, exchange, routing_key, **kwargs):
@@ -516,6 +542,7 @@ class Channel(virtual.Channel):
             self._no_ack.discard(queue)
         result = super().basic_consume(queue, no_ack, *args, **kwargs)
         self._queue_cycle.update(self.active_queues)
+        self._interrupt_read()
         self._maybe_reap(force=True)
         return result
 
@@ -523,6 +550,7 @@ class Channel(virtual.Channel):
         queue = self._tag_to_queue.get(consumer_tag)
         result = super().basic_cancel(consumer_tag)
         self._queue_cycle.update(self.active_queues)
+        self._interrupt_read()
         if queue is not None and queue not in self._active_queues:
             self._no_ack.discard(queue)
             kept = [item for item in self._buffer if item[0] != queue]
@@ -577,7 +605,7 @@ class Channel(virtual.Channel):
         ordered = self._queue_cycle.consume(len(queues))
         streams = [stream for queue in ordered for stream in self._streams(queue)]
         per_stream = max(1, budget // len(streams))
-        conn = self._blocking_conn
+        conn = self._connect_blocking()
         conn.send_command("XREADGROUP", "GROUP", GROUP, self.consumer_name, "COUNT", per_stream,
                           "BLOCK", max(int(self.polling_interval * 1000), 1),
                           "STREAMS", *streams, *([">"] * len(streams)))
@@ -688,7 +716,11 @@ class Channel(virtual.Channel):
         self._requeue([entry for entry in entries if entry is not None])
 
     def _return_buffered(self, items):
-        """Put read-but-undelivered entries back (they are pending for this consumer)."""
+        """Put read-but-undelivered entries back (they are pending for this consumer).
+
+        They are marked redelivered too: the flag means "may have been seen before",
+        and Celery only uses it to check for a stored result first.
+        """
         entries = []
         for queue, stream, entry_id, data in items:
             try:
@@ -696,16 +728,16 @@ class Channel(virtual.Channel):
             except records.RecordError:
                 continue
             entries.append((stream, entry_id, record))
-        self._requeue(entries, redelivered=False)
+        self._requeue(entries)
 
-    def _requeue(self, entries, redelivered=True):
+    def _requeue(self, entries):
         if not entries:
             return
         script = self._scripts["requeue"]
         with self.client.pipeline(transaction=False) as pipe:
             for stream, entry_id, record in entries:
-                text = records.mark_redelivered(record) if redelivered else records.dumps(record)
-                script(keys=[stream], args=[GROUP, entry_id, text], client=pipe)
+                script(keys=[stream], args=[GROUP, entry_id, records.mark_redelivered(record)],
+                       client=pipe)
             pipe.execute()
 
     # -- upkeep -------------------------------------------------------------------------------
@@ -740,10 +772,9 @@ class Channel(virtual.Channel):
 
     def _binding_due(self, queue):
         # Bindings live >= MIN_BINDING_MS: renewing them every third of that is enough.
-        last = getattr(self, "_bindings_renewed", {}).get(queue, 0.0)
-        if monotonic() - last < self._binding_ms(queue) / 1000 / 3:
+        if monotonic() - self._bindings_renewed.get(queue, 0.0) < self._binding_ms(queue) / 3000:
             return False
-        self.__dict__.setdefault("_bindings_renewed", {})[queue] = monotonic()
+        self._bindings_renewed[queue] = monotonic()
         return True
 
     def _maybe_reap(self, force=False, own=False):
@@ -779,6 +810,7 @@ class Channel(virtual.Channel):
         self.connection.cycle.discard(self)
         try:
             if self._reading is not None:
+                self._interrupt_read()
                 self._finish_read()
         except Exception:  # pylint: disable=broad-except
             logger.debug("sheppy: outstanding read lost on close", exc_info=True)
@@ -910,7 +942,6 @@ class Poller:
             if channel._reading is not None:
                 waiting[channel.fileno] = channel
         if not waiting:
-            from time import sleep
             sleep(min(timeout, 0.1) if timeout is not None else 0.1)
             raise Empty()
         poller = poll()
@@ -947,7 +978,6 @@ class Transport(virtual.Transport):
     #: Celery treats us as Redis: events use a fanout exchange, mingle and gossip work.
     driver_type = "redis"
     driver_name = "sheppy"
-    can_parse_url = True
 
     implements = virtual.Transport.implements.extend(
         asynchronous=True,
@@ -955,7 +985,8 @@ class Transport(virtual.Transport):
         exchange_type=frozenset(["direct", "topic", "fanout"]),
     )
 
-    connection_errors, channel_errors = get_redis_error_classes()
+    connection_errors = options_mod.CONNECTION_ERRORS
+    channel_errors = options_mod.CHANNEL_ERRORS
 
     #: Seconds between upkeep runs (expiring queues, dead consumers, stuck reads).
     upkeep_interval = 1.0
@@ -967,11 +998,6 @@ class Transport(virtual.Transport):
 
     def driver_version(self):
         return redis.__version__
-
-    def as_uri(self, uri, include_password=False, mask="**"):
-        if include_password:
-            return uri
-        return options_mod.redact(uri).replace(":**@", f":{mask}@")
 
     def register_with_event_loop(self, connection, loop):
         cycle = self.cycle
@@ -988,6 +1014,3 @@ class Transport(virtual.Transport):
     def close_connection(self, connection):
         super().close_connection(connection)
         self.cycle.close()
-
-
-

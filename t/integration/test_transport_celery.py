@@ -1,0 +1,255 @@
+"""Real Celery workers (prefork and threads) on the sheppy:// broker and result backend."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from celery import chord, group
+
+from celery_sheppy import keys
+from conftest import ROOT, Worker, client_app
+
+TASKS = "t.integration.tasks"
+DB = 5  # this module's database; the module-scoped workers outlive single tests
+
+
+@pytest.fixture(scope="module")
+def url(redis_server):
+    return redis_server.sheppy_url(DB)
+
+
+@pytest.fixture(scope="module")
+def db(redis_server):
+    client = redis_server.client(db=DB)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module", params=["prefork", "threads"])
+def worker(request, url, db):
+    worker = Worker(url, url, pool=request.param, concurrency=2, args=("-E",))
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="module")
+def app(url):
+    app = client_app(url, url)
+    yield app
+    app.close()
+
+
+def sig(app, name, *args, **options):
+    return app.signature(f"{TASKS}.{name}", args=args, **options)
+
+
+def celery_cli(url, *args, env=None, timeout=60):
+    environment = dict(os.environ, CELERY_SHEPPY_BROKER=url, CELERY_SHEPPY_BACKEND=url,
+                       PYTHONPATH=str(ROOT), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, *args], cwd=str(ROOT),
+                          env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+# -- tasks ------------------------------------------------------------------------------
+
+
+def test_task_runs_and_returns_its_result(worker, app):
+    assert sig(app, "add", 2, 2).delay().get(timeout=20) == 4
+
+
+def test_countdown_and_eta_tasks_run_after_their_delay(worker, app):
+    start = time.monotonic()
+    counted = sig(app, "add", 1, 2).apply_async(countdown=1)
+    eta = sig(app, "add", 3, 4).apply_async(eta=datetime.now(timezone.utc) + timedelta(seconds=1))
+    assert counted.get(timeout=20) == 3 and eta.get(timeout=20) == 7
+    assert time.monotonic() - start >= 0.9
+
+
+def test_retrying_task_succeeds_on_a_later_run(worker, app):
+    assert sig(app, "retry_once", "done").delay().get(timeout=20) == "done"
+
+
+def test_acks_late_task_is_acked_after_it_ran(worker, app, db):
+    assert sig(app, "add_acks_late", 5, 5).delay().get(timeout=20) == 10
+    stream = keys.pending_stream("celery")
+    deadline = time.monotonic() + 5
+    while db.xpending(stream, keys.CONSUMER_GROUP)["pending"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert db.xpending(stream, keys.CONSUMER_GROUP)["pending"] == 0
+
+
+def test_group_returns_every_result(worker, app):
+    result = group(sig(app, "add", n, n) for n in range(50)).delay()
+    assert result.get(timeout=30) == [2 * n for n in range(50)]
+
+
+def test_group_published_in_one_producer_batch_returns_every_result(worker, app):
+    with app.producer_or_acquire() as producer:
+        with producer.batch():
+            result = group(sig(app, "add", n, 2) for n in range(100)).apply_async(
+                producer=producer)
+    assert result.get(timeout=30) == [n + 2 for n in range(100)]
+
+
+def test_chord_body_receives_every_header_result(worker, app):
+    result = chord(sig(app, "add", n, 1) for n in range(20))(sig(app, "tsum"))
+    assert result.get(timeout=30) == sum(n + 1 for n in range(20))
+
+
+# -- remote control and events --------------------------------------------------------------
+
+
+def test_inspect_ping_active_stats_and_active_queues_answer_and_leave_no_reply_behind(
+        worker, app, db):
+    running = sig(app, "sleep", 4).delay()
+    time.sleep(0.5)
+    inspect = app.control.inspect(timeout=0.5)
+    (name, pong), = inspect.ping().items()
+    assert pong == {"ok": "pong"}
+    active = inspect.active()[name]
+    assert [task["id"] for task in active] == [running.id]
+    assert "total" in inspect.stats()[name]
+    assert [queue["name"] for queue in inspect.active_queues()[name]] == ["celery"]
+    running.get(timeout=10)
+
+    assert not [key for key in db.keys("*") if b"reply" in key]
+
+
+def test_celery_inspect_command_line_pings_the_worker(worker, url):
+    done = celery_cli(url, "inspect", "ping", "--timeout", "2")
+    assert "pong" in done.stdout, done.stdout + done.stderr
+
+
+def test_revoked_task_never_runs_and_rate_limit_is_applied(worker, app):
+    waiting = sig(app, "add", 1, 1).apply_async(countdown=2)
+    app.control.revoke(waiting.id)
+    with pytest.raises(Exception):
+        waiting.get(timeout=10)
+    assert waiting.state == "REVOKED"
+
+    replies = app.control.rate_limit(f"{TASKS}.add", "1000/m", reply=True, timeout=2)
+    assert replies and all("ok" in reply for answer in replies for reply in answer.values())
+    assert sig(app, "add", 1, 2).delay().get(timeout=20) == 3
+
+
+def test_task_events_reach_an_event_receiver(worker, app):
+    seen = []
+    ready = threading.Event()
+
+    def on_event(event):
+        seen.append(event)
+
+    with app.connection_for_read() as conn:
+        receiver = app.events.Receiver(conn, handlers={"*": on_event})
+
+        def capture():
+            ready.set()
+            receiver.capture(limit=None, timeout=15)
+
+        thread = threading.Thread(target=capture, daemon=True)
+        thread.start()
+        ready.wait()
+        time.sleep(0.5)  # the receiver's queue is bound
+        result = sig(app, "add", 4, 4).delay()
+        result.get(timeout=20)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+                e["type"] == "task-succeeded" and e.get("uuid") == result.id for e in seen):
+            time.sleep(0.05)
+        receiver.should_stop = True
+        thread.join(5)
+    types = {event["type"] for event in seen if event.get("uuid") == result.id}
+    assert {"task-received", "task-started", "task-succeeded"} <= types
+
+
+# -- command line, beat, fresh processes ----------------------------------------------------
+
+
+def test_celery_purge_command_empties_a_queue(url, db):
+    app = client_app(url, url)
+    try:
+        for n in range(5):
+            app.send_task(f"{TASKS}.add", args=(n, n), queue="purgeme")
+    finally:
+        app.close()
+    assert db.xlen(keys.pending_stream("purgeme")) == 5
+    done = celery_cli(url, "purge", "-f", "-Q", "purgeme")
+    assert done.returncode == 0, done.stderr
+    assert "5 messages" in done.stdout
+    assert db.xlen(keys.pending_stream("purgeme")) == 0
+
+
+def test_beat_publishes_due_tasks_through_sheppy(url, db, tmp_path):
+    conf = {"beat_schedule": {"tick": {"task": f"{TASKS}.add", "schedule": 0.5, "args": [1, 2],
+                                       "options": {"queue": "beatq"}}}}
+    env = dict(os.environ, CELERY_SHEPPY_BROKER=url, CELERY_SHEPPY_BACKEND=url,
+               CELERY_SHEPPY_CONF=json.dumps(conf), PYTHONPATH=str(ROOT))
+    beat = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", TASKS, "beat", "-s", str(tmp_path / "schedule"),
+         "--max-interval", "1"], cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while db.xlen(keys.pending_stream("beatq")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        beat.terminate()
+        beat.wait(10)
+    assert db.xlen(keys.pending_stream("beatq")) >= 2
+
+
+def test_plain_producer_process_publishes_without_importing_celery_sheppy(url, db):
+    code = (
+        f"from celery import Celery\n"
+        f"app = Celery(broker={url!r})\n"
+        f"app.send_task('{TASKS}.add', args=(1, 1), queue='producerq')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd="/")
+    assert db.xlen(keys.pending_stream("producerq")) == 1
+
+
+# -- shutdown ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_warm_shutdown_returns_reserved_messages_to_their_stream(pool, url, db):
+    queue = f"shutdown-{pool}"
+    conf = json.dumps({"worker_prefetch_multiplier": 5})
+    first = Worker(url, url, pool=pool, concurrency=1, queues=queue,
+                   extra_env={"CELERY_SHEPPY_CONF": conf})
+    app = client_app(url, url)
+    try:
+        running = sig(app, "sleep", 2).apply_async(queue=queue)
+        waiting = [sig(app, "delivery").apply_async(queue=queue) for _ in range(4)]
+        stream = keys.pending_stream(queue)
+        deadline = time.monotonic() + 10
+        while db.xpending(stream, keys.CONSUMER_GROUP)["pending"] < 4:
+            assert time.monotonic() < deadline, "worker did not reserve the messages"
+            time.sleep(0.05)
+        first.stop()  # SIGTERM: warm shutdown
+        assert running.get(timeout=10) == 2
+        assert db.xpending(stream, keys.CONSUMER_GROUP)["pending"] == 0
+        assert db.xlen(stream) == 4
+
+        second = Worker(url, url, pool=pool, concurrency=1, queues=queue)
+        try:
+            assert [result.get(timeout=20) for result in waiting] == [True] * 4
+        finally:
+            second.stop()
+        assert db.xlen(stream) == 0
+    finally:
+        first.stop()
+        app.close()
+
+
+def test_worker_banner_and_log_mask_the_broker_password(redis_server):
+    worker_url = f"sheppy://:{uuid.uuid4().hex}@127.0.0.1:{redis_server.port}/{DB}"
+    done = celery_cli(worker_url, "report")
+    assert worker_url.split(":")[2].split("@")[0] not in done.stdout + done.stderr

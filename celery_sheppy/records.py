@@ -127,6 +127,16 @@ def aware_iso(value):
 _RETRY_WHEN = re.compile(r"Retry (?:in (?P<seconds>[0-9.]+)s|at (?P<at>\d{4}-\d\d-\d\d[ T][0-9:.+-]+))")
 
 
+def compact_utc(text):
+    """An ISO time in UTC written with ``Z`` (5 bytes less per timestamp, per record)."""
+    return text[:-6] + "Z" if text and text.endswith("+00:00") else text
+
+
+def expand_utc(text):
+    """Undo :func:`compact_utc`: the exact text Celery wrote (``isoformat()`` never uses Z)."""
+    return text[:-1] + "+00:00" if text and text.endswith("Z") else text
+
+
 def _retry_due(traceback, now):
     """When a RETRY is due. Celery stores the retried exception, not the Retry, so the
     only trace of ``when`` is the Retry's text at the end of the traceback."""
@@ -149,17 +159,17 @@ def build_record(task_id, meta, request=None, payload=None, now=None):
     rid = sheppy_id(task_id)
     finished_at = None
     if state in TERMINAL_STATES:
-        finished_at = aware_iso(meta.get("date_done")) or now.isoformat()
+        finished_at = compact_utc(aware_iso(meta.get("date_done")) or now.isoformat())
     # sheppy shows created_at and sorts ``task list`` by it; a record without one is
     # "created" whenever it is read. It is the third key: the store script keeps the
     # created_at of the record already stored, so it is the task's first report.
     record = {"id": rid, "status": status_for(state),
-              "created_at": finished_at or now.isoformat()}
+              "created_at": finished_at or compact_utc(now.isoformat())}
     result = meta.get("result")
     if state in states.EXCEPTION_STATES:
         record["error"] = error_text(result)
-    if state == states.SUCCESS and payload is None:
-        record["result"] = result
+    if state == states.SUCCESS and payload is None and result is not None:
+        record["result"] = result  # None is sheppy's default: not written
     record["spec"] = _spec(meta, payload)
     if finished_at is not None:
         record["finished_at"] = finished_at
@@ -201,7 +211,7 @@ def _compact_meta(meta, rid, task_id, finished_at, spec):
             continue
         if key == "task_id" and value == rid:
             continue
-        if key == "date_done" and value is not None and value == finished_at:
+        if key == "date_done" and value is not None and value == expand_utc(finished_at):
             continue
         if key in _META_DEFAULTS and value == _META_DEFAULTS[key]:
             continue
@@ -242,7 +252,7 @@ def meta_from_record(record, decode_payload):
     meta["result"] = record.get("result") if meta["status"] == states.SUCCESS else None
     for key, value in _META_DEFAULTS.items():
         meta[key] = list(value) if isinstance(value, list) else value
-    meta["date_done"] = record.get("finished_at")
+    meta["date_done"] = expand_utc(record.get("finished_at"))
     spec = record.get("spec") or {}
     for key in ("args", "kwargs"):
         if key in spec:
@@ -264,7 +274,7 @@ def _meta_from_sheppy(record):
         "result": result,
         "traceback": None,
         "children": [],
-        "date_done": record.get("finished_at"),
+        "date_done": expand_utc(record.get("finished_at")),
         "task_id": record["id"],
     }
 
@@ -350,9 +360,15 @@ def record_to_message(raw):
     return record, message
 
 
-def mark_redelivered(record):
-    """A copy of a pending record whose message says ``redelivered``, as text."""
+def mark_redelivered(record, deliveries=None):
+    """A copy of a pending record whose message says ``redelivered``, as text.
+
+    ``deliveries``, when given, is how often the message was delivered so far; it is
+    kept in ``celery.deliveries`` so the count survives the entry being re-added.
+    """
     extras = dict(record["celery"])
+    if deliveries is not None:
+        extras["deliveries"] = int(deliveries)
     message = dict(extras["message"])
     message["headers"] = dict(message.get("headers") or {}, redelivered=True)
     properties = dict(message["properties"])
@@ -360,3 +376,36 @@ def mark_redelivered(record):
     message["properties"] = properties
     extras["message"] = message
     return dumps(dict(record, celery=extras))
+
+
+# -- reliability: delivery counts, delayed messages ---------------------------------------
+
+
+def prior_deliveries(record):
+    """Deliveries of a pending record before its current entry (``celery.deliveries``)."""
+    extras = record.get("celery")
+    try:
+        return max(int((extras or {}).get("deliveries") or 0), 0)
+    except (TypeError, ValueError, AttributeError):
+        return 0
+
+
+def reset_deliveries(raw):
+    """The entry ``raw`` with its delivery count cleared (a replayed dead letter); bad
+    bytes come back unchanged."""
+    try:
+        record = loads(raw)
+    except RecordError:
+        return raw
+    extras = record.get("celery")
+    if not isinstance(extras, dict) or "deliveries" not in extras:
+        return raw
+    extras = dict(extras)
+    del extras["deliveries"]
+    return dumps(dict(record, celery=extras))
+
+
+def scheduled_record(raw):
+    """The sheppy record (status ``scheduled``) of a delayed message's entry ``raw``."""
+    record = loads(raw)
+    return dumps(dict(record, status="scheduled"))

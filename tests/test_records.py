@@ -164,9 +164,20 @@ def test_bytes_that_are_not_a_record_raise_record_error(raw):
 def test_naive_date_done_becomes_an_aware_finished_at():
     m = meta(states.SUCCESS, 1, date_done="2026-11-22T05:00:00")
     record = records.build_record(TASK_ID, m, now=NOW)
-    assert record["finished_at"] == "2026-11-22T05:00:00+00:00"
+    assert record["finished_at"] == "2026-11-22T05:00:00Z"
     _, back = json_round_trip(m)
     assert back["date_done"] == "2026-11-22T05:00:00"
+
+
+def test_utc_times_are_written_with_z_and_read_back_exactly():
+    m = meta(states.SUCCESS, None, date_done="2026-11-22T05:00:00.123456+00:00")
+    record = records.build_record(TASK_ID, m, now=NOW)
+    assert record["finished_at"] == "2026-11-22T05:00:00.123456Z"
+    assert "result" not in record and "celery" not in record
+    assert Task.model_validate_json(records.dumps(record)).finished_at == datetime(
+        2026, 11, 22, 5, 0, 0, 123456, tzinfo=timezone.utc)
+    _, back = json_round_trip(m)
+    assert back == m
 
 
 def test_spec_func_is_importable_and_refuses_to_run_under_sheppy():

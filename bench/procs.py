@@ -1,0 +1,185 @@
+"""The processes a bench run starts: one redis-server and ``celery worker`` subprocesses.
+
+Both are stopped by their PID (a worker by its process group, which holds its pool
+children), also when the run fails half-way.
+"""
+
+import atexit
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Commands the bench itself sends to Redis between a stats reset and a snapshot;
+#: left out of the commands counted per task.
+OWN_COMMANDS = {"info", "config|resetstat"}
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port (never 6379), without persistence."""
+
+    def __init__(self):
+        if not shutil.which("redis-server"):
+            sys.exit("redis-server is not installed (Debian: apt-get install redis-server)")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="celery-sheppy-bench-")
+        atexit.register(self.close)
+        self.start()
+
+    def start(self):
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.admin = redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.admin.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"redis-server on port {self.port} did not start")
+                time.sleep(0.05)
+        try:
+            # Redis 7 allocates a latency histogram (tens of kB) per command name on
+            # its first call: that would show up as memory of the first results.
+            self.admin.config_set("latency-tracking", "no")
+        except redis.ResponseError:
+            pass  # Redis < 7: no such setting, no such histograms
+
+    def url(self, scheme="redis"):
+        return f"{scheme}://127.0.0.1:{self.port}/0"
+
+    @property
+    def version(self):
+        return self.admin.info("server")["redis_version"]
+
+    def reset(self):
+        """A fresh server process on the same port: each measurement starts from nothing.
+
+        FLUSHALL would not do: Redis keeps its grown hash tables (pub/sub channels
+        of the stock backend, for one), so used_memory would depend on what ran before.
+        """
+        self.stop()
+        self.start()
+        self.admin.config_resetstat()
+
+    def drop_clients(self):
+        """Close every connection but ours: what a finished measurement left open."""
+        self.admin.client_kill_filter(_type="normal", skipme=True)
+        self.admin.client_kill_filter(_type="pubsub", skipme=True)
+
+    def commandstats(self):
+        """{command: calls} since the last reset, without the bench's own commands."""
+        stats = self.admin.info("commandstats")
+        calls = {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
+        return {name: n for name, n in calls.items() if name not in OWN_COMMANDS}
+
+    def used_memory(self):
+        return self.admin.info("memory")["used_memory"]
+
+    def keyspace_bytes(self):
+        """Sum of MEMORY USAGE over every key: the data, without Redis's own tables and buffers."""
+        with self.admin.pipeline(transaction=False) as pipe:
+            for key in self.admin.scan_iter(count=1000):
+                pipe.memory_usage(key, samples=0)
+            return sum(pipe.execute())
+
+    def stop(self):
+        self.admin.close()
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def close(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Worker:
+    """``celery -A bench.app worker`` in its own process group; use it as a context manager."""
+
+    def __init__(self, broker, backend, pool, concurrency):
+        self.ready_file = Path(tempfile.mkdtemp(prefix="celery-sheppy-bench-worker-"), "ready")
+        self.log = self.ready_file.with_name("worker.log")
+        env = dict(os.environ, BENCH_BROKER=broker, BENCH_BACKEND=backend,
+                   BENCH_READY_FILE=str(self.ready_file),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        # Gossip, mingle and heartbeats are worker events, not broker work: off on
+        # both sides, so the idle measurement counts what a consumer itself costs.
+        cmd = [sys.executable, "-m", "celery", "-A", "bench.app", "worker", "-P", pool,
+               "-c", str(concurrency), "-Q", "celery", "-l", "WARNING", "-n", f"bench{free_port()}@%h",
+               "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            cwd=ROOT, start_new_session=True)
+        atexit.register(self._clean_up)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:  # the worker's own words are the best clue
+            print(f"worker log (end):\n{self.tail()}", file=sys.stderr)
+        self.stop()
+
+    def wait_ready(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("worker did not start")
+            time.sleep(0.05)
+
+    def check(self):
+        """Raise when the worker has exited: waiting for its results would be in vain."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"worker exited with status {self.process.returncode}")
+
+    def tail(self, chars=3000):
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def stop(self, timeout=20):
+        """Warm shutdown (SIGTERM), then SIGKILL for whatever is left of the group."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+        shutil.rmtree(self.ready_file.parent, ignore_errors=True)
+
+    def _clean_up(self):
+        """At exit, for a worker whose ``stop()`` never came (an interrupted run)."""
+        if self.process.poll() is None:
+            self.kill()
+        shutil.rmtree(self.ready_file.parent, ignore_errors=True)
+
+    def kill(self):
+        """SIGKILL the worker's process group: the worker and its pool children."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()

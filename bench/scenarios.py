@@ -1,0 +1,145 @@
+"""The measurements. Each one runs one side (a broker and a result backend) on an empty server.
+
+Times are wall-clock seconds from ``time.perf_counter`` in the bench process,
+except drain rates, which come from the workers' own completion times.
+"""
+
+import random
+import time
+from dataclasses import dataclass
+from statistics import mean
+
+from celery import chord, group
+from celery.result import ResultSet
+
+from .app import COUNT, NOOP, make_app
+from .procs import Worker
+
+#: Calls before the round-trip samples: connections opened, pool children warm.
+WARM_UP_CALLS = 20
+#: Result keys whose MEMORY USAGE is read after a drain.
+KEY_SAMPLE = 100
+#: Seconds the worker is left alone after the canvas work before idle counting starts.
+IDLE_SETTLE = 2.0
+
+
+@dataclass(frozen=True)
+class Side:
+    name: str
+    broker: str
+    backend: str
+    on_redis: bool = True  # False for RabbitMQ + rpc://: no Redis counters, no chords
+
+
+def _app(side, server):
+    if side.on_redis:
+        server.reset()
+    app = make_app(side.broker, side.backend, current=False)
+    if not side.on_redis:
+        app.control.purge()  # RabbitMQ is not ours to flush: empty the bench's queue
+    return app
+
+
+def _finish(side, server, app):
+    if side.on_redis:
+        server.drop_clients()
+    app.close()
+
+
+def drain(side, server, pool, concurrency, tasks, timeout):
+    """Enqueue ``tasks`` noops with no worker running, then start a worker and get every result.
+
+    - ``enqueue_rate``: tasks / duration of the ``delay()`` loop; one publish before
+      it opens the connections.
+    - ``drain_rate_<pool>``: (results - 1) / (last - first ``date_done``): the worker's
+      own rate from first to last completion, its start-up left out. Meanwhile the
+      bench waits on ``ResultSet.get()``, as an application would.
+    - ``commands_per_task_<pool>`` (and by command, ``commands_<pool>``): the
+      ``INFO commandstats`` calls of the whole run, enqueue to worker stop, per task.
+    - ``memory_per_result``: ``MEMORY USAGE`` summed over every key left after the
+      run, per task: result records plus whatever else a result leaves (streams,
+      counters, bindings). ``result_key_bytes``: mean ``MEMORY USAGE`` of sampled
+      result keys alone. ``used_memory_per_result``: ``used_memory`` after the run
+      (worker stopped, every connection closed) minus before it, per task; it also
+      counts the growth of Redis's own hash tables (keys, expiries, pub/sub channels).
+    """
+    app = _app(side, server)
+    noop = app.tasks[NOOP]
+    memory_before = server.used_memory() if side.on_redis else None
+    results = [noop.delay()]
+    start = time.perf_counter()
+    results += [noop.delay() for _ in range(tasks)]
+    enqueued = time.perf_counter() - start
+    with Worker(side.broker, side.backend, pool, concurrency) as worker:
+        ResultSet(results, app=app).get(timeout=timeout, on_interval=worker.check)
+    done = sorted(result.date_done for result in results)
+    out = {"enqueue_rate": tasks / enqueued,
+           f"drain_rate_{pool}": (len(done) - 1) / (done[-1] - done[0]).total_seconds()}
+    if side.on_redis:
+        calls = server.commandstats()
+        sample = random.sample(results, min(KEY_SAMPLE, len(results)))
+        key_bytes = [server.admin.memory_usage(app.backend.get_key_for_task(result.id), samples=0)
+                     for result in sample]
+    _finish(side, server, app)  # before used_memory: open connections hold buffers
+    if side.on_redis:
+        out.update({
+            f"commands_per_task_{pool}": sum(calls.values()) / len(results),
+            f"commands_{pool}": {name: n / len(results) for name, n in calls.items()},
+            "memory_per_result": server.keyspace_bytes() / len(results),
+            "result_key_bytes": mean(key_bytes),
+            "used_memory_per_result": (server.used_memory() - memory_before) / len(results),
+        })
+    return out
+
+
+def warm_worker(side, server, round_trips, canvas, idle_seconds, timeout):
+    """Round trips, a group, a chord, then idleness, on one warm ``-P prefork -c 2`` worker.
+
+    - ``round_trip_ms``: every ``delay().get()`` time of ``round_trips`` sequential
+      calls; ``rtt_p50_ms`` / ``rtt_p99_ms`` their percentiles.
+    - ``group_s``: ``group`` of ``canvas`` noops, from ``apply_async`` to ``get()`` returned.
+    - ``chord_s``: the same with a body that counts the header results.
+    - ``idle_per_s`` (and by command, ``idle_commands``): Redis commands per second while
+      nothing is sent, over ``idle_seconds``; the worker consumes one queue, so it is
+      also the rate per queue. The bench's client connections are open and idle.
+    """
+    app = _app(side, server)
+    noop, count = app.tasks[NOOP], app.tasks[COUNT]
+    out = {}
+    with Worker(side.broker, side.backend, "prefork", 2) as worker:
+        worker.wait_ready(timeout)
+        for _ in range(WARM_UP_CALLS):
+            noop.delay().get(timeout=timeout)
+        latencies = []
+        for _ in range(round_trips):
+            start = time.perf_counter()
+            noop.delay().get(timeout=timeout)
+            latencies.append((time.perf_counter() - start) * 1000)
+        out.update(round_trip_ms=latencies, rtt_p50_ms=percentile(latencies, 50),
+                   rtt_p99_ms=percentile(latencies, 99))
+
+        start = time.perf_counter()
+        group(noop.s() for _ in range(canvas)).apply_async().get(timeout=timeout)
+        out["group_s"] = time.perf_counter() - start
+
+        if side.on_redis:  # the rpc:// backend has no chords
+            start = time.perf_counter()
+            got = chord(noop.s() for _ in range(canvas))(count.s()).get(timeout=timeout)
+            out["chord_s"] = time.perf_counter() - start
+            if got != canvas:
+                raise AssertionError(f"chord body saw {got} header results, not {canvas}")
+
+            time.sleep(IDLE_SETTLE)
+            server.admin.config_resetstat()
+            time.sleep(idle_seconds)
+            calls = server.commandstats()
+            out.update(idle_per_s=sum(calls.values()) / idle_seconds,
+                       idle_commands={name: n / idle_seconds for name, n in calls.items()})
+    _finish(side, server, app)
+    return out
+
+
+def percentile(values, pct):
+    """Nearest-rank percentile: a value that was measured, no interpolation."""
+    ordered = sorted(values)
+    return ordered[max(0, -(-len(ordered) * pct // 100) - 1)]

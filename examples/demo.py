@@ -7,11 +7,9 @@ It starts ``celery worker -P prefork -c 2`` on ``examples/tasks.py``, runs a
 task, a failing task, a group, a chord and a task that reports progress,
 prints their results and the Redis keys they left, then stops the worker and
 the redis-server it started (by PID). Broker and results share db N of the
-server (N from the URL, default 0); results expire after an hour. Without
-celery_sheppy.transport the broker is Celery's stock redis:// on db N + 1.
+server (N from the URL, default 0), both ``sheppy://``; results expire after an hour.
 """
 
-import importlib
 import json
 import os
 import re
@@ -30,23 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30  # seconds, for every wait on a result or a process
 
 
-def transport_available():
-    """True when this package's broker transport is installed and kombu knows ``sheppy://``."""
-    try:
-        importlib.import_module("celery_sheppy.transport")
-        from kombu.transport import resolve_transport
-
-        resolve_transport("sheppy")
-    except (ImportError, KeyError):
-        return False
-    return True
-
-
-#: The broker: celery-sheppy's own ``sheppy://`` transport when it is there, else
-#: Celery's stock Redis transport on the next db of the same server.
-USE_SHEPPY_BROKER = transport_available()
-
-
 def urls(server_url):
     """(broker URL, result backend URL, plain redis:// URL for display) for a server URL."""
     parts = urlsplit(server_url)
@@ -59,9 +40,7 @@ def urls(server_url):
     def url(scheme, db):
         return f"{scheme}{'s' if tls else ''}://{parts.netloc}/{db}{query}"
 
-    backend = url("sheppy", db)
-    broker = url("sheppy", db) if USE_SHEPPY_BROKER else url("redis", db + 1)
-    return broker, backend, url("redis", db)
+    return url("sheppy", db), url("sheppy", db), url("redis", db)
 
 
 def redact(url):
@@ -248,8 +227,7 @@ def main(argv):
             print(f"Redis: redis-server started on 127.0.0.1:{server.port} (pid {server.process.pid})")
         broker, backend, display_url = urls(server_url)
         os.environ.update(DEMO_BROKER_URL=broker, DEMO_RESULT_BACKEND=backend)
-        kind = "celery-sheppy's transport" if USE_SHEPPY_BROKER else "Celery's stock Redis transport"
-        print(f"broker_url     = {redact(broker)!r}   ({kind})")
+        print(f"broker_url     = {redact(broker)!r}")
         print(f"result_backend = {redact(backend)!r}")
 
         worker = Worker(broker, backend)

@@ -26,7 +26,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from . import report, scenarios
-from .procs import ROOT, RedisServer
+from .procs import ROOT, BenchServer
 from .scenarios import Side
 
 RESULTS = ROOT / "bench" / "results"
@@ -80,12 +80,12 @@ def rabbitmq_listens():
 
 def choose_sides(server):
     notes = []
-    sides = [Side("stock", server.url("redis"), server.url("redis"))]
+    sides = [Side("stock", server.url_for("redis"), server.url_for("redis"))]
     ok, why = sheppy_broker_resolves()
     if ok:
-        sides.append(Side("sheppy", server.url("sheppy"), server.url("sheppy")))
+        sides.append(Side("sheppy", server.url_for("sheppy"), server.url_for("sheppy")))
     else:
-        sides.append(Side("sheppy", server.url("redis"), server.url("sheppy")))
+        sides.append(Side("sheppy", server.url_for("redis"), server.url_for("sheppy")))
         notes.append(f"sheppy:// does not resolve as a broker here ({why}): the sheppy side "
                      "runs the stock redis:// broker with the sheppy:// result backend")
     if rabbitmq_listens():
@@ -120,7 +120,7 @@ def main(argv=None):
     # A SIGTERM'd run still stops its redis-server and workers (the finally below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = datetime.now(timezone.utc)
-    server = RedisServer()
+    server = BenchServer()
     try:
         sides, notes = choose_sides(server)
         for note in notes:

@@ -8,7 +8,6 @@ import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import redis
 
+from t.redis_server import RedisServer, free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Commands the bench itself sends to Redis between a stats reset and a snapshot;
@@ -24,47 +25,23 @@ ROOT = Path(__file__).resolve().parent.parent
 OWN_COMMANDS = {"info", "config|resetstat"}
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
-    """A private redis-server on a free loopback port (never 6379), without persistence."""
+class BenchServer(RedisServer):
+    """The private redis-server of a bench run, with the counters the bench reads."""
 
     def __init__(self):
-        if not shutil.which("redis-server"):
-            sys.exit("redis-server is not installed (Debian: apt-get install redis-server)")
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="celery-sheppy-bench-")
-        atexit.register(self.close)
-        self.start()
+        super().__init__()
+        self.admin = redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
 
     def start(self):
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-             "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.admin = redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.admin.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(f"redis-server on port {self.port} did not start")
-                time.sleep(0.05)
+        super().start()
         try:
             # Redis 7 allocates a latency histogram (tens of kB) per command name on
             # its first call: that would show up as memory of the first results.
-            self.admin.config_set("latency-tracking", "no")
+            self.client().config_set("latency-tracking", "no")
         except redis.ResponseError:
             pass  # Redis < 7: no such setting, no such histograms
 
-    def url(self, scheme="redis"):
+    def url_for(self, scheme="redis"):
         return f"{scheme}://127.0.0.1:{self.port}/0"
 
     @property
@@ -103,18 +80,8 @@ class RedisServer:
             return sum(pipe.execute())
 
     def stop(self):
-        self.admin.close()
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-    def close(self):
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.admin.close()  # reconnects by itself after a restart
+        super().stop()
 
 
 class Worker:

@@ -13,9 +13,7 @@ server (N from the URL, default 0), both ``sheppy://``; results expire after an 
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +21,8 @@ import time
 from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from t.redis_server import MissingRedisServer, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30  # seconds, for every wait on a result or a process
@@ -50,57 +50,6 @@ def redact(url):
 
 
 # -- processes: an ephemeral redis-server and a worker, both stopped by PID ----------------
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RedisServer:
-    """A redis-server of our own on a free loopback port, without persistence."""
-
-    def __init__(self):
-        if not shutil.which("redis-server"):
-            sys.exit("redis-server is not installed (Debian: apt-get install -y redis-server), "
-                     "or pass the URL of a Redis server")
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="celery-sheppy-demo-redis-")
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-             "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self):
-        import redis
-
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                client.ping()
-                return client.close()
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    sys.exit(f"redis-server on port {self.port} did not start")
-                time.sleep(0.05)
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Worker:
@@ -222,7 +171,10 @@ def main(argv):
             server_url = argv[0]
             print(f"Redis: {redact(server_url)} (given)")
         else:
-            server = RedisServer()
+            try:
+                server = RedisServer()
+            except MissingRedisServer as exc:
+                sys.exit(f"{exc}, or pass the URL of a Redis server")
             server_url = server.url
             print(f"Redis: redis-server started on 127.0.0.1:{server.port} (pid {server.process.pid})")
         broker, backend, display_url = urls(server_url)
@@ -242,7 +194,7 @@ def main(argv):
             worker.stop()
             print("\nworker stopped")
         if server:
-            server.stop()
+            server.close()
             print(f"redis-server (pid {server.process.pid}) stopped")
     return 0
 

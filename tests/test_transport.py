@@ -13,7 +13,7 @@ import pytest
 from kombu import Consumer, Exchange, Producer, Queue
 
 from celery_sheppy import keys
-from conftest import RedisServer, client_app
+from conftest import client_app
 
 GROUP = keys.CONSUMER_GROUP
 
@@ -371,14 +371,6 @@ def test_password_is_masked_when_the_connection_is_shown(redis_server):
     assert "bob:**@" in conn.as_uri()
 
 
-@pytest.fixture(scope="module")
-def acl_server():
-    server = RedisServer("--user", "default", "off", "--user", "alice", "on", ">s3cret-pw",
-                         "~*", "&*", "+@all", username="alice", password="s3cret-pw")
-    yield server
-    server.close()
-
-
 def test_acl_username_and_password_from_the_url_are_used(acl_server):
     queue = Queue("acl", routing_key="acl")
     with kombu.Connection(f"sheppy://alice:s3cret-pw@127.0.0.1:{acl_server.port}/0") as conn:
@@ -387,13 +379,6 @@ def test_acl_username_and_password_from_the_url_are_used(acl_server):
     with pytest.raises(Exception) as info:
         kombu.Connection(f"sheppy://alice:wrong@127.0.0.1:{acl_server.port}/0").connect()
     assert "wrong" not in str(info.value)
-
-
-@pytest.fixture(scope="module")
-def tls_server():
-    server = RedisServer(tls=True)
-    yield server
-    server.close()
 
 
 def test_sheppys_url_talks_tls_with_the_stock_ssl_options(tls_server):

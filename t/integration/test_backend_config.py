@@ -14,7 +14,7 @@ from celery.result import GroupResult
 
 from celery_sheppy import keys, records
 from celery_sheppy.backend import SheppyBackend
-from conftest import ROOT, RedisServer, Worker, client_app
+from conftest import ROOT, Worker, client_app
 
 TASKS = "t.integration.tasks"
 
@@ -173,14 +173,6 @@ def test_public_surface_of_the_stock_redis_backend_exists(redis_server):
 # -- credentials and TLS ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def acl_server():
-    server = RedisServer("--user", "default", "off", "--user", "alice", "on", ">s3cret-pw",
-                         "~*", "&*", "+@all", username="alice", password="s3cret-pw")
-    yield server
-    server.close()
-
-
 def test_acl_username_and_password_in_the_url_work_with_a_worker(acl_server):
     port = acl_server.port
     broker = f"redis://alice:s3cret-pw@127.0.0.1:{port}/1"
@@ -214,13 +206,6 @@ def test_password_is_masked_in_celery_report_and_as_uri(acl_server):
     assert report.returncode == 0, report.stderr
     assert "sheppy://" in report.stdout and "s3cret-pw" not in report.stdout
     app.close()
-
-
-@pytest.fixture(scope="module")
-def tls_server():
-    server = RedisServer(tls=True)
-    yield server
-    server.close()
 
 
 def test_sheppys_url_talks_tls_to_a_worker_and_back(tls_server):

@@ -455,26 +455,57 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         except BackendStoreError as exc:
             raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        self._write_record(records.sheppy_id(task_id), text, state in records.TERMINAL_STATES, expires)
+        terminal = state in records.TERMINAL_STATES
+        self._write_record(records.sheppy_id(task_id), text, terminal, expires,
+                           self._delivery_to_ack(request) if terminal else None)
         return result
 
-    def _write_record(self, sid, text, terminal, expires):
+    def _delivery_to_ack(self, request):
+        """``(stream, entry id)`` of the message a terminal result may ack in the same
+        script: a ``sheppy://`` delivery on this Redis, in this backend's queue; else None."""
+        properties = getattr(request, "properties", None)
+        tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
+        if not isinstance(tag, str) or " " not in tag or not self._broker_is_here:
+            return None
+        entry_id, stream = tag.split(" ", 1)
+        if keys.queue_of_stream(stream) != self.queue:
+            return None  # another queue may live in another cluster slot
+        return stream, entry_id
+
+    @cached_property
+    def _broker_is_here(self):
+        """True when the broker is ``sheppy://`` on this backend's server and database."""
+        url = self.app.conf.broker_write_url or self.app.conf.broker_url
+        if isinstance(url, (list, tuple)):
+            url = url[0] if url else None
+        url = (url or "").split(";")[0].strip()
+        try:
+            broker = connection.parse_url(url)
+        except ValueError:
+            return False
+        mine = self.connparams
+        return ((broker["host"], broker["port"], broker.get("db", 0))
+                == (mine.get("host", "localhost"), mine.get("port", 6379), mine.get("db", 0)))
+
+    def _write_record(self, sid, text, terminal, expires, ack=None):
         queue = self.queue
         min_id = f"{int((time.time() - STREAM_KEEP_SECONDS) * 1000)}-0"
-        with self.client.pipeline(transaction=False) as pipe:
-            self._store_script(
-                keys=[keys.task_record(queue, sid), keys.finished_stream(queue),
-                      keys.state_stream(queue), keys.completed_counter(queue)],
-                args=[text, int(expires or 0), 1 if terminal else 0, sid, min_id,
-                      2 * STREAM_KEEP_SECONDS],
-                client=pipe)
-            # sheppy's tools list queues from the registry; it lives in another
-            # cluster slot, so it is kept apart from the script, and renewed once a minute.
-            now = time.monotonic()
-            if now - self._registered_at > 60:
-                pipe.hsetnx(keys.queue_registry(), queue, "{}")
-            pipe.execute()
-        self._registered_at = now
+        # ack: (stream, entry id) of the task's message, acked in the same script, so a
+        # stored result's message is never redelivered (the worker's own ack is a no-op)
+        ack_keys, ack_args = ([ack[0]], [keys.CONSUMER_GROUP, ack[1]]) if ack else ([], [])
+        # Called directly, not in a pipeline: redis-py sends SCRIPT EXISTS before every
+        # pipeline holding a script, a round trip per result.
+        self._store_script(
+            keys=[keys.task_record(queue, sid), keys.finished_stream(queue),
+                  keys.state_stream(queue), keys.completed_counter(queue), *ack_keys],
+            args=[text, int(expires or 0), 1 if terminal else 0, sid, min_id,
+                  2 * STREAM_KEEP_SECONDS, *ack_args])
+        # sheppy's tools list queues from the registry; it lives in another cluster
+        # slot, so it is kept apart from the script, and renewed once a minute.
+        now = time.monotonic()
+        if now - self._registered_at > 60:
+            self.client.hsetnx(keys.queue_registry(), queue, "{}")
+            self._registered_at = now
 
     def decode_result(self, payload):
         record = records.loads(payload)

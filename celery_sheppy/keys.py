@@ -119,3 +119,43 @@ def priority_stream(queue, step):
 
 def exchange_bindings(exchange):
     return f"{PREFIX}:celery::exchange:{exchange}"
+
+
+# -- reliability (leases, delayed delivery, dead letters, durable revokes) --------------
+#
+# ``sheppy:dead:<q>``                      stream  dead letters of queue ``q``: fields
+#                                                  ``reason``, ``deliveries``, ``stream``,
+#                                                  ``entry``, ``data`` (the original payload)
+# ``sheppy:celery:<q>:delayed:<id>``       hash    a message waiting in ``sheppy:scheduled:<q>``:
+#                                                  ``stream`` (where it goes when due) and
+#                                                  ``data`` (the entry); the sheppy record
+#                                                  ``sheppy:tasks:<q>:<id>`` may be overwritten
+#                                                  by a result, this copy cannot
+# ``sheppy:celery::revoked``               zset    revoked Celery task ids, score = revoke time
+#                                                  (epoch ms); entries older than the revoke
+#                                                  expiry are dropped
+
+
+def dead_letter_stream(queue):
+    return f"{PREFIX}:dead:{queue}"
+
+
+def delayed_message(queue, sheppy_id):
+    return f"{PREFIX}:celery:{queue}:delayed:{sheppy_id}"
+
+
+def revoked_set():
+    return f"{PREFIX}:celery::revoked"
+
+
+def queue_of_stream(stream):
+    """The queue whose broker stream ``stream`` is (pending or priority), else None."""
+    head = f"{PREFIX}:pending:"
+    if stream.startswith(head):
+        return stream[len(head):] or None
+    head = f"{PREFIX}:celery:"
+    if stream.startswith(head):
+        queue, sep, step = stream[len(head):].partition(":priority:")
+        if sep and queue and step.isdigit():
+            return queue
+    return None

@@ -33,10 +33,17 @@ a sheppy task record carrying the kombu message (``records.message_to_record``).
   ``drain_events``); ``COUNT`` follows the QoS prefetch budget.
 * ack: ``XACK`` + ``XDEL``, one round trip. Requeue and restore of unacked
   messages: ``scripts/requeue.lua`` (``XACK`` + ``XDEL`` + ``XADD``, atomic).
+* reliability (``docs/delivery.md``): leases renewed by the upkeep (``renew.lua``)
+  and expired ones taken over (``reclaim.lua``); dead letters in ``sheppy:dead:<q>``
+  (``dead_letter.lua``; :func:`dead_letters`, :func:`replay_dead_letters`,
+  :func:`purge_dead_letters`); delayed tasks in ``sheppy:scheduled:<q>``
+  (``schedule.lua``, ``promote.lua``); revokes kept in ``sheppy:celery::revoked``.
 
 Transport options
 =================
-``visibility_timeout`` (s; kept for the lease of the reliability work),
+``visibility_timeout`` (s, the lease; default 30), ``max_deliveries`` (default 5),
+``delay_threshold`` (s; later tasks wait in ``sheppy:scheduled:<q>``; default 60),
+``dead_letter_maxlen``, ``revoke_expires`` (s),
 ``polling_interval`` (s, longest single block of a read; default 1),
 ``priority_steps``, ``queue_order_strategy`` (``round_robin``, ``sorted``,
 ``priority``), ``max_batch`` (most messages per read without a prefetch limit),
@@ -47,17 +54,22 @@ Transport options
 refused: sheppy's key layout is fixed.
 """
 
+import base64
+import json
 import os
 import socket
+import sys
 from bisect import bisect
 from collections import deque
 from contextlib import nullcontext
+from datetime import datetime
 
 from queue import Empty
 from time import monotonic, sleep, time
 from uuid import uuid4
 
 import redis
+from kombu import serialization
 from kombu.exceptions import ChannelError
 from kombu.log import get_logger
 from kombu.transport import virtual
@@ -90,6 +102,22 @@ PRIORITY_STEPS = [0, 3, 6, 9]
 BINDING_EXPIRES_FACTOR = 2
 MIN_BINDING_MS = 60 * 60 * 1000
 
+#: Most entry ids one lease renewal call carries (Lua's unpack has a limit).
+RENEW_CHUNK = 1000
+
+#: Seconds between looks for due messages in the scheduled set, and most moved per look.
+PROMOTE_INTERVAL = 1.0
+PROMOTE_BATCH = 500
+
+#: A scheduled message's record and payload outlive its due time by this many seconds.
+SCHEDULED_KEEP_SECONDS = 30 * 24 * 3600
+
+#: Revokes are read again this far back (ms): their times come from publishers' clocks.
+REVOKE_CLOCK_SLACK_MS = 60000
+
+#: Content types kombu passes through without a serializer.
+RAW_CONTENT_TYPES = ("application/data", "application/text")
+
 #: Options sheppy's fixed layout cannot honour.
 REFUSED_OPTIONS = ("global_keyprefix", "sep")
 
@@ -109,11 +137,11 @@ class QoS(virtual.QoS):
 
     def reject(self, delivery_tag, requeue=False):
         if requeue:
-            self.channel._put_back([delivery_tag])
+            self.channel._put_back([delivery_tag], count=True)
         else:
-            # Dead letters come with the reliability work; until then a rejected
-            # message is dropped, as with the stock transport.
-            self.channel._ack([delivery_tag])
+            # Not requeued: the message goes to its queue's dead letters, as with
+            # a dead-letter exchange on AMQP.
+            self.channel._dead_letter_tag(delivery_tag, "rejected")
         super().ack(delivery_tag)
 
     def restore_unacked(self):
@@ -140,8 +168,19 @@ class Channel(virtual.Channel):
     supports_fanout = True
     body_encoding = None  # text bodies are kept as text, bytes as base64 (records.py)
 
-    #: Seconds (kept for the lease of the reliability work).
-    visibility_timeout = 3600
+    #: The lease, in seconds: an entry whose consumer has not renewed it for this long
+    #: is taken over by another consumer and redelivered. Live consumers renew theirs
+    #: every quarter of it, so a task may run for hours without being stolen.
+    visibility_timeout = 30
+    #: An entry delivered more often than this goes to the dead-letter stream.
+    max_deliveries = 5
+    #: A message due later than this many seconds waits in sheppy's scheduled set
+    #: instead of in a worker's memory.
+    delay_threshold = 60
+    #: Approximate most entries kept in a queue's dead-letter stream.
+    dead_letter_maxlen = 100000
+    #: Seconds a revoked task id is remembered (Celery's default for its workers).
+    revoke_expires = 10800
     #: Longest single block of a read, in seconds.
     polling_interval = 1.0
     priority_steps = PRIORITY_STEPS
@@ -166,6 +205,7 @@ class Channel(virtual.Channel):
     from_transport_options = virtual.Channel.from_transport_options + (
         "visibility_timeout", "polling_interval", "priority_steps", "queue_order_strategy",
         "max_batch", "consumer_reap_after", "global_keyprefix", "sep", *CONNECTION_OPTIONS,
+        "max_deliveries", "delay_threshold", "dead_letter_maxlen", "revoke_expires",
     )
 
     _reading = None  # the blocking connection while a read is outstanding
@@ -184,6 +224,11 @@ class Channel(virtual.Channel):
         self._queue_cycle = cycle_by_name(self.queue_order_strategy)()
         self._buffer = deque()  # (queue, stream, entry id, data): read, not yet delivered
         self._inflight = {}  # delivery tag -> (stream, entry id, record)
+        self._deliveries = {}  # delivery tag -> deliveries counted, this one included
+        self._claimed = {}  # (stream, entry id) -> group's delivery counter, for reclaimed entries
+        self._renewed_at = self._reclaimed_at = self._promoted_at = monotonic()
+        self._revoked = {}  # Celery task id -> revoke time (epoch ms)
+        self._revoked_read_ms = None  # newest revoke time read
         self._no_ack = set()
         self._expires = {}  # queue -> x-expires (ms)
         self._message_ttl = {}  # queue -> x-message-ttl (ms)
@@ -289,6 +334,12 @@ class Channel(virtual.Channel):
             "purge": register(scripts.PURGE),
             "bind": register(scripts.BIND),
             "reap": register(scripts.REAP_CONSUMERS),
+            "renew": register(scripts.RENEW),
+            "reclaim": register(scripts.RECLAIM),
+            "dead_letter": register(scripts.DEAD_LETTER),
+            "replay": register(scripts.REPLAY),
+            "schedule": register(scripts.SCHEDULE),
+            "promote": register(scripts.PROMOTE),
         }
 
     # -- streams of a queue ----------------------------------------------------------------
@@ -464,6 +515,11 @@ class Channel(virtual.Channel):
     def basic_publish(self, message, exchange, routing_key, **kwargs):
         self._inplace_augment_message(message, exchange, routing_key)
         batch = kwargs.pop("_publish_batch", None)
+        if exchange and exchange.endswith(".pidbox"):
+            self._remember_revokes(message)
+        due = self._due_later(message)
+        if due is not None:
+            return self._publish_delayed(exchange, routing_key, message, due)
         if not exchange:
             return self._put(routing_key, message, _publish_batch=batch)
         if batch is not None:
@@ -504,6 +560,9 @@ class Channel(virtual.Channel):
             pipe.execute()
 
     def _put(self, queue, message, **kwargs):
+        due = self._due_later(message)
+        if due is not None and queue not in self._expires:
+            return self._schedule(queue, message, due)
         batch = kwargs.get("_publish_batch")
         expires = self._expires.get(queue, 0)
         if batch is not None:
@@ -535,6 +594,8 @@ class Channel(virtual.Channel):
 
     def basic_consume(self, queue, no_ack, *args, **kwargs):
         self._ensure_groups(queue)
+        if queue not in self._expires:
+            self._read_revokes(force=True)  # revoked while no worker listened
         self._read_from.add(queue)
         if no_ack:
             self._no_ack.add(queue)
@@ -673,15 +734,33 @@ class Channel(virtual.Channel):
         return delivered
 
     def _receive(self, queue, stream, entry_id, data):
-        """The kombu message of an entry, registered as in flight; None if it is dropped."""
+        """The kombu message of an entry, registered as in flight; None if it is dropped
+        (undecodable or delivered too often: dead-lettered; expired or revoked: acked)."""
+        counter = self._claimed.pop((stream, entry_id), 1)
         try:
             record, message = records.record_to_message(data)
+            _check_content_type(message)
         except records.RecordError as exc:
-            # Dead letters come with the reliability work; the entry stays pending.
-            logger.error("Cannot decode message %s of %s: %s", entry_id, stream, exc)
+            logger.error("Cannot decode message %s of %s, moved to the dead letters: %s",
+                         entry_id, stream, exc)
+            self._dead_letter(queue, stream, entry_id, f"undecodable: {exc}", counter, data)
+            return None
+        deliveries = records.prior_deliveries(record) + counter
+        if deliveries > self.max_deliveries:
+            logger.error("Message %s of %s was delivered %d times (max_deliveries %d), "
+                         "moved to the dead letters", entry_id, stream, deliveries - 1,
+                         self.max_deliveries)
+            self._dead_letter(queue, stream, entry_id, "max_deliveries exceeded",
+                              deliveries - 1, data)
             return None
         tag = f"{entry_id} {stream}"
         self._inflight[tag] = (stream, entry_id, record)
+        self._deliveries[tag] = deliveries
+        task_id = (message.get("headers") or {}).get("id")
+        if task_id is not None and str(task_id) in self._revoked and not self._hand_revoked(task_id):
+            logger.info("Task %s was revoked: dropping its message %s", task_id, entry_id)
+            self._ack([tag])
+            return None
         properties = message["properties"]
         ttl = properties.get("expiration") or self._message_ttl.get(queue)
         if ttl is not None:
@@ -699,6 +778,8 @@ class Channel(virtual.Channel):
     # -- acknowledging ---------------------------------------------------------------------------
 
     def _ack(self, tags):
+        for tag in tags:
+            self._deliveries.pop(tag, None)
         entries = [self._inflight.pop(tag, None) for tag in tags]
         by_stream = {}
         for entry in filter(None, entries):
@@ -711,9 +792,45 @@ class Channel(virtual.Channel):
                 pipe.xdel(stream, *ids)
             pipe.execute()
 
-    def _put_back(self, tags):
-        entries = [self._inflight.pop(tag, None) for tag in tags]
-        self._requeue([entry for entry in entries if entry is not None])
+    def _put_back(self, tags, count=False):
+        """Requeue delivered messages. ``count``: the delivery counts (a rejected
+        message was tried); otherwise (a restore of unstarted messages) it is not."""
+        entries = []
+        for tag in tags:
+            entry = self._inflight.pop(tag, None)
+            deliveries = self._deliveries.pop(tag, None)
+            if entry is not None:
+                if not count:
+                    deliveries = records.prior_deliveries(entry[2])
+                entries.append((*entry, deliveries))
+        self._requeue(entries)
+
+    def _dead_letter_tag(self, tag, reason):
+        entry = self._inflight.pop(tag, None)
+        deliveries = self._deliveries.pop(tag, 1)
+        if entry is None:
+            return
+        stream, entry_id, record = entry
+        self._dead_letter(keys.queue_of_stream(stream), stream, entry_id, reason, deliveries,
+                          records.dumps(record))
+
+    def _dead_letter(self, queue, stream, entry_id, reason, deliveries, data):
+        """Move one delivered entry to its queue's dead-letter stream (acked in the same step)."""
+        queue = queue or keys.queue_of_stream(stream)
+        if queue is None:  # not a queue stream we know: just ack it
+            self._ack_entry(stream, entry_id)
+            return
+        if isinstance(data, bytes):
+            data = data.decode("utf-8", "replace")
+        self._scripts["dead_letter"](
+            keys=[stream, keys.dead_letter_stream(queue)],
+            args=[GROUP, entry_id, reason, int(deliveries), data or "", self.dead_letter_maxlen])
+
+    def _ack_entry(self, stream, entry_id):
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.xack(stream, GROUP, entry_id)
+            pipe.xdel(stream, entry_id)
+            pipe.execute()
 
     def _return_buffered(self, items):
         """Put read-but-undelivered entries back (they are pending for this consumer).
@@ -727,7 +844,7 @@ class Channel(virtual.Channel):
                 record, _ = records.record_to_message(data)
             except records.RecordError:
                 continue
-            entries.append((stream, entry_id, record))
+            entries.append((stream, entry_id, record, None))
         self._requeue(entries)
 
     def _requeue(self, entries):
@@ -735,8 +852,9 @@ class Channel(virtual.Channel):
             return
         script = self._scripts["requeue"]
         with self.client.pipeline(transaction=False) as pipe:
-            for stream, entry_id, record in entries:
-                script(keys=[stream], args=[GROUP, entry_id, records.mark_redelivered(record)],
+            for stream, entry_id, record, deliveries in entries:
+                script(keys=[stream],
+                       args=[GROUP, entry_id, records.mark_redelivered(record, deliveries)],
                        client=pipe)
             pipe.execute()
 
@@ -752,6 +870,10 @@ class Channel(virtual.Channel):
                 self._maintained_at = now
                 self._renew(consumed)
         self._maybe_reap()
+        self._renew_leases()
+        self._reclaim_expired()
+        self._promote_due()
+        self._read_revokes()
 
     def _renew(self, queues):
         with self.client.pipeline(transaction=False) as pipe:
@@ -801,6 +923,238 @@ class Channel(virtual.Channel):
         grace = self.polling_interval + (self.connparams.get("health_check_interval") or 25)
         return monotonic() - sent > grace
 
+
+    # -- reliability: leases -------------------------------------------------------------------
+
+    def _lease_queues(self):
+        """Consumed queues whose messages are leased (expiring queues are not: their
+        messages are broadcasts for one consumer)."""
+        return [queue for queue in self.active_queues if queue not in self._expires]
+
+    def _held_entries(self):
+        """``{stream: [entry id, ...]}`` of every entry this channel holds (buffered or delivered)."""
+        held = {}
+        for stream, entry_id, _ in self._inflight.values():
+            held.setdefault(stream, []).append(entry_id)
+        for _, stream, entry_id, _ in self._buffer:
+            held.setdefault(stream, []).append(entry_id)
+        return held
+
+    def _renew_leases(self, force=False):
+        """Reset the idle time of the entries this channel holds, every quarter of the lease."""
+        now = monotonic()
+        if not force and now - self._renewed_at < self.visibility_timeout / 4:
+            return
+        self._renewed_at = now
+        held = self._held_entries()
+        if not held:
+            return
+        script = self._scripts["renew"]
+        with self.client.pipeline(transaction=False) as pipe:
+            for stream, ids in held.items():
+                for start in range(0, len(ids), RENEW_CHUNK):
+                    script(keys=[stream], args=[GROUP, self.consumer_name,
+                                                *ids[start:start + RENEW_CHUNK]], client=pipe)
+            replies = pipe.execute(raise_on_error=False)
+        lost = sum(len(reply) for reply in replies if isinstance(reply, list))
+        if lost:
+            logger.debug("sheppy: %d held message(s) were acked or taken over meanwhile", lost)
+
+    def _reclaim_expired(self):
+        """Take over entries of consumers that stopped renewing them (XAUTOCLAIM)."""
+        now = monotonic()
+        if now - self._reclaimed_at < max(self.visibility_timeout / 4, 1.0):
+            return
+        self._reclaimed_at = now
+        queues = self._lease_queues()
+        budget = self._budget()
+        if not queues or budget <= 0 or not self.qos.can_consume():
+            return
+        script = self._scripts["reclaim"]
+        lease_ms = max(int(self.visibility_timeout * 1000), 1)
+        order = []
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                for stream in self._streams(queue):
+                    script(keys=[stream], args=[GROUP, self.consumer_name, lease_ms, budget],
+                           client=pipe)
+                    order.append((queue, stream))
+            replies = pipe.execute(raise_on_error=False)
+        taken = 0
+        for (queue, stream), reply in zip(order, replies):
+            if not isinstance(reply, list):
+                continue
+            for entry_id, data, counter in zip(reply[::3], reply[1::3], reply[2::3]):
+                entry_id = bytes_to_str(entry_id)
+                self._claimed[(stream, entry_id)] = int(counter)
+                self._buffer.append((queue, stream, entry_id, _flag_redelivered(data)))
+                taken += 1
+        if taken:
+            logger.warning("sheppy: took over %d message(s) whose lease of %ss expired",
+                           taken, self.visibility_timeout)
+
+    # -- reliability: delayed delivery ------------------------------------------------------------
+
+    def _due_later(self, message):
+        """Due time (epoch seconds) of a task message due later than ``delay_threshold``."""
+        headers = message.get("headers") or {}
+        eta = headers.get("eta")
+        if not eta or not headers.get("task") or not headers.get("id"):
+            return None
+        try:
+            due = datetime.fromisoformat(records.aware_iso(eta)).timestamp()
+        except (TypeError, ValueError):
+            return None
+        return due if due - time() > self.delay_threshold else None
+
+    def _publish_delayed(self, exchange, routing_key, message, due):
+        if not exchange:
+            return self._put(routing_key, message)
+        routed = self._route(exchange, routing_key, self._load_table(exchange)[1])
+        for queue, expires in routed.items():
+            if expires:
+                with self.client.pipeline(transaction=False) as pipe:
+                    self._add_put(_adder(pipe), queue, message, expires)
+                    pipe.execute()
+            else:
+                self._schedule(queue, message, due)
+        return None
+
+    def _schedule(self, queue, message, due):
+        """Keep ``message`` in sheppy's scheduled set until ``due`` (epoch seconds)."""
+        data = records.message_to_record(message)
+        sid = records.loads(data)["id"]
+        self._scripts["schedule"](
+            keys=[keys.scheduled_set(queue), keys.task_record(queue, sid),
+                  keys.delayed_message(queue, sid)],
+            args=[sid, repr(float(due)), records.scheduled_record(data),
+                  data, self._stream_for(queue, message),
+                  int(max(due - time(), 0)) + SCHEDULED_KEEP_SECONDS])
+
+    def _promote_due(self):
+        """Move due messages of the consumed queues from the scheduled set to their streams."""
+        now = monotonic()
+        if now - self._promoted_at < PROMOTE_INTERVAL:
+            return
+        self._promoted_at = now
+        queues = self._lease_queues()
+        if not queues:
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zrangebyscore(keys.scheduled_set(queue), "-inf", time(), start=0,
+                                   num=PROMOTE_BATCH)
+            due = pipe.execute(raise_on_error=False)
+        if not any(isinstance(members, list) and members for members in due):
+            return
+        script = self._scripts["promote"]
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue, members in zip(queues, due):
+                if not isinstance(members, list):
+                    continue
+                for member in members:
+                    sid = bytes_to_str(member)
+                    script(keys=[keys.scheduled_set(queue), keys.delayed_message(queue, sid),
+                                 keys.task_record(queue, sid), *self._streams(queue)],
+                           args=[sid], client=pipe)
+            pipe.execute(raise_on_error=False)
+
+    # -- reliability: durable revokes -------------------------------------------------------------
+
+    def _remember_revokes(self, message):
+        """Keep the ids of a ``revoke`` broadcast in Redis, for workers that are not listening."""
+        ids = _revoked_ids(message)
+        if not ids:
+            return
+        now_ms = int(time() * 1000)
+        expires_ms = int(self.revoke_expires * 1000)
+        key = keys.revoked_set()
+        with self.client.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {task_id: now_ms for task_id in ids})
+            pipe.zremrangebyscore(key, "-inf", now_ms - expires_ms)
+            pipe.pexpire(key, expires_ms)
+            pipe.execute()
+        for task_id in ids:
+            self._revoked[task_id] = now_ms
+
+    def _read_revokes(self, force=False):
+        """Read revokes newer than the last read (all of them the first time)."""
+        if not force and (self._revoked_read_ms is None and not self._lease_queues()):
+            return
+        now_ms = time() * 1000
+        expires_ms = self.revoke_expires * 1000
+        since = self._revoked_read_ms
+        # revoke times come from publishers' clocks: read a minute back every time
+        start = now_ms - expires_ms if since is None else since - REVOKE_CLOCK_SLACK_MS
+        rows = self.client.zrangebyscore(keys.revoked_set(), start, "+inf", withscores=True)
+        newest = since or now_ms
+        for member, score in rows:
+            self._revoked[bytes_to_str(member)] = score
+            newest = max(newest, score)
+        self._revoked_read_ms = min(newest, now_ms)
+        if len(self._revoked) > 1000 and rows:
+            self._revoked = {task_id: at for task_id, at in self._revoked.items()
+                             if at > now_ms - expires_ms}
+
+    def _hand_revoked(self, task_id):
+        """In a Celery worker, let Celery itself handle a revoked task (it stores REVOKED
+        and acks); returns False elsewhere."""
+        state = sys.modules.get("celery.worker.state")
+        if state is None:
+            return False
+        state.revoked.add(str(task_id))
+        return True
+
+    # -- dead letters -----------------------------------------------------------------------------
+
+    def dead_letters(self, queue, count=100, start="-"):
+        """Dead letters of ``queue``, oldest first: dicts with ``id``, ``reason``,
+        ``deliveries`` (int), ``stream``, ``entry`` and ``data`` (the original entry)."""
+        rows = self.client.xrange(keys.dead_letter_stream(keys.check_queue(queue)),
+                                  min=start, count=count)
+        return [_dead_letter_dict(entry_id, fields) for entry_id, fields in rows]
+
+    def replay_dead_letters(self, queue, ids=None):
+        """Put dead letters of ``queue`` (all, or those ``ids``) back in their streams, with
+        their delivery count cleared. Returns how many went back."""
+        dead = keys.dead_letter_stream(keys.check_queue(queue))
+        self._ensure_groups(queue)
+        replayed = 0
+        for letter in self._letters(queue, ids):
+            stream = letter["stream"]
+            if keys.queue_of_stream(stream) != queue:
+                stream = keys.pending_stream(queue)
+            if self._scripts["replay"](keys=[dead, stream],
+                                       args=[letter["id"], records.reset_deliveries(letter["data"])]):
+                replayed += 1
+        return replayed
+
+    def purge_dead_letters(self, queue, ids=None):
+        """Delete dead letters of ``queue`` (all, or those ``ids``). Returns how many."""
+        dead = keys.dead_letter_stream(keys.check_queue(queue))
+        if ids is None:
+            count = self.client.xlen(dead)
+            self.client.delete(dead)
+            return count
+        return self.client.xdel(dead, *ids) if ids else 0
+
+    def _letters(self, queue, ids):
+        if ids is not None:
+            dead = keys.dead_letter_stream(queue)
+            with self.client.pipeline(transaction=False) as pipe:
+                for entry_id in ids:
+                    pipe.xrange(dead, min=entry_id, max=entry_id)
+                rows = [row for reply in pipe.execute() for row in reply]
+            yield from (_dead_letter_dict(entry_id, fields) for entry_id, fields in rows)
+            return
+        start = "-"
+        while True:
+            letters = self.dead_letters(queue, count=1000, start=start)
+            yield from letters
+            if len(letters) < 1000:
+                return
+            start = "(" + letters[-1]["id"]
+
     # -- closing --------------------------------------------------------------------------------
 
     def close(self):
@@ -823,6 +1177,72 @@ class Channel(virtual.Channel):
             logger.warning("sheppy: could not tidy up channel on close: %r", exc)
         finally:
             self._disconnect()
+
+
+def _check_content_type(message):
+    """Raise RecordError for a Celery task message whose content type no serializer of
+    this process decodes (Celery would drop it). Other messages pass: kombu hands their
+    bodies over raw."""
+    if not (message.get("headers") or {}).get("task"):
+        return
+    content_type = message.get("content-type")
+    if content_type and content_type not in RAW_CONTENT_TYPES and content_type not in getattr(
+            serialization.registry, "_decoders", {content_type: None}):
+        raise records.RecordError(f"unknown content type {content_type!r}")
+
+
+def _flag_redelivered(data):
+    """A reclaimed entry's data, its message marked redelivered (bad data unchanged)."""
+    try:
+        return records.mark_redelivered(records.loads(data))
+    except (records.RecordError, KeyError, TypeError, AttributeError, ValueError):
+        return data
+
+
+def _revoked_ids(message):
+    """Task ids of a ``revoke`` remote-control message, else []."""
+    body = message.get("body")
+    try:
+        if (message.get("properties") or {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        payload = json.loads(body)
+    except (TypeError, ValueError):
+        return []
+    if not isinstance(payload, dict) or payload.get("method") != "revoke":
+        return []
+    ids = (payload.get("arguments") or {}).get("task_id")
+    if isinstance(ids, (str, bytes)):
+        ids = [ids]
+    return [bytes_to_str(task_id) for task_id in ids or () if task_id]
+
+
+def _dead_letter_dict(entry_id, fields):
+    fields = {bytes_to_str(key): bytes_to_str(value) for key, value in (fields or {}).items()}
+    try:
+        deliveries = int(fields.get("deliveries") or 0)
+    except ValueError:
+        deliveries = 0
+    return {"id": bytes_to_str(entry_id), "reason": fields.get("reason", ""),
+            "deliveries": deliveries, "stream": fields.get("stream", ""),
+            "entry": fields.get("entry", ""), "data": fields.get("data", "")}
+
+
+def dead_letters(connection, queue, count=100):
+    """Dead letters of ``queue`` on a ``sheppy://`` kombu connection (see Channel.dead_letters).
+
+    With Celery: ``with app.connection_for_write() as conn: dead_letters(conn, "celery")``.
+    """
+    return connection.default_channel.dead_letters(queue, count=count)
+
+
+def replay_dead_letters(connection, queue, ids=None):
+    """Put dead letters of ``queue`` back in their streams; returns how many."""
+    return connection.default_channel.replay_dead_letters(queue, ids=ids)
+
+
+def purge_dead_letters(connection, queue, ids=None):
+    """Delete dead letters of ``queue`` (all, or ``ids``); returns how many."""
+    return connection.default_channel.purge_dead_letters(queue, ids=ids)
 
 
 def _adder(pipe):

@@ -10,11 +10,20 @@
 -- ARGV[4]  sheppy task id (the stream entries' task_id)
 -- ARGV[5]  MINID for trimming both streams (entries older than ~60 s go)
 -- ARGV[6]  time to live of the states stream in seconds (it is ours, not sheppy's)
+-- KEYS[5]  (optional) sheppy:pending:<q> or sheppy:celery:<q>:priority:<n>: the
+--          task's broker stream, when the result acks its message (acks_late)
+-- ARGV[7]  (with KEYS[5]) consumer group ("workers")
+-- ARGV[8]  (with KEYS[5]) id of the task's entry: XACK + XDEL'ed with a terminal result
 --
 -- Returns 1, or 0 when the stored record is already "completed" (a SUCCESS is
 -- never overwritten: a redelivered task must not replace its first result).
 -- A stored record's created_at replaces the new record's: it dates the first report.
 -- The record is written before the entry, so a waiter that sees the entry finds it.
+
+if KEYS[5] and ARGV[3] == '1' then
+    redis.pcall('XACK', KEYS[5], ARGV[7], ARGV[8])  -- a missing group must not stop the store
+    redis.pcall('XDEL', KEYS[5], ARGV[8])
+end
 
 local current = redis.call('GET', KEYS[1])
 -- id, status and created_at are the record's first keys (records.build_record)

@@ -126,3 +126,72 @@ def add_acks_late(x, y):
 def delivery(self):
     """How the worker received this task: its ``redelivered`` flag."""
     return bool((self.request.delivery_info or {}).get("redelivered"))
+
+
+# -- reliability (t/integration/test_reliability.py) -----------------------------------------
+
+
+_COUNTER = []
+
+
+def _counter():
+    if not _COUNTER:
+        import redis
+
+        _COUNTER.append(redis.Redis.from_url(os.environ["CELERY_SHEPPY_COUNTER_URL"]))
+    return _COUNTER[0]
+
+
+def _count(key, item, patience=60):
+    """RPUSH ``item`` to ``key``, waiting out a Redis restart: a run must be counted."""
+    import redis
+
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return _counter().rpush(key, json.dumps(item))
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@app.task(bind=True, acks_late=True)
+def tracked(self, key, value, seconds=0.0):
+    """Records each run of ``value`` in the list ``key`` as ``[value, worker, time]``, then sleeps."""
+    _count(key, [value, self.request.hostname, time.time()])
+    time.sleep(seconds)
+    return value
+
+
+@app.task(bind=True, acks_late=True)
+def crash(self, key):
+    """Records its run, then kills the whole worker process (pool: threads or solo)."""
+    _count(key, [self.request.id, self.request.hostname, time.time()])
+    os._exit(1)
+
+
+@app.task(bind=True, acks_late=True)
+def store_then_crash(self, value, key):
+    """First delivery: stores its result and reports to its chord, then kills the worker
+    before the message is acked. The redelivered run returns normally."""
+    _count(key, [value, self.request.hostname, time.time()])
+    if not (self.request.delivery_info or {}).get("redelivered"):
+        from celery.app.task import Context
+
+        request = Context(self.request.__dict__)
+        request.properties = {}  # no delivery tag: the store must not ack the message
+        self.backend.mark_as_done(self.request.id, value, request=request)
+        os._exit(1)
+    return value
+
+
+@app.task(bind=True, acks_late=True)
+def pending_after_own_result(self, key):
+    """Stores its own result, then records in ``key`` whether its message is still pending."""
+    self.backend.mark_as_done(self.request.id, "stored", request=self.request)
+    entry_id, stream = self.request.properties["delivery_tag"].split(" ", 1)
+    pending = self.backend.client.xpending_range(stream, "workers", min=entry_id, max=entry_id,
+                                                 count=1)
+    _count(key, [bool(pending), self.request.hostname, time.time()])
+    return "ignored: the stored result stays"

@@ -50,8 +50,10 @@ Transport options
 ``consumer_reap_after`` (s), ``socket_timeout``, ``socket_connect_timeout``,
 ``socket_keepalive``, ``health_check_interval``, ``max_connections``,
 ``retry_on_timeout``, ``client_name``, ``username``, ``password``,
-``body_encoding``, ``deadletter_queue``. ``global_keyprefix`` and ``sep`` are
-refused: sheppy's key layout is fixed.
+``body_encoding``, ``deadletter_queue``; ``max_retries``, ``interval_start``,
+``interval_step``, ``interval_max`` (s): kombu's connection retry, and here also a
+publish's retry on a lost connection (off while ``max_retries`` is unset).
+``global_keyprefix`` and ``sep`` are refused: sheppy's key layout is fixed.
 """
 
 import base64
@@ -75,6 +77,7 @@ from kombu.log import get_logger
 from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.encoding import bytes_to_str
+from kombu.utils.functional import retry_over_time
 from kombu.utils.eventio import ERR, READ, poll
 from kombu.utils.objects import cached_property
 from kombu.utils.scheduling import cycle_by_name
@@ -206,7 +209,15 @@ class Channel(virtual.Channel):
         "visibility_timeout", "polling_interval", "priority_steps", "queue_order_strategy",
         "max_batch", "consumer_reap_after", "global_keyprefix", "sep", *CONNECTION_OPTIONS,
         "max_deliveries", "delay_threshold", "dead_letter_maxlen", "revoke_expires",
+        "max_retries", "interval_start", "interval_step", "interval_max",
     )
+
+    #: Publish retry on a lost connection (stock option names; seconds). Off unless
+    #: ``max_retries`` is set: Celery's task_publish_retry_policy retries as well.
+    max_retries = None
+    interval_start = 0
+    interval_step = 0.2
+    interval_max = 1
 
     _reading = None  # the blocking connection while a read is outstanding
     _blocking_id = None  # CLIENT ID of the blocking connection, to interrupt its read
@@ -513,6 +524,23 @@ class Channel(virtual.Channel):
         return PublishBatch(self, max_size)
 
     def basic_publish(self, message, exchange, routing_key, **kwargs):
+        if self.max_retries is None or kwargs.get("_publish_batch") is not None:
+            return self._publish(message, exchange, routing_key, **kwargs)
+        # broker_transport_options' retry policy (stock names): retry the whole publish
+        # on a lost connection, then let the last error out.
+        return retry_over_time(
+            self._publish, self.connection_errors, (message, exchange, routing_key), kwargs,
+            self._on_publish_error, max_retries=self.max_retries,
+            interval_start=self.interval_start, interval_step=self.interval_step,
+            interval_max=self.interval_max)
+
+    def _on_publish_error(self, exc, intervals, retries):
+        wait = next(intervals)
+        logger.warning("sheppy: publish failed (%s); retry %d of %d in %.1f s",
+                       exc, retries + 1, self.max_retries, wait)
+        return wait
+
+    def _publish(self, message, exchange, routing_key, **kwargs):
         self._inplace_augment_message(message, exchange, routing_key)
         batch = kwargs.pop("_publish_batch", None)
         if exchange and exchange.endswith(".pidbox"):

@@ -5,6 +5,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import closing
 
@@ -412,3 +413,34 @@ def test_scheme_resolves_in_a_fresh_process_that_only_imports_celery(url, redis_
                          timeout=60, check=True).stdout
     assert out.strip() == "celery_sheppy.transport"
     assert redis_client.xlen(keys.pending_stream("fresh")) == 1
+
+
+def test_publish_retries_per_the_transport_retry_policy_while_redis_restarts(make_redis_server):
+    server = make_redis_server()
+    queue = Queue("retried", routing_key="retried")
+    options = {"max_retries": 20, "interval_start": 0.2, "interval_step": 0.2, "interval_max": 0.5}
+    with kombu.Connection(server.sheppy_url(), transport_options=options) as conn:
+        producer = Producer(conn.channel())
+        producer.publish("before", routing_key="retried", declare=[queue])
+        server.kill()
+        restarter = threading.Timer(1.0, server.start)
+        restarter.start()
+        started = time.monotonic()
+        producer.publish("during", routing_key="retried")  # fails at first, then goes through
+        restarter.join()
+        assert time.monotonic() - started >= 0.5
+        assert [body for body, _ in drain(conn, [queue])] == ["during"]  # no persistence
+
+
+def test_publish_raises_a_clear_error_once_the_retry_policy_is_spent(make_redis_server):
+    server = make_redis_server()
+    queue = Queue("spent", routing_key="spent")
+    options = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.1, "interval_max": 0.1}
+    with kombu.Connection(server.sheppy_url(), transport_options=options) as conn:
+        producer = Producer(conn.channel())
+        producer.publish("first", routing_key="spent", declare=[queue])
+        server.kill()
+        started = time.monotonic()
+        with pytest.raises(Exception, match="onnect"):
+            producer.publish("lost", routing_key="spent")
+        assert time.monotonic() - started < 10

@@ -44,7 +44,8 @@ Transport options
 ``visibility_timeout`` (s, the lease; default 30), ``max_deliveries`` (default 5),
 ``delay_threshold`` (s; later tasks wait in ``sheppy:scheduled:<q>``; default 60),
 ``dead_letter_maxlen``, ``revoke_expires`` (s),
-``polling_interval`` (s, longest single block of a read; default 1),
+``polling_interval`` (s, longest single block of a read; a new message ends it at
+once; default 5),
 ``priority_steps``, ``queue_order_strategy`` (``round_robin``, ``sorted``,
 ``priority``), ``max_batch`` (most messages per read without a prefetch limit),
 ``consumer_reap_after`` (s), ``socket_timeout``, ``socket_connect_timeout``,
@@ -111,6 +112,14 @@ RENEW_CHUNK = 1000
 #: Seconds between looks for due messages in the scheduled set, and most moved per look.
 PROMOTE_INTERVAL = 1.0
 PROMOTE_BATCH = 500
+
+#: With nothing due, the next look is at the earliest due time, or after this many
+#: seconds (a producer may schedule a message due sooner than anything seen).
+PROMOTE_IDLE_LOOK = 5.0
+
+#: Seconds between reads of the revoked set. A worker that is online gets revokes as
+#: broadcasts; the set is for those that were not, and is read in full at start.
+REVOKE_READ_INTERVAL = 10.0
 
 #: A scheduled message's record and payload outlive its due time by this many seconds.
 SCHEDULED_KEEP_SECONDS = 30 * 24 * 3600
@@ -185,7 +194,7 @@ class Channel(virtual.Channel):
     #: Seconds a revoked task id is remembered (Celery's default for its workers).
     revoke_expires = 10800
     #: Longest single block of a read, in seconds.
-    polling_interval = 1.0
+    polling_interval = 5.0
     priority_steps = PRIORITY_STEPS
     queue_order_strategy = "round_robin"
     #: Most messages one read asks for when the prefetch count is unlimited.
@@ -240,6 +249,8 @@ class Channel(virtual.Channel):
         self._renewed_at = self._reclaimed_at = self._promoted_at = monotonic()
         self._revoked = {}  # Celery task id -> revoke time (epoch ms)
         self._revoked_read_ms = None  # newest revoke time read
+        self._revokes_read_at = 0.0
+        self._next_promote_look = 0.0  # epoch seconds
         self._no_ack = set()
         self._expires = {}  # queue -> x-expires (ms)
         self._message_ttl = {}  # queue -> x-message-ttl (ms)
@@ -991,7 +1002,8 @@ class Channel(virtual.Channel):
     def _reclaim_expired(self):
         """Take over entries of consumers that stopped renewing them (XAUTOCLAIM)."""
         now = monotonic()
-        if now - self._reclaimed_at < max(self.visibility_timeout / 4, 1.0):
+        # every half lease: a dead consumer's messages come back within 1.5 leases
+        if now - self._reclaimed_at < max(self.visibility_timeout / 2, 1.0):
             return
         self._reclaimed_at = now
         queues = self._lease_queues()
@@ -1062,7 +1074,7 @@ class Channel(virtual.Channel):
     def _promote_due(self):
         """Move due messages of the consumed queues from the scheduled set to their streams."""
         now = monotonic()
-        if now - self._promoted_at < PROMOTE_INTERVAL:
+        if now - self._promoted_at < PROMOTE_INTERVAL or time() < self._next_promote_look:
             return
         self._promoted_at = now
         queues = self._lease_queues()
@@ -1072,7 +1084,11 @@ class Channel(virtual.Channel):
             for queue in queues:
                 pipe.zrangebyscore(keys.scheduled_set(queue), "-inf", time(), start=0,
                                    num=PROMOTE_BATCH)
-            due = pipe.execute(raise_on_error=False)
+                pipe.zrange(keys.scheduled_set(queue), 0, 0, withscores=True)
+            replies = pipe.execute(raise_on_error=False)
+        due = replies[::2]
+        earliest = [rows[0][1] for rows in replies[1::2] if isinstance(rows, list) and rows]
+        self._next_promote_look = min([*earliest, time() + PROMOTE_IDLE_LOOK])
         if not any(isinstance(members, list) and members for members in due):
             return
         script = self._scripts["promote"]
@@ -1109,6 +1125,9 @@ class Channel(virtual.Channel):
         """Read revokes newer than the last read (all of them the first time)."""
         if not force and (self._revoked_read_ms is None and not self._lease_queues()):
             return
+        if not force and monotonic() - self._revokes_read_at < REVOKE_READ_INTERVAL:
+            return
+        self._revokes_read_at = monotonic()
         now_ms = time() * 1000
         expires_ms = self.revoke_expires * 1000
         since = self._revoked_read_ms

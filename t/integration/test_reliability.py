@@ -157,6 +157,22 @@ def test_countdown_of_three_leases_runs_exactly_once_with_two_workers(make_redis
     scheduled.close()
 
 
+def test_task_running_for_many_leases_on_a_live_worker_is_never_stolen(make_redis_server, workers):
+    # Given two live workers and an acks_late task that runs for four leases
+    server = make_redis_server()
+    client = server.client()
+    workers.extend([start(server, concurrency=2), start(server, concurrency=2)])
+    app = app_for(server)
+    result = sig(app, "tracked", "long", "long", 4 * LEASE).delay()
+
+    # Then it finishes once: its worker renewed the lease, the other took nothing over
+    assert result.get(timeout=60) == "long"
+    time.sleep(LEASE)
+    assert [value for value, _, _ in runs(client, "long")] == ["long"]
+    assert pending_count(client) == 0
+    app.close()
+
+
 # -- 3. Redis SIGKILL and restart while tasks flow --------------------------------------------------
 
 FLOW_TASKS = int(os.environ.get("CELERY_SHEPPY_FLOW_TASKS", 10000))

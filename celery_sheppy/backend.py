@@ -27,6 +27,7 @@ from celery.backends.base import KeyValueStoreBackend, _create_chord_error_with_
 from celery.canvas import maybe_signature
 from celery.exceptions import BackendStoreError, ChordError, ImproperlyConfigured
 from celery.result import GroupResult, ResultBase, allow_join_result
+from celery.utils.functional import _regen
 from celery.utils.log import get_logger
 from celery.utils.time import humanize_seconds
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
@@ -519,9 +520,13 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
 
     def apply_chord(self, header_result_args, body, **kwargs):
         self.ensure_chords_allowed()
+        group_id, results = header_result_args[0], header_result_args[1]
+        if isinstance(results, _regen):
+            return self._apply_lazy_chord(group_id)
         header_result = self.app.GroupResult(*header_result_args)
         group_key = self.get_key_for_group(header_result.id)
         chord_key = self.get_key_for_chord(header_result.id)
+        added_key = self._chord_added_key(header_result.id)
         group_value = self.encode({"result": header_result.as_tuple()})
         self._check_size(group_value)
         ids = _leaf_ids(header_result)
@@ -530,7 +535,7 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         def record_chord():
             # A re-applied frozen chord reuses its group id: start from an empty set.
             with self.client.pipeline() as pipe:
-                pipe.delete(chord_key)
+                pipe.delete(chord_key, added_key)
                 pipe.sadd(chord_key, *ids)
                 if ttl:
                     pipe.expire(chord_key, ttl)
@@ -539,23 +544,52 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
 
         self.ensure(record_chord, ())
 
+    def _apply_lazy_chord(self, group_id):
+        """A chord whose header is a generator: Celery freezes and sends it one task at a
+        time (celery#3021), so its ids are unknown now; parts are counted as they finish
+        against the size :meth:`set_chord_size` stores before the last task is sent."""
+        sid, ttl = records.sheppy_id(group_id), self._chord_ttl
+
+        def record_chord():
+            with self.client.pipeline() as pipe:
+                pipe.delete(self.get_key_for_chord(group_id), self._chord_added_key(group_id),
+                            self.get_key_for_group(group_id), keys.lazy_chord_done(self.queue, sid))
+                pipe.set(keys.lazy_chord_size(self.queue, sid), -1, ex=ttl or None)
+                pipe.execute()
+
+        self.ensure(record_chord, ())
+
     def set_chord_size(self, group_id, chord_size):
-        """Nothing to do: a chord's size is the number of ids left in its pending set."""
+        """Store the size of a generator-header chord; other chords count their pending set."""
+        key = keys.lazy_chord_size(self.queue, records.sheppy_id(group_id))
+        # xx: only a chord _apply_lazy_chord started, keepttl: its expiry stays.
+        self.ensure(lambda: self.client.set(key, chord_size, xx=True, keepttl=True), ())
+
+    def _chord_added_key(self, group_id):
+        return keys.chord_added_list(self.queue, records.sheppy_id(group_id))
 
     def add_to_chord(self, group_id, result):
         chord_key = self.get_key_for_chord(group_id)
+        added_key = self._chord_added_key(group_id)
         with self.client.pipeline() as pipe:
             pipe.sadd(chord_key, result.id)
+            # The body gets the added tasks' results too, after the header's (as with redis://).
+            pipe.rpush(added_key, result.id)
             if self._chord_ttl:
                 pipe.expire(chord_key, self._chord_ttl)
+                pipe.expire(added_key, self._chord_ttl)
             pipe.execute()
 
     def on_chord_part_return(self, request, state, result, **kwargs):
         group_id, task_id = request.group, request.id
         if not group_id or not task_id:
             return
-        chord_key = self.get_key_for_chord(group_id)
-        last = self.ensure(lambda: self._chord_part_script(keys=[chord_key], args=[task_id]), ())
+        sid = records.sheppy_id(group_id)
+        index = "+inf" if request.group_index is None else request.group_index
+        chord_keys = [self.get_key_for_chord(group_id), keys.lazy_chord_done(self.queue, sid),
+                      keys.lazy_chord_size(self.queue, sid), self._chord_added_key(group_id)]
+        last = self.ensure(lambda: self._chord_part_script(
+            keys=chord_keys, args=[task_id, index, self._chord_ttl]), ())
         if last == 1:
             self._fire_chord_body(request, group_id)
 
@@ -563,6 +597,17 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         app = self.app
         callback = maybe_signature(request.chord, app=app)
         header = GroupResult.restore(group_id, backend=self)
+        if header is not None:
+            added = self.client.lrange(self._chord_added_key(group_id), 0, -1)
+            header = app.GroupResult(group_id, header.results + [
+                app.AsyncResult(bytes_to_str(task_id), backend=self) for task_id in added])
+        else:
+            # A generator header saved no GroupResult: its parts, in header order.
+            done_key = keys.lazy_chord_done(self.queue, records.sheppy_id(group_id))
+            done = self.client.zrange(done_key, 0, -1)
+            if done:
+                header = app.GroupResult(group_id, [
+                    app.AsyncResult(bytes_to_str(task_id), backend=self) for task_id in done])
         if header is None:
             return self.chord_error_from_stack(
                 callback, ChordError(f"GroupResult {group_id} no longer exists"))

@@ -22,6 +22,12 @@ a namespace sheppy never scans:
 
 ==========================================  ======  ==============================================
 ``sheppy:celery:<q>:group:<gid>``            string  saved ``GroupResult`` (Celery's encoding)
+``sheppy:celery:<q>:group:<gid>:added``      list    ids ``Task.add_to_chord`` added to chord
+                                                     ``gid``; their results follow the header's
+``sheppy:celery:<q>:chord:<gid>:done``       zset    a generator-header chord's finished part ids,
+                                                     score = ``group_index`` (header order)
+``sheppy:celery:<q>:chord:<gid>:size``       string  its header size: -1 until Celery calls
+                                                     ``set_chord_size``; gone once the body fired
 ``sheppy:celery:<q>:states``                 stream  field ``task_id``; non-terminal state changes
                                                      (STARTED, RETRY, custom), for
                                                      ``get(on_message=...)``; trimmed to ~60 s
@@ -104,6 +110,18 @@ def chord_pending_set(queue, group_id):
 
 def group_record(queue, group_id):
     return f"{PREFIX}:celery:{queue}:group:{group_id}"
+
+
+def chord_added_list(queue, group_id):
+    return f"{PREFIX}:celery:{queue}:group:{group_id}:added"
+
+
+def lazy_chord_done(queue, group_id):
+    return f"{PREFIX}:celery:{queue}:chord:{group_id}:done"
+
+
+def lazy_chord_size(queue, group_id):
+    return f"{PREFIX}:celery:{queue}:chord:{group_id}:size"
 
 
 def state_stream(queue):

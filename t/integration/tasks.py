@@ -195,3 +195,11 @@ def pending_after_own_result(self, key):
                                                  count=1)
     _count(key, [bool(pending), self.request.hostname, time.time()])
     return "ignored: the stored result stays"
+
+
+@app.task(bind=True)
+def extend_chord(self, values):
+    """A chord header part that adds one ``identity`` task per value to its own chord."""
+    for value in values:
+        self.add_to_chord(identity.si(value))
+    return 0

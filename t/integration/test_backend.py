@@ -250,3 +250,17 @@ def test_500_concurrent_waiters_in_one_process_all_get_their_result(worker, app)
         thread.join(120)
     assert not errors
     assert len(got) == 500 and all(got.values())
+
+
+def test_tasks_added_to_a_chord_reach_its_body(worker, app):
+    result = chord([sig(app, "extend_chord", [5, 6, 7])], sig(app, "identity"))()
+    assert sorted(result.get(timeout=30)) == [0, 5, 6, 7]
+
+
+def test_chord_with_a_generator_header_fires_once_in_header_order(worker, app, counter):
+    key = f"generator-{uuid.uuid4()}"
+    header = (sig(app, "sleep", d) for d in (0.4, 0.0, 0.2))
+    result = chord(header, sig(app, "record_run", key))()
+    assert result.get(timeout=30) == [0.4, 0.0, 0.2]
+    time.sleep(0.5)
+    assert counter.llen(key) == 1

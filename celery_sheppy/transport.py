@@ -561,6 +561,10 @@ class Channel(virtual.Channel):
             return self._publish_delayed(exchange, routing_key, message, due)
         if not exchange:
             return self._put(routing_key, message, _publish_batch=batch)
+        return self._publish_to_exchange(exchange, routing_key, message, batch)
+
+    def _publish_to_exchange(self, exchange, routing_key, message, batch=None):
+        """Route ``message`` by ``exchange``'s bindings: into ``batch`` when batching."""
         if batch is not None:
             version, bindings = self._tables.get(exchange) or self._load_table(exchange)
             for queue, expires in self._route(exchange, routing_key, bindings).items():
@@ -621,13 +625,7 @@ class Channel(virtual.Channel):
             add("pexpire", stream, expires)
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
-        batch = kwargs.get("_publish_batch")
-        if batch is not None:
-            version, bindings = self._tables.get(exchange) or self._load_table(exchange)
-            for queue, expires in self._route(exchange, routing_key, bindings).items():
-                self._add_put(batch.add, queue, message, expires)
-            return
-        self._publish_routed(exchange, routing_key, message)
+        self._publish_to_exchange(exchange, routing_key, message, kwargs.get("_publish_batch"))
 
     # -- consuming -------------------------------------------------------------------------------
 

@@ -53,7 +53,8 @@ once; default 5),
 ``retry_on_timeout``, ``client_name``, ``username``, ``password``,
 ``body_encoding``, ``deadletter_queue``; ``max_retries``, ``interval_start``,
 ``interval_step``, ``interval_max`` (s): kombu's connection retry, and here also a
-publish's retry on a lost connection (off while ``max_retries`` is unset).
+publish's retry on a lost connection (off while ``max_retries`` is unset; a batch's
+MULTI/EXEC flush then retries with Celery's default publish policy).
 ``global_keyprefix`` and ``sep`` are refused: sheppy's key layout is fixed.
 """
 
@@ -84,7 +85,7 @@ from kombu.utils.objects import cached_property
 from kombu.utils.scheduling import cycle_by_name
 
 from . import connection as options_mod
-from . import keys, kombu_aliases, records, scripts
+from . import group_publish, keys, kombu_aliases, records, scripts
 
 kombu_aliases.register()  # importing the transport is enough for a plain kombu process
 
@@ -523,16 +524,26 @@ class Channel(virtual.Channel):
 
     # -- publishing ------------------------------------------------------------------------------
 
-    @property
-    def supports_batch_publish(self):
-        return not self.connparams.get("retry_on_timeout")
-
     def create_publish_batch(self, max_size):
-        # Imported here: kombu's redis module needs `packaging`, which only
-        # Producer.batch() users should have to install.
-        from kombu.transport.redis import PublishBatch
-
         return PublishBatch(self, max_size)
+
+    def _execute_batch(self, commands):
+        """Run buffered publish ``commands`` as one MULTI/EXEC: on a lost connection
+        none of them ran, so the whole batch is retried (publish retry policy, or
+        Celery's default task_publish_retry_policy while ``max_retries`` is unset)."""
+        def execute():
+            with self.client.pipeline(transaction=True) as pipe:
+                for name, args in commands:
+                    getattr(pipe, name)(*args)
+                pipe.execute()
+
+        if self.max_retries is None:
+            retries = dict(max_retries=3, interval_start=0, interval_step=0.2, interval_max=0.2)
+        else:
+            retries = dict(max_retries=self.max_retries, interval_start=self.interval_start,
+                           interval_step=self.interval_step, interval_max=self.interval_max)
+        return retry_over_time(execute, self.connection_errors, (), {},
+                               self._on_publish_error, **retries)
 
     def basic_publish(self, message, exchange, routing_key, **kwargs):
         if self.max_retries is None or kwargs.get("_publish_batch") is not None:
@@ -547,8 +558,7 @@ class Channel(virtual.Channel):
 
     def _on_publish_error(self, exc, intervals, retries):
         wait = next(intervals)
-        logger.warning("sheppy: publish failed (%s); retry %d of %d in %.1f s",
-                       exc, retries + 1, self.max_retries, wait)
+        logger.warning("sheppy: publish failed (%s); retry %d in %.1f s", exc, retries + 1, wait)
         return wait
 
     def _publish(self, message, exchange, routing_key, **kwargs):
@@ -1290,6 +1300,49 @@ def purge_dead_letters(connection, queue, ids=None):
     return connection.default_channel.purge_dead_letters(queue, ids=ids)
 
 
+class PublishBatch:
+    """Publishes buffered by ``Producer.batch()`` (and a group's tasks, see group_publish).
+
+    The channel routes each message as usual, but its XADD/PEXPIRE commands are kept;
+    :meth:`flush` (at ``max_size`` commands, and when the batch ends) sends them in one
+    round trip with :meth:`Channel._execute_batch`.
+    """
+
+    def __init__(self, channel, max_size):
+        self.channel = channel
+        self.max_size = max_size
+        self._commands = []
+        self._collecting = None
+
+    def publish(self, message, **kwargs):
+        collected = self._collecting = []
+        try:
+            result = self.channel.basic_publish(message, _publish_batch=self, **kwargs)
+        finally:
+            self._collecting = None
+        if self._commands and len(self._commands) + len(collected) > self.max_size:
+            self.flush()  # a message's commands never straddle two flushes
+        self._commands.extend(collected)
+        if len(self._commands) >= self.max_size:
+            self.flush()
+        return result
+
+    def add(self, name, *args):
+        if self._collecting is None:
+            raise RuntimeError("publish command added outside a batched publish")
+        self._collecting.append((name, args))
+
+    def flush(self):
+        commands, self._commands = self._commands, []
+        if commands:
+            self.channel._execute_batch(commands)
+
+    def discard(self):
+        self._commands = []
+
+    close = discard
+
+
 def _adder(pipe):
     """``add(name, *args)`` into a pipeline, as kombu's PublishBatch.add."""
     return lambda name, *args: getattr(pipe, name)(*args)
@@ -1458,6 +1511,7 @@ class Transport(virtual.Transport):
 
     def __init__(self, client, **kwargs):
         super().__init__(client, **kwargs)
+        group_publish.install()
         self.cycle = Poller()
         self._upkeep_tref = None
 

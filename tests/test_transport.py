@@ -317,6 +317,25 @@ def test_ten_thousand_messages_across_five_queues_are_each_delivered_exactly_onc
         assert redis_client.xlen(keys.pending_stream(queue.name)) == 0
 
 
+def test_batch_is_one_transaction_and_survives_a_lost_connection_exactly_once(
+        connection, redis_client):
+    queue = Queue("batched", routing_key="batched")
+    calls = lambda name: redis_client.info("commandstats").get(f"cmdstat_{name}", {}).get("calls", 0)  # noqa: E731
+    multi_before = calls("multi")
+    with connection.channel() as channel:
+        producer = Producer(channel)
+        queue(channel).declare()
+        with producer.batch():
+            for n in range(50):
+                producer.publish({"n": n}, routing_key="batched")
+            assert redis_client.xlen(keys.pending_stream("batched")) == 0  # still buffered
+            # Every other client's connection dies before the flush, the producer's too.
+            redis_client.client_kill_filter(_type="normal", skipme=True)
+    assert calls("multi") - multi_before in (1, 2)  # 2: the first EXEC never arrived
+    bodies = [body["n"] for body, _ in drain(connection, [queue])]
+    assert sorted(bodies) == list(range(50))
+
+
 # -- sheppy's view ----------------------------------------------------------------------------
 
 

@@ -98,6 +98,35 @@ def test_group_published_in_one_producer_batch_returns_every_result(worker, app)
     assert result.get(timeout=30) == [n + 2 for n in range(100)]
 
 
+def commands_during(db, action):
+    """``action()``'s result and how many times each Redis command ran meanwhile."""
+    def calls():
+        return {name.removeprefix("cmdstat_"): stats["calls"]
+                for name, stats in db.info("commandstats").items()}
+
+    before = calls()
+    result = action()
+    after = calls()
+    return result, {name: count - before.get(name, 0) for name, count in after.items()}
+
+
+def test_group_tasks_reach_redis_in_one_transaction_before_apply_async_returns(worker, app, db):
+    tasks = group(sig(app, "add", n, n) for n in range(200))
+    result, ran = commands_during(db, tasks.apply_async)
+    # One MULTI/EXEC carries the 200 XADDs (Celery's own path: one round trip per task).
+    # More XADDs may count: the worker's finished notices, for tasks done meanwhile.
+    assert (ran.get("multi"), ran.get("exec")) == (1, 1) and ran["xadd"] >= 200
+    assert result.get(timeout=30) == [2 * n for n in range(200)]
+
+
+def test_chord_header_is_published_in_one_transaction(worker, app, db):
+    header = [sig(app, "add", n, 1) for n in range(100)]
+    result, ran = commands_during(db, lambda: chord(header)(sig(app, "tsum")))
+    # apply_chord records the chord in one MULTI, the header's 100 tasks go in another.
+    assert ran.get("multi") == 2 and ran["xadd"] >= 100
+    assert result.get(timeout=30) == sum(n + 1 for n in range(100))
+
+
 def test_chord_body_receives_every_header_result(worker, app):
     result = chord(sig(app, "add", n, 1) for n in range(20))(sig(app, "tsum"))
     assert result.get(timeout=30) == sum(n + 1 for n in range(20))

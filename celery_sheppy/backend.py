@@ -463,7 +463,11 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
 
     def _delivery_to_ack(self, request):
         """``(stream, entry id)`` of the message a terminal result may ack in the same
-        script: a ``sheppy://`` delivery on this Redis, in this backend's queue; else None."""
+        script: an ``acks_late`` task's ``sheppy://`` delivery on this Redis, in this
+        backend's queue; else None."""
+        task = self.app.tasks.get(getattr(request, "task", None) or "")
+        if not getattr(task, "acks_late", False):
+            return None  # acked when the worker accepted it: a second XACK + XDEL would be wasted
         properties = getattr(request, "properties", None)
         tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
         if not isinstance(tag, str) or " " not in tag or not self._broker_is_here:

@@ -200,6 +200,10 @@ class Channel(virtual.Channel):
     queue_order_strategy = "round_robin"
     #: Most messages one read asks for when the prefetch count is unlimited.
     max_batch = 100
+    #: Seconds a read may wait for room to grow (Celery's event loop only). Under
+    #: prefork, room frees one message at a time as the pool accepts tasks: without
+    #: the wait, every message would cost one XREADGROUP of COUNT 1.
+    read_coalesce = 0.002
     #: Seconds after which an idle consumer with no pending messages is removed.
     consumer_reap_after = 300
     global_keyprefix = ""
@@ -230,6 +234,8 @@ class Channel(virtual.Channel):
     interval_max = 1
 
     _reading = None  # the blocking connection while a read is outstanding
+    _short_since = None  # when a read was first put off for lack of room
+    _hot_streams = frozenset()  # the streams the last read with messages got them from
     _blocking_id = None  # CLIENT ID of the blocking connection, to interrupt its read
     _closing = False
 
@@ -706,13 +712,17 @@ class Channel(virtual.Channel):
         if not queues or not self.qos.can_consume():
             return False
         budget = self._budget()
-        if budget <= 0:
+        if budget <= 0 or self._put_off(budget):
             return False
         for queue in queues:
             self._ensure_groups(queue)
         ordered = self._queue_cycle.consume(len(queues))
         streams = [stream for queue in ordered for stream in self._streams(queue)]
-        per_stream = max(1, budget // len(streams))
+        # COUNT is per stream: split the budget among the streams the last read found
+        # messages in (usually one: the priority-0 stream), not among all four steps of
+        # every queue, which would make most reads COUNT 1.
+        hot = len(self._hot_streams.intersection(streams)) or len(streams)
+        per_stream = max(1, budget // hot)
         conn = self._connect_blocking()
         conn.send_command("XREADGROUP", "GROUP", GROUP, self.consumer_name, "COUNT", per_stream,
                           "BLOCK", max(int(self.polling_interval * 1000), 1),
@@ -725,6 +735,23 @@ class Channel(virtual.Channel):
         self._read_queues = {keys.priority_stream(queue, step): queue
                              for queue in ordered for step in self.priority_steps}
         return True
+
+    def _put_off(self, budget):
+        """True while a small read (under half the prefetch window, the rest still in
+        hand) waits up to ``read_coalesce`` for more acks; the hub wakes us then."""
+        hub = self.connection.cycle._hub
+        prefetch = self.qos.prefetch_count
+        if hub is None or not prefetch or budget * 2 >= prefetch:
+            self._short_since = None
+            return False
+        now = monotonic()
+        if self._short_since is None:
+            self._short_since = now
+            hub.call_later(self.read_coalesce, _nothing)  # ends the hub's poll: on_tick reruns
+        if now - self._short_since < self.read_coalesce:
+            return True
+        self._short_since = None
+        return False
 
     @property
     def fileno(self):
@@ -757,6 +784,7 @@ class Channel(virtual.Channel):
                                 bytes_to_str(entry_id), (fields or {}).get(b"data")))
         entries.sort(key=lambda entry: entry[0])  # priority first, then queue order; stable
         if entries:
+            self._hot_streams = {entry[2] for entry in entries}
             self._queue_cycle.rotate(entries[0][1])
         self._buffer.extend(entry[1:] for entry in entries)
         return len(entries)
@@ -1341,6 +1369,10 @@ class PublishBatch:
         self._commands = []
 
     close = discard
+
+
+def _nothing():
+    pass
 
 
 def _adder(pipe):

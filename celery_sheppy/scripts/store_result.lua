@@ -25,24 +25,28 @@ if KEYS[5] and ARGV[3] == '1' then
     redis.pcall('XDEL', KEYS[5], ARGV[8])
 end
 
-local current = redis.call('GET', KEYS[1])
--- id, status and created_at are the record's first keys (records.build_record)
-local head = current and string.sub(current, 1, 200)
-if head and string.find(head, '"status":%s*"completed"') then
-    return 0
+-- SET ... GET writes and reads back the previous record in one command; the rare
+-- previous record that must win (or lend its created_at) is then written again.
+local ttl = tonumber(ARGV[2])
+local function write(value)
+    if ttl > 0 then
+        return redis.call('SET', KEYS[1], value, 'EX', ttl, 'GET')
+    end
+    return redis.call('SET', KEYS[1], value, 'GET')
 end
 
 local record = ARGV[1]
-local created = head and string.match(head, '"created_at":%s*"([^"%%]+)"')
-if created then
-    record = string.gsub(record, '"created_at":"[^"]*"', '"created_at":"' .. created .. '"', 1)
+local current = write(record)
+-- id, status and created_at are the record's first keys (records.build_record)
+local head = current and string.sub(current, 1, 200)
+if head and string.find(head, '"status":%s*"completed"') then
+    write(current)  -- its expiry restarts: the price of one command less per result
+    return 0
 end
-
-local ttl = tonumber(ARGV[2])
-if ttl > 0 then
-    redis.call('SET', KEYS[1], record, 'EX', ttl)
-else
-    redis.call('SET', KEYS[1], record)
+local created = head and string.match(head, '"created_at":%s*"([^"%%]+)"')
+if created and not string.find(record, '"created_at":"' .. created .. '"', 1, true) then
+    record = string.gsub(record, '"created_at":"[^"]*"', '"created_at":"' .. created .. '"', 1)
+    write(record)
 end
 
 if ARGV[3] == '1' then

@@ -1,9 +1,11 @@
 """Settings of the sheppy:// result backend: expiry, connection options, queue, ACL, TLS, secrets."""
 
+import json
 import os
 import ssl
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -39,6 +41,27 @@ def test_result_expires_is_the_ttl_of_records_group_records_and_chord_sets(redis
     saved = GroupResult(str(uuid.uuid4()), parts, app=app)
     saved.save(backend=backend)
     assert 590 < ttl_of(client, keys.group_record("celery", saved.id)) <= 600
+    app.close()
+
+
+def test_a_success_is_never_replaced_and_a_rewrite_keeps_the_first_created_at(redis_server):
+    app = client_app(redis_server.url, redis_server.sheppy_url(), result_expires=600)
+    client, backend = redis_server.client(), app.backend
+    key = lambda task_id: keys.task_record("celery", task_id)  # noqa: E731
+    done, started = str(uuid.uuid4()), str(uuid.uuid4())
+    backend.store_result(done, 1, states.SUCCESS)
+    backend.store_result(done, ValueError("redelivered run"), states.FAILURE)
+    assert backend.get_task_meta(done)["status"] == states.SUCCESS
+    assert json.loads(client.get(key(done)))["status"] == "completed"
+    assert 590 < client.ttl(key(done)) <= 600
+
+    backend.store_result(started, None, states.STARTED)
+    first = json.loads(client.get(key(started)))["created_at"]
+    time.sleep(0.01)
+    backend.store_result(started, 2, states.SUCCESS)
+    record = json.loads(client.get(key(started)))
+    assert (record["status"], record["created_at"]) == ("completed", first)
+    assert record["finished_at"] > first
     app.close()
 
 

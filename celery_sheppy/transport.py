@@ -45,7 +45,7 @@ Transport options
 ``delay_threshold`` (s; later tasks wait in ``sheppy:scheduled:<q>``; default 60),
 ``dead_letter_maxlen``, ``revoke_expires`` (s),
 ``polling_interval`` (s, longest single block of a read; a new message ends it at
-once; default 5),
+once; default 10),
 ``priority_steps``, ``queue_order_strategy`` (``round_robin``, ``sorted``,
 ``priority``), ``max_batch`` (most messages per read without a prefetch limit),
 ``consumer_reap_after`` (s), ``socket_timeout``, ``socket_connect_timeout``,
@@ -115,8 +115,9 @@ PROMOTE_INTERVAL = 1.0
 PROMOTE_BATCH = 500
 
 #: With nothing due, the next look is at the earliest due time, or after this many
-#: seconds (a producer may schedule a message due sooner than anything seen).
-PROMOTE_IDLE_LOOK = 5.0
+#: seconds, or delay_threshold if shorter (a producer may schedule a message due
+#: sooner than anything seen, but never sooner than delay_threshold).
+PROMOTE_IDLE_LOOK = 10.0
 
 #: Seconds between reads of the revoked set. A worker that is online gets revokes as
 #: broadcasts; the set is for those that were not, and is read in full at start.
@@ -194,8 +195,9 @@ class Channel(virtual.Channel):
     dead_letter_maxlen = 100000
     #: Seconds a revoked task id is remembered (Celery's default for its workers).
     revoke_expires = 10800
-    #: Longest single block of a read, in seconds.
-    polling_interval = 5.0
+    #: Longest single block of a read, in seconds (a new message ends it at once; an
+    #: idle consumer sends one XREADGROUP per interval).
+    polling_interval = 10.0
     priority_steps = PRIORITY_STEPS
     queue_order_strategy = "round_robin"
     #: Most messages one read asks for when the prefetch count is unlimited.
@@ -235,6 +237,7 @@ class Channel(virtual.Channel):
 
     _reading = None  # the blocking connection while a read is outstanding
     _short_since = None  # when a read was first put off for lack of room
+    _wake_at = None  # when the hub timer that ends that wait fires
     _hot_streams = frozenset()  # the streams the last read with messages got them from
     _blocking_id = None  # CLIENT ID of the blocking connection, to interrupt its read
     _closing = False
@@ -747,11 +750,24 @@ class Channel(virtual.Channel):
         now = monotonic()
         if self._short_since is None:
             self._short_since = now
-            hub.call_later(self.read_coalesce, _nothing)  # ends the hub's poll: on_tick reruns
-        if now - self._short_since < self.read_coalesce:
-            return True
-        self._short_since = None
-        return False
+        remaining = self._short_since + self.read_coalesce - now
+        if remaining <= 0:
+            self._short_since = None
+            return False
+        if self._wake_at is None or self._wake_at < now:  # none set, or one that was lost
+            # kombu's hub times its poll before on_tick (where we are), so a timer set
+            # now would not shorten this poll: wake the hub too, and its next poll
+            # waits for the timer; on_tick then starts the read.
+            waker = getattr(hub, "_waker", None)
+            if waker is None:
+                return False
+            self._wake_at = now + remaining
+            hub.call_later(remaining, self._woken)
+            waker.wake()
+        return True
+
+    def _woken(self):
+        self._wake_at = None
 
     @property
     def fileno(self):
@@ -1116,20 +1132,28 @@ class Channel(virtual.Channel):
         queues = self._lease_queues()
         if not queues:
             return
+        # One ZRANGE per queue while nothing is due (the idle case), then the due batch.
         with self.client.pipeline(transaction=False) as pipe:
             for queue in queues:
+                pipe.zrange(keys.scheduled_set(queue), 0, 0, withscores=True)
+            firsts = pipe.execute(raise_on_error=False)
+        earliest = {queue: rows[0][1] for queue, rows in zip(queues, firsts)
+                    if isinstance(rows, list) and rows}
+        due_queues = [queue for queue, at in earliest.items() if at <= time()]
+        if not due_queues:
+            # Anything scheduled later is due more than delay_threshold after it is sent.
+            look = time() + min(PROMOTE_IDLE_LOOK, self.delay_threshold)
+            self._next_promote_look = min([*earliest.values(), look])
+            return
+        self._next_promote_look = 0.0  # more may be due: look again after PROMOTE_INTERVAL
+        with self.client.pipeline(transaction=False) as pipe:
+            for queue in due_queues:
                 pipe.zrangebyscore(keys.scheduled_set(queue), "-inf", time(), start=0,
                                    num=PROMOTE_BATCH)
-                pipe.zrange(keys.scheduled_set(queue), 0, 0, withscores=True)
-            replies = pipe.execute(raise_on_error=False)
-        due = replies[::2]
-        earliest = [rows[0][1] for rows in replies[1::2] if isinstance(rows, list) and rows]
-        self._next_promote_look = min([*earliest, time() + PROMOTE_IDLE_LOOK])
-        if not any(isinstance(members, list) and members for members in due):
-            return
+            due = pipe.execute(raise_on_error=False)
         script = self._scripts["promote"]
         with self.client.pipeline(transaction=False) as pipe:
-            for queue, members in zip(queues, due):
+            for queue, members in zip(due_queues, due):
                 if not isinstance(members, list):
                     continue
                 for member in members:
@@ -1369,10 +1393,6 @@ class PublishBatch:
         self._commands = []
 
     close = discard
-
-
-def _nothing():
-    pass
 
 
 def _adder(pipe):

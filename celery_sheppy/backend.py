@@ -34,7 +34,7 @@ from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.functional import retry_over_time
 from kombu.utils.objects import cached_property
 
-from . import connection, keys, records, scripts
+from . import connection, group_publish, keys, records, scripts
 
 logger = get_logger(__name__)
 
@@ -259,6 +259,7 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         if host and "://" in host:
             url, host = host, None
         super().__init__(expires_type=int, url=url, **kwargs)
+        group_publish.install()  # often before the broker's first use (see group_publish)
         conf = self.app.conf
         failure_expires = conf.get("result_failure_expires")
         self.failure_expires = (

@@ -7,17 +7,25 @@ sends them together, but Celery never opens one. :func:`install` wraps
 when the producer's transport is sheppy://, its publishes run inside ``producer.batch()``.
 Other transports take Celery's path unchanged.
 
-What changes for the caller: the tasks reach Redis when the group's last task has been
-prepared, before ``apply_async`` returns (the generator is consumed by ``list()`` in
-``group.apply_async``); an error while preparing a task sends none of them instead of
-the ones before it. A flush is one MULTI/EXEC, retried as a whole on a lost connection
-(see ``transport.PublishBatch``).
+What changes for the caller: the tasks reach Redis FLUSH_EVERY at a time, the last ones
+before ``apply_async`` returns (``group.apply_async`` consumes ``_apply_tasks`` with
+``list()``); an error while preparing a task sends none of the tasks since the last
+flush, instead of every task before it. A flush is one MULTI/EXEC, retried as a whole
+on a lost connection (see ``transport.PublishBatch``). A group made from a generator
+keeps Celery's path: its tasks go out one by one as the generator yields them.
 
-Installed by the transport when it is first used; a Celery without ``group._apply_tasks``
-keeps its own path (publishes are then one round trip each, as with redis://).
+Installed when the first sheppy:// transport or result backend of a process is made. A
+group is batched only if that happened before it was applied: a process whose very first
+broker use is a group (and whose result backend is not sheppy://) sends that one group
+task by task. A Celery without ``group._apply_tasks`` keeps its own path (one round trip
+per task, as with redis://).
 """
 
 import threading
+
+#: Most publish commands per flush: a worker starts on the first tasks of a large group
+#: while the rest are still being prepared (Celery spends ~0.2 ms on each).
+FLUSH_EVERY = 100
 
 _installed = False
 _lock = threading.Lock()
@@ -31,6 +39,7 @@ def install():
             return True
         try:
             from celery.canvas import group
+            from celery.utils.functional import _regen
         except ImportError:  # kombu without Celery: nothing to wrap
             return False
         stock = getattr(group, "_apply_tasks", None)
@@ -40,10 +49,12 @@ def install():
         def _apply_tasks(self, tasks, producer=None, app=None, *args, **kwargs):
             app = app or self.app
             with app.producer_or_acquire(producer) as producer:
-                if not _is_sheppy(producer):
+                # A group made from a generator (a lazy chord header) is sent task by task
+                # as it yields (celery#3021): a batch would hold its first tasks back.
+                if isinstance(self.tasks, _regen) or not _is_sheppy(producer):
                     yield from stock(self, tasks, producer, app, *args, **kwargs)
                     return
-                with producer.batch():
+                with producer.batch(max_size=FLUSH_EVERY):
                     yield from stock(self, tasks, producer, app, *args, **kwargs)
 
         _apply_tasks._sheppy_batched = True

@@ -69,6 +69,7 @@ from contextlib import nullcontext
 from datetime import datetime
 
 from queue import Empty
+from threading import get_ident
 from time import monotonic, sleep, time
 from uuid import uuid4
 
@@ -146,7 +147,7 @@ class QoS(virtual.QoS):
     """Prefetch accounting of kombu's virtual QoS; acks and put-backs go to Redis."""
 
     def ack(self, delivery_tag):
-        self.channel._ack([delivery_tag])
+        self.channel._ack_soon(delivery_tag)
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag, requeue=False):
@@ -254,6 +255,7 @@ class Channel(virtual.Channel):
         self._queue_cycle = cycle_by_name(self.queue_order_strategy)()
         self._buffer = deque()  # (queue, stream, entry id, data): read, not yet delivered
         self._inflight = {}  # delivery tag -> (stream, entry id, record)
+        self._acks_due = []  # tags acked during this turn of the hub's loop, not yet sent
         self._deliveries = {}  # delivery tag -> deliveries counted, this one included
         self._claimed = {}  # (stream, entry id) -> group's delivery counter, for reclaimed entries
         self._renewed_at = self._reclaimed_at = self._promoted_at = monotonic()
@@ -868,6 +870,21 @@ class Channel(virtual.Channel):
 
     # -- acknowledging ---------------------------------------------------------------------------
 
+    def _ack_soon(self, tag):
+        """Ack ``tag``: from the thread of Celery's hub, at the start of the loop's next
+        turn (:meth:`_flush_acks`), together with the other acks of this turn (a prefork
+        worker acks each task as its pool accepts it: one round trip each otherwise);
+        from any other thread, or without a hub, now."""
+        cycle = getattr(self.connection, "cycle", None)  # None once the channel is closed
+        if cycle is None or cycle.loop_thread != get_ident():  # no hub, or a pool thread
+            return self._ack([tag])
+        self._acks_due.append(tag)
+
+    def _flush_acks(self):
+        if self._acks_due:
+            tags, self._acks_due = self._acks_due, []
+            self._ack(tags)
+
     def _ack(self, tags):
         for tag in tags:
             self._deliveries.pop(tag, None)
@@ -1269,6 +1286,12 @@ class Channel(virtual.Channel):
             return
         self._closing = True
         self.connection.cycle.discard(self)
+        due = len(self._acks_due)
+        try:
+            self._flush_acks()
+        except self.connection_errors as exc:
+            # Still pending for this consumer: a lease recovery redelivers them.
+            logger.warning("sheppy: %d ack(s) lost on close: %r", due, exc)
         try:
             if self._reading is not None:
                 self._interrupt_read()
@@ -1431,6 +1454,7 @@ class Poller:
         self._channels = []
         self._hub = None
         self._registered = {}  # fd -> channel, in the hub
+        self.loop_thread = None  # the thread running the hub's loop (seen in on_tick)
 
     def add(self, channel):
         self._channels.append(channel)
@@ -1458,7 +1482,9 @@ class Poller:
     # -- with a hub --------------------------------------------------------------------
 
     def on_tick(self):
+        self.loop_thread = get_ident()
         for channel in list(self._channels):
+            channel._flush_acks()
             channel._deliver_buffered()
             if channel._start_read():
                 fd = channel.fileno

@@ -225,7 +225,7 @@ def test_redis_killed_and_restarted_while_tasks_flow_loses_no_published_task(
     assert len(published) + len(failed) == FLOW_TASKS
     assert set(published) <= ran()
     for worker in workers:
-        assert worker.process.poll() is None  # resumed without a restart
+        assert worker.process.poll() is None, worker.output()[-6000:]  # resumed without a restart
     app.close()
 
 

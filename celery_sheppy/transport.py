@@ -494,6 +494,7 @@ class Channel(virtual.Channel):
             args=[self._binding_prefix(routing_key, pattern, queue), self._expires.get(queue, 0),
                   self._binding_ms(queue), "add", VERSION_MEMBER])
         self._tables.pop(exchange, None)
+        self._bindings_renewed[queue] = monotonic()  # just given its full lifetime
 
     def _unbind(self, exchange, routing_key, pattern, queue):
         self._scripts["bind"](

@@ -97,7 +97,9 @@ def warm_worker(side, server, round_trips, canvas, idle_seconds, timeout):
 
     - ``round_trip_ms``: every ``delay().get()`` time of ``round_trips`` sequential
       calls; ``rtt_p50_ms`` / ``rtt_p99_ms`` their percentiles.
-    - ``group_s``: ``group`` of ``canvas`` noops, from ``apply_async`` to ``get()`` returned.
+    - ``group_s``: ``group`` of ``canvas`` noops given as a generator, from ``apply_async``
+      to ``get()`` returned; ``group_list_s``: the same given as a list (sheppy:// sends
+      a list group in batches, a generator group task by task, as Celery does).
     - ``chord_s``: the same with a body that counts the header results.
     - ``idle_per_s`` (and by command, ``idle_commands``): Redis commands per second while
       nothing is sent, over ``idle_seconds``; the worker consumes one queue, so it is
@@ -121,6 +123,10 @@ def warm_worker(side, server, round_trips, canvas, idle_seconds, timeout):
         start = time.perf_counter()
         group(noop.s() for _ in range(canvas)).apply_async().get(timeout=timeout)
         out["group_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        group([noop.s() for _ in range(canvas)]).apply_async().get(timeout=timeout)
+        out["group_list_s"] = time.perf_counter() - start
 
         if side.on_redis:  # the rpc:// backend has no chords
             start = time.perf_counter()

@@ -12,7 +12,8 @@ before ``apply_async`` returns (``group.apply_async`` consumes ``_apply_tasks`` 
 ``list()``); an error while preparing a task sends none of the tasks since the last
 flush, instead of every task before it. A flush is one MULTI/EXEC, retried as a whole
 on a lost connection (see ``transport.PublishBatch``). A group made from a generator
-keeps Celery's path: its tasks go out one by one as the generator yields them.
+keeps Celery's path: Celery reads it ahead by two tasks at most and sends each task
+as soon as it can, and a user's slow generator must not see its tasks held back.
 
 Installed when the first sheppy:// transport or result backend of a process is made. A
 group is batched only if that happened before it was applied: a process whose very first
@@ -49,8 +50,8 @@ def install():
         def _apply_tasks(self, tasks, producer=None, app=None, *args, **kwargs):
             app = app or self.app
             with app.producer_or_acquire(producer) as producer:
-                # A group made from a generator (a lazy chord header) is sent task by task
-                # as it yields (celery#3021): a batch would hold its first tasks back.
+                # A group made from a generator (so a lazy chord header) is sent task by
+                # task as it yields (celery#3021): a batch would hold its tasks back.
                 if isinstance(self.tasks, _regen) or not _is_sheppy(producer):
                     yield from stock(self, tasks, producer, app, *args, **kwargs)
                     return
@@ -71,3 +72,4 @@ def _is_sheppy(producer):
     connection = getattr(producer, "connection", None)
     return isinstance(getattr(connection, "transport", None), Transport) and hasattr(
         producer, "batch")
+

@@ -121,6 +121,26 @@ def test_group_tasks_reach_redis_in_few_transactions_before_apply_async_returns(
     assert result.get(timeout=30) == [2 * n for n in range(200)]
 
 
+def test_slow_generator_group_sends_its_tasks_as_they_are_yielded(worker, app):
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    first_ran_early = []
+
+    def slowly():
+        for n, task_id in enumerate(ids):
+            time.sleep(0.5)  # a generator doing work per task (celery#3021)
+            if n == len(ids) - 1:
+                first = app.AsyncResult(ids[0])
+                deadline = time.monotonic() + 5
+                while not first.ready() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                first_ran_early.append(first.ready())
+            yield sig(app, "add", n, n).set(task_id=task_id)
+
+    result = group(slowly()).apply_async()
+    assert result.get(timeout=30) == [0, 2, 4]
+    assert first_ran_early == [True]  # sent before the generator was done
+
+
 def test_chord_header_is_published_in_few_transactions(worker, app, db):
     assert sig(app, "add", 0, 0).delay().get(timeout=20) == 0
     header = [sig(app, "add", n, 1) for n in range(100)]

@@ -256,6 +256,8 @@ class Channel(virtual.Channel):
         self._buffer = deque()  # (queue, stream, entry id, data): read, not yet delivered
         self._inflight = {}  # delivery tag -> (stream, entry id, record)
         self._acks_due = []  # tags acked during this turn of the hub's loop, not yet sent
+        self._acks_unconfirmed = deque()  # (replies due, {stream: ids}) sent, unanswered
+        self._ack_fd = None  # the ack connection's socket, as registered with the hub
         self._deliveries = {}  # delivery tag -> deliveries counted, this one included
         self._claimed = {}  # (stream, entry id) -> group's delivery counter, for reclaimed entries
         self._renewed_at = self._reclaimed_at = self._promoted_at = monotonic()
@@ -337,7 +339,7 @@ class Channel(virtual.Channel):
             pool = self.__dict__.pop(name, None)
             if pool is not None:
                 pool.disconnect()
-        for name in ("client", "_blocking_conn"):
+        for name in ("client", "_blocking_conn", "_ack_conn"):
             self.__dict__.pop(name, None)
         self._reading = None
         self._blocking_id = None
@@ -882,17 +884,84 @@ class Channel(virtual.Channel):
         self._acks_due.append(tag)
 
     def _flush_acks(self):
-        if self._acks_due:
-            tags, self._acks_due = self._acks_due, []
-            self._ack(tags)
+        """Send the acks of this loop turn on the ack connection without waiting for the
+        replies: the hub reads them when they come (:meth:`_confirm_acks`)."""
+        if not self._acks_due:
+            return
+        tags, self._acks_due = self._acks_due, []
+        by_stream = self._take_acked(tags)
+        if not by_stream:
+            return
+        hub = self.connection.cycle._hub
+        if hub is None:
+            return self._ack_entries(by_stream)
+        commands = [command for stream, ids in by_stream.items()
+                    for command in (("XACK", stream, GROUP, *ids), ("XDEL", stream, *ids))]
+        conn = self._ack_conn
+        try:
+            if conn._sock is None:
+                conn.connect()
+            conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        except self.connection_errors:
+            self._lost_ack_conn()
+            return self._ack_entries(by_stream)  # the usual way; raises if Redis is gone
+        self._acks_unconfirmed.append((len(commands), by_stream))
+        fd = conn._sock.fileno()
+        if self._ack_fd != fd:
+            self._ack_fd = fd
+            hub.add_reader(fd, self._confirm_acks)
+
+    def _confirm_acks(self, *_, block=False):
+        """Read the replies of sent acks (those that arrived; all of them if ``block``).
+        If the connection was lost, the unconfirmed acks are sent again the usual way:
+        XACK and XDEL are idempotent."""
+        if not self._acks_unconfirmed:
+            if not block and "_ack_conn" in self.__dict__:
+                # Readable with nothing asked: the server closed it. Reconnected on next use.
+                self._lost_ack_conn()
+            return
+        conn = self._ack_conn
+        try:
+            while self._acks_unconfirmed and (block or conn.can_read(timeout=0)):
+                replies, by_stream = self._acks_unconfirmed[0]
+                for _ in range(replies):
+                    try:
+                        conn.read_response()
+                    except redis.ResponseError as exc:
+                        logger.warning("sheppy: an ack failed: %r", exc)
+                self._acks_unconfirmed.popleft()
+        except self.connection_errors:
+            unconfirmed = list(self._acks_unconfirmed)
+            self._lost_ack_conn()
+            for _, by_stream in unconfirmed:
+                self._ack_entries(by_stream)
+
+    def _lost_ack_conn(self):
+        hub = getattr(self.connection, "cycle", None) and self.connection.cycle._hub
+        if self._ack_fd is not None and hub is not None:
+            hub.remove_reader(self._ack_fd)
+        self._ack_fd = None
+        self._acks_unconfirmed.clear()
+        self._ack_conn.disconnect()
+
+    @cached_property
+    def _ack_conn(self):
+        """The connection acks are sent on without waiting (see :meth:`_flush_acks`)."""
+        return self._blocking_pool.get_connection()
 
     def _ack(self, tags):
+        self._ack_entries(self._take_acked(tags))
+
+    def _take_acked(self, tags):
+        """``{stream: [entry id, ...]}`` of ``tags``, which stop being in flight."""
         for tag in tags:
             self._deliveries.pop(tag, None)
-        entries = [self._inflight.pop(tag, None) for tag in tags]
         by_stream = {}
-        for entry in filter(None, entries):
+        for entry in filter(None, (self._inflight.pop(tag, None) for tag in tags)):
             by_stream.setdefault(entry[0], []).append(entry[1])
+        return by_stream
+
+    def _ack_entries(self, by_stream):
         if not by_stream:
             return
         with self.client.pipeline(transaction=False) as pipe:
@@ -1290,6 +1359,9 @@ class Channel(virtual.Channel):
         due = len(self._acks_due)
         try:
             self._flush_acks()
+            self._confirm_acks(block=True)
+            if "_ack_conn" in self.__dict__:
+                self._lost_ack_conn()  # done with it: unregistered and closed
         except self.connection_errors as exc:
             # Still pending for this consumer: a lease recovery redelivers them.
             logger.warning("sheppy: %d ack(s) lost on close: %r", due, exc)

@@ -43,8 +43,9 @@ def parse_args(argv):
     parser.add_argument("--round-trips", type=int, default=500,
                         help="sequential delay().get() calls per repetition (500)")
     parser.add_argument("--canvas", type=int, default=1000, help="tasks in the group and the chord (1000)")
-    parser.add_argument("--idle-seconds", type=float, default=10.0,
-                        help="how long the idle worker's commands are counted (10)")
+    parser.add_argument("--idle-seconds", type=float, default=30.0,
+                        help="how long the idle worker's commands are counted (30: whole "
+                        "periods of the transport's upkeep)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"tiny sizes, targets not checked: {SMOKE}")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")

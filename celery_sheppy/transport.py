@@ -118,11 +118,11 @@ PROMOTE_BATCH = 500
 #: With nothing due, the next look is at the earliest due time, or after this many
 #: seconds, or delay_threshold if shorter (a producer may schedule a message due
 #: sooner than anything seen, but never sooner than delay_threshold).
-PROMOTE_IDLE_LOOK = 10.0
+PROMOTE_IDLE_LOOK = 30.0
 
 #: Seconds between reads of the revoked set. A worker that is online gets revokes as
 #: broadcasts; the set is for those that were not, and is read in full at start.
-REVOKE_READ_INTERVAL = 10.0
+REVOKE_READ_INTERVAL = 30.0
 
 #: A scheduled message's record and payload outlive its due time by this many seconds.
 SCHEDULED_KEEP_SECONDS = 30 * 24 * 3600
@@ -1151,23 +1151,22 @@ class Channel(virtual.Channel):
             return
         script = self._scripts["reclaim"]
         lease_ms = max(int(self.visibility_timeout * 1000), 1)
-        order = []
-        with self.client.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                for stream in self._streams(queue):
-                    script(keys=[stream], args=[GROUP, self.consumer_name, lease_ms, budget],
-                           client=pipe)
-                    order.append((queue, stream))
-            replies = pipe.execute(raise_on_error=False)
         taken = 0
-        for (queue, stream), reply in zip(order, replies):
-            if not isinstance(reply, list):
+        for queue in queues:  # no pipeline: redis-py sends SCRIPT EXISTS before those
+            if budget <= 0:
+                break
+            streams = self._streams(queue)
+            try:
+                reply = script(keys=streams, args=[GROUP, self.consumer_name, lease_ms, budget])
+            except redis.ResponseError as exc:  # e.g. NOGROUP: a stream was deleted
+                logger.debug("sheppy: reclaim on %s failed: %r", queue, exc)
                 continue
-            for entry_id, data, counter in zip(reply[::3], reply[1::3], reply[2::3]):
-                entry_id = bytes_to_str(entry_id)
+            for index, entry_id, data, counter in zip(*[iter(reply)] * 4):
+                stream, entry_id = streams[int(index) - 1], bytes_to_str(entry_id)
                 self._claimed[(stream, entry_id)] = int(counter)
                 self._buffer.append((queue, stream, entry_id, _flag_redelivered(data)))
                 taken += 1
+                budget -= 1
         if taken:
             logger.warning("sheppy: took over %d message(s) whose lease of %ss expired",
                            taken, self.visibility_timeout)

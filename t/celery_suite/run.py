@@ -3,13 +3,14 @@
 
 The suite comes from the celery sdist on PyPI, same version as the installed
 celery; it is downloaded once into ``.cache/celery-suite/`` and a fresh copy is
-prepared for every run (see :func:`prepare`). The broker is always the stock
-``redis://`` transport; both live on db 0 of a private ``redis-server`` this
-script starts on a free loopback port and stops by PID.
+prepared for every run (see :func:`prepare`). The broker is the stock ``redis://``
+transport unless ``--broker sheppy``; broker and backend live on db 0 of a
+private ``redis-server`` this script starts on a free loopback port and stops by PID.
 
-    python t/celery_suite/run.py --subset            # CI subset (< 10 min on 2 cores)
-    python t/celery_suite/run.py --full              # the four files, every test
+    python t/celery_suite/run.py --subset            # the CI subset (< 10 min on 2 cores)
+    python t/celery_suite/run.py --full              # the five files, every test
     python t/celery_suite/run.py --backend redis     # same tests on stock redis://
+    python t/celery_suite/run.py --broker sheppy     # the broker on sheppy:// too (CI)
     python t/celery_suite/run.py --full -- -k chord -x   # after --: passed to pytest
 
 Exit status is pytest's. See docs/celery-suite.md for the counts and for the
@@ -36,7 +37,8 @@ sys.path.insert(0, str(ROOT))
 from t.redis_server import RedisServer  # noqa: E402  (the project's private test server)
 
 #: The suite files this runner covers (all exist in celery 5.7.0).
-FILES = ["test_backend.py", "test_tasks.py", "test_canvas.py", "test_group_chains.py"]
+FILES = ["test_backend.py", "test_tasks.py", "test_canvas.py", "test_group_chains.py",
+         "test_inspect.py"]
 
 #: pytest settings Celery keeps in its pyproject.toml (which the sdist's t/ copy lacks).
 PYTEST_INI = """\
@@ -44,6 +46,8 @@ PYTEST_INI = """\
 python_classes = test_*
 xfail_strict = true
 timeout = 300
+# pytest 9.1+ counts passed subtests only from this verbosity on
+verbosity_subtests = 1
 markers =
     flaky
     timeout
@@ -57,6 +61,7 @@ markers =
 # suite_conftest.py instead, each with its reason.
 _GATE = re.compile(r"""(if not [\w.]*result_backend)\.startswith\((['"])redis\2\)""")
 _GATE_TUPLE = "result_backend.startswith(('redis', 'rpc'))"
+_LATE_RESET = re.compile(r"( +res = \w+\.delay\(\)\n)( +assertion_result = False\n)")
 
 
 def rewrite(path):
@@ -70,6 +75,18 @@ def rewrite(path):
     # comes) does not depend on the result backend: sheppy:// times out the same way.
     text = text.replace("xfail(TEST_BACKEND.startswith('redis://')",
                         "xfail(TEST_BACKEND.startswith(('redis://', 'sheppy://'))")
+    # test_chord_header_id_duplicated_on_rabbitmq_msg_duplication republishes a task with
+    # the signal's own arguments (a Signal object) among the message properties: AMQP drops
+    # unknown properties, redis:// and sheppy:// encode them as JSON and the publish fails,
+    # so the task is never duplicated. Upstream xfails it for redis://; so for sheppy://.
+    text, broker_gates = re.subn(r"""(broker_url)\.startswith\((['"])redis\2\)""",
+                                 r"\1.startswith(('redis', 'sheppy'))", text)
+    count += broker_gates
+    if path.name == "test_tasks.py":
+        # test_replaced_task_nesting_level_0/_1 clear their flag after delay() returns, so a
+        # task_received that comes first (sheppy:// delivers to the in-process worker before
+        # delay() returns) is overwritten: the copy clears it before publishing.
+        text = _LATE_RESET.sub(r"\2\1", text)
     if path.name == "test_backend.py":
         # Upstream imports the Azure backend before its importorskip('azure'): without
         # azure installed the module would be a collection error instead of a skip.
@@ -120,11 +137,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["sheppy", "redis"], default="sheppy",
                         help="result backend (default sheppy); redis: the stock one, to compare")
+    parser.add_argument("--broker", choices=["sheppy", "redis"], default="redis",
+                        help="broker transport (default redis: the stock one); sheppy: ours")
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--subset", action="store_true",
-                       help="the CI subset (default): the four files without the slow tests "
+                       help="the CI subset (default): the five files without the slow tests "
                        "listed in suite_conftest.py")
-    scope.add_argument("--full", action="store_true", help="all tests of the four files")
+    scope.add_argument("--full", action="store_true", help="all tests of the five files")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args(argv)
 
@@ -141,7 +160,7 @@ def main(argv=None):
     server = RedisServer()
     url = f"127.0.0.1:{server.port}/0"
     env = dict(os.environ,
-               TEST_BROKER=f"redis://{url}",
+               TEST_BROKER=f"{args.broker}://{url}",
                TEST_BACKEND=f"{args.backend}://{url}",
                REDIS_HOST="127.0.0.1", REDIS_PORT=str(server.port),
                WORKER_LOGLEVEL="INFO")
@@ -167,7 +186,8 @@ def main(argv=None):
         except ProcessLookupError:
             pass
         server.close()
-    print(f"celery suite ({args.backend}://, {'full' if args.full else 'subset'}): "
+    print(f"celery suite (broker {args.broker}://, backend {args.backend}://, "
+          f"{'full' if args.full else 'subset'}): "
           f"exit {returncode} in {time.monotonic() - started:.0f} s")
     return returncode
 

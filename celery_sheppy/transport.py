@@ -120,6 +120,10 @@ PROMOTE_BATCH = 500
 #: sooner than anything seen, but never sooner than delay_threshold).
 PROMOTE_IDLE_LOOK = 30.0
 
+#: Celery's default task_publish_retry_policy: a batch flush's retries while the
+#: transport's own ``max_retries`` is unset (Celery's retry covers only the buffering).
+CELERY_PUBLISH_RETRY = dict(max_retries=3, interval_start=0, interval_step=0.2, interval_max=0.2)
+
 #: Seconds between reads of the revoked set. A worker that is online gets revokes as
 #: broadcasts; the set is for those that were not, and is read in full at start.
 REVOKE_READ_INTERVAL = 30.0
@@ -551,24 +555,23 @@ class Channel(virtual.Channel):
                     getattr(pipe, name)(*args)
                 pipe.execute()
 
-        if self.max_retries is None:
-            retries = dict(max_retries=3, interval_start=0, interval_step=0.2, interval_max=0.2)
-        else:
-            retries = dict(max_retries=self.max_retries, interval_start=self.interval_start,
-                           interval_step=self.interval_step, interval_max=self.interval_max)
-        return retry_over_time(execute, self.connection_errors, (), {},
-                               self._on_publish_error, **retries)
+        return self._retrying_publish(execute, (), {}, CELERY_PUBLISH_RETRY)
 
     def basic_publish(self, message, exchange, routing_key, **kwargs):
         if self.max_retries is None or kwargs.get("_publish_batch") is not None:
             return self._publish(message, exchange, routing_key, **kwargs)
         # broker_transport_options' retry policy (stock names): retry the whole publish
         # on a lost connection, then let the last error out.
-        return retry_over_time(
-            self._publish, self.connection_errors, (message, exchange, routing_key), kwargs,
-            self._on_publish_error, max_retries=self.max_retries,
-            interval_start=self.interval_start, interval_step=self.interval_step,
-            interval_max=self.interval_max)
+        return self._retrying_publish(self._publish, (message, exchange, routing_key), kwargs)
+
+    def _retrying_publish(self, fun, args, kwargs, default=None):
+        """``fun(*args, **kwargs)`` retried on a lost connection by the transport's
+        publish retry policy, or ``default`` while ``max_retries`` is unset."""
+        policy = default if self.max_retries is None else dict(
+            max_retries=self.max_retries, interval_start=self.interval_start,
+            interval_step=self.interval_step, interval_max=self.interval_max)
+        return retry_over_time(fun, self.connection_errors, args, kwargs,
+                               self._on_publish_error, **policy)
 
     def _on_publish_error(self, exc, intervals, retries):
         wait = next(intervals)
@@ -895,8 +898,7 @@ class Channel(virtual.Channel):
         hub = self.connection.cycle._hub
         if hub is None:
             return self._ack_entries(by_stream)
-        commands = [command for stream, ids in by_stream.items()
-                    for command in (("XACK", stream, GROUP, *ids), ("XDEL", stream, *ids))]
+        commands = _ack_commands(by_stream)
         conn = self._ack_conn
         try:
             if conn._sock is None:
@@ -965,9 +967,8 @@ class Channel(virtual.Channel):
         if not by_stream:
             return
         with self.client.pipeline(transaction=False) as pipe:
-            for stream, ids in by_stream.items():
-                pipe.xack(stream, GROUP, *ids)
-                pipe.xdel(stream, *ids)
+            for command in _ack_commands(by_stream):
+                pipe.execute_command(*command)
             pipe.execute()
 
     def _put_back(self, tags, count=False):
@@ -1488,6 +1489,12 @@ class PublishBatch:
         self._commands = []
 
     close = discard
+
+
+def _ack_commands(by_stream):
+    """XACK + XDEL of ``{stream: [entry id, ...]}``: the ack, sent waiting or not."""
+    return [command for stream, ids in by_stream.items()
+            for command in (("XACK", stream, GROUP, *ids), ("XDEL", stream, *ids))]
 
 
 def _adder(pipe):

@@ -225,6 +225,50 @@ def test_queue_order_strategy_priority_drains_the_first_queue_first(url, redis_c
     assert bodies == ["a1", "a2", "b1", "b2"]
 
 
+def test_priority_steps_without_zero_keep_unprioritised_messages_in_sheppys_pending_stream(
+        url, redis_client):
+    options = {"priority_steps": [1, 5]}
+    queue = Queue("steps", routing_key="steps")
+    with kombu.Connection(url, transport_options=options) as conn:
+        publish(conn, queue, ["urgent"], priority=5)
+        publish(conn, queue, ["plain"])
+        assert redis_client.xlen(keys.pending_stream("steps")) == 1
+        assert redis_client.xlen(keys.priority_stream("steps", 5)) == 1
+        assert not redis_client.exists(keys.priority_stream("steps", 1))
+        assert [body for body, _ in drain(conn, [queue])] == ["plain", "urgent"]
+
+
+def test_expiring_queue_with_priority_steps_without_zero_is_consumed(url, redis_client):
+    options = {"priority_steps": [1, 5]}
+    exchange = Exchange("steps-x", type="direct")
+    queue = Queue("steps-expiring", exchange=exchange, routing_key="k", expires=10)
+    with kombu.Connection(url, transport_options=options) as conn:
+        with conn.channel() as channel:
+            Producer(channel, exchange=exchange).publish("hi", routing_key="k", declare=[queue])
+        assert [body for body, _ in drain(conn, [queue])] == ["hi"]
+
+
+def test_basic_get_skips_buffered_entries_that_are_dropped(url, redis_client):
+    # Given a consumer whose read buffered two undecodable entries it had no room for
+    queue = Queue("getbuf", routing_key="getbuf")
+    with kombu.Connection(url) as conn:
+        publish(conn, queue, ["good"])
+        for step in (3, 6):
+            redis_client.xadd(keys.priority_stream("getbuf", step), {"data": "not json"})
+        channel = conn.channel()
+        got = []
+        consumer = Consumer(channel, [queue], callbacks=[lambda body, m: got.append(m)])
+        consumer.qos(prefetch_count=1)
+        with consumer:
+            conn.drain_events(timeout=2)
+            assert [m.body for m in got] == [b'"good"'] or [m.payload for m in got] == ["good"]
+            # When basic_get meets them first, then Then they are dead-lettered, not a crash
+            assert channel.basic_get("getbuf") is None
+        assert redis_client.xlen(keys.dead_letter_stream("getbuf")) == 2
+        got[0].ack()
+        channel.close()
+
+
 # -- expiry ----------------------------------------------------------------------------------
 
 

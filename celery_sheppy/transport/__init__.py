@@ -63,7 +63,6 @@ import json
 import os
 import socket
 import sys
-from bisect import bisect
 from collections import deque
 from contextlib import nullcontext
 from datetime import datetime
@@ -85,8 +84,9 @@ from kombu.utils.eventio import ERR, READ, poll
 from kombu.utils.objects import cached_property
 from kombu.utils.scheduling import cycle_by_name
 
-from . import connection as options_mod
-from . import group_publish, keys, kombu_aliases, records, scripts
+from .. import connection as options_mod
+from .. import group_publish, keys, kombu_aliases, records, scripts
+from .streams import PRIORITY_STEPS, QueueStreams
 
 kombu_aliases.register()  # importing the transport is enough for a plain kombu process
 
@@ -99,9 +99,6 @@ SEP = "\x06\x16"
 
 #: Member of an exchange's binding zset whose score versions the table.
 VERSION_MEMBER = "\x00version"
-
-#: Stock default: four priority streams per queue.
-PRIORITY_STEPS = [0, 3, 6, 9]
 
 #: A binding of an expiring queue lives this many times the queue's expiry,
 #: and never less than MIN_BINDING_MS, and is renewed by its consumer.
@@ -203,7 +200,7 @@ class Channel(virtual.Channel):
     #: Longest single block of a read, in seconds (a new message ends it at once; an
     #: idle consumer sends one XREADGROUP per interval).
     polling_interval = 10.0
-    priority_steps = PRIORITY_STEPS
+    priority_steps = list(PRIORITY_STEPS)
     queue_order_strategy = "round_robin"
     #: Most messages one read asks for when the prefetch count is unlimited.
     max_batch = 100
@@ -253,7 +250,11 @@ class Channel(virtual.Channel):
             if getattr(self, name) != getattr(Channel, name):
                 raise ChannelError(f"transport option {name!r} is not supported by sheppy://: "
                                    "sheppy's key layout is fixed")
-        self.priority_steps = sorted(set(int(step) for step in self.priority_steps)) or [0]
+        try:
+            self.queue_streams = QueueStreams(self.priority_steps)
+        except ValueError as exc:
+            raise ChannelError(f"sheppy:// broker: {exc}") from None
+        self.priority_steps = list(self.queue_streams.steps)
         self.connection_errors = self.connection.connection_errors
         self.consumer_name = f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:12]}"
         self._queue_cycle = cycle_by_name(self.queue_order_strategy)()
@@ -385,25 +386,16 @@ class Channel(virtual.Channel):
     # -- streams of a queue ----------------------------------------------------------------
 
     def priority(self, n):
-        steps = self.priority_steps
-        return steps[max(bisect(steps, n) - 1, 0)]
+        return self.queue_streams.step_of(n)
 
     def _streams(self, queue):
-        """The queue's streams, highest priority (lowest step) first.
-
-        An expiring queue (remote-control replies, event receivers) has one stream:
-        publishers know it expires from its binding, so they never use another.
-        """
-        keys.check_queue(queue)
-        if queue in self._expires:
-            return [keys.pending_stream(queue)]
-        return [keys.priority_stream(queue, step) for step in self.priority_steps]
+        """The queue's streams, highest priority (lowest step) first."""
+        return self.queue_streams.of(queue, expiring=queue in self._expires)
 
     def _stream_for(self, queue, message, expires=None):
-        keys.check_queue(queue)
-        if expires or (expires is None and queue in self._expires):
-            return keys.pending_stream(queue)
-        return keys.priority_stream(queue, self.priority(self._get_message_priority(message)))
+        expiring = bool(expires) if expires is not None else queue in self._expires
+        return self.queue_streams.for_message(queue, self._get_message_priority(message),
+                                              expiring=expiring)
 
     def _ensure_groups(self, queue, force=False):
         if queue in self._grouped and not force:
@@ -480,7 +472,7 @@ class Channel(virtual.Channel):
         self._unbind(exchange, routing_key, pattern, queue)
 
     def _drop_queue(self, queue):
-        self.client.delete(*{keys.priority_stream(queue, step) for step in [0, *self.priority_steps]})
+        self.client.delete(*self.queue_streams.all_known(queue))
         self.client.hdel(keys.queue_registry(), queue)
         self._grouped.discard(queue)
         self._auto_delete.discard(queue)
@@ -699,12 +691,14 @@ class Channel(virtual.Channel):
 
     def _get(self, queue, timeout=None):
         """One message of ``queue``, highest priority first (``basic_get``)."""
-        for index, item in enumerate(self._buffer):
-            if item[0] == queue:
-                del self._buffer[index]
-                message = self._receive(*item)
-                if message is not None:
-                    return message
+        while True:
+            item = next((item for item in self._buffer if item[0] == queue), None)
+            if item is None:
+                break
+            self._buffer.remove(item)  # not while iterating: _receive may drop it
+            message = self._receive(*item)
+            if message is not None:
+                return message
         self._ensure_groups(queue)
         self._read_from.add(queue)
         reply = self._scripts["read"](keys=self._streams(queue),
@@ -740,11 +734,12 @@ class Channel(virtual.Channel):
                           "STREAMS", *streams, *([">"] * len(streams)))
         self._reading = conn
         self._read_sent_at = monotonic()
-        self._read_order = {stream: index for index, stream in enumerate(
-            keys.priority_stream(queue, step)
-            for step in self.priority_steps for queue in ordered)}
-        self._read_queues = {keys.priority_stream(queue, step): queue
-                             for queue in ordered for step in self.priority_steps}
+        # Delivery order within a read: by priority step first, then by queue order.
+        by_queue = [self._streams(queue) for queue in ordered]
+        self._read_order = {stream: (step, index) for index, streams in enumerate(by_queue)
+                            for step, stream in enumerate(streams)}
+        self._read_queues = {stream: queue for queue, streams in zip(ordered, by_queue)
+                             for stream in streams}
         return True
 
     def _put_off(self, budget):

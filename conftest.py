@@ -66,6 +66,36 @@ def tls_server():
     server.close()
 
 
+@pytest.fixture(scope="session")
+def side_redis():
+    """A server only the tests use, to count task runs: the system under test never
+    touches it, so killing or restarting the tested server cannot lose a count."""
+    server = RedisServer()
+    yield server
+    server.close()
+
+
+#: ACL rules of restricted users: as managed Redis services restrict users (no CLIENT
+#: UNBLOCK, CONFIG, INFO, KEYS), and the least docs/transport.md says celery-sheppy needs.
+RESTRICTED_ACL_USERS = {
+    "worker": ["~*", "&*", "+@all", "-@dangerous"],
+    "minimal": ["resetkeys", "~sheppy:*", "resetchannels", "-@all", "+@read", "+@write",
+                "+@stream", "+@scripting", "+@transaction", "+@connection", "+time"],
+}
+
+
+@pytest.fixture(scope="session")
+def restricted_acl_server():
+    """A server whose users (RESTRICTED_ACL_USERS, password ``<name>-pw``) are restricted;
+    the default user is off."""
+    users = [arg for name, rules in RESTRICTED_ACL_USERS.items()
+             for arg in ("--user", name, "on", f">{name}-pw", *rules)]
+    server = RedisServer("--user", "default", "off", *users, username="worker",
+                         password="worker-pw")
+    yield server
+    server.close()
+
+
 @pytest.fixture
 def redis_client(redis_server):
     client = redis_server.client()
@@ -86,8 +116,7 @@ class Worker:
                    **(extra_env or {}))
         cmd = [sys.executable, "-m", "celery", "-A", "t.integration.tasks", "worker",
                "-P", pool, "-c", str(concurrency), "-Q", queues, "-l", "INFO",
-               "--without-gossip", "--without-mingle", "--without-heartbeat",
-               "-n", f"w{free_port()}@%h", *args]
+               "-n", f"w{free_port()}@%h", *args]  # Celery's defaults: mingle, gossip, heartbeat
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                         cwd=str(ROOT), start_new_session=True)
         atexit.register(self.kill)

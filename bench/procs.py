@@ -93,11 +93,9 @@ class Worker:
         env = dict(os.environ, BENCH_BROKER=broker, BENCH_BACKEND=backend,
                    BENCH_READY_FILE=str(self.ready_file),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        # Gossip, mingle and heartbeats are worker events, not broker work: off on
-        # both sides, so the idle measurement counts what a consumer itself costs.
+        # Celery's defaults (mingle, gossip, heartbeat on), as users run workers.
         cmd = [sys.executable, "-m", "celery", "-A", "bench.app", "worker", "-P", pool,
-               "-c", str(concurrency), "-Q", "celery", "-l", "WARNING", "-n", f"bench{free_port()}@%h",
-               "--without-gossip", "--without-mingle", "--without-heartbeat"]
+               "-c", str(concurrency), "-Q", "celery", "-l", "WARNING", "-n", f"bench{free_port()}@%h"]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             cwd=ROOT, start_new_session=True)

@@ -16,6 +16,7 @@ empties the set fires the body; a part that reports twice removes nothing.
 
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from functools import partial
 
@@ -294,6 +295,7 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         extra_errors = options.get("additional_connection_errors") or ()
         self.connection_errors += tuple(extra_errors)
         self._registered_at = 0.0
+        self._same_server = None  # broker on this server and db? (_broker_is_here)
         self.result_consumer = self.ResultConsumer(
             self, self.app, self.accept, self._pending_results, self._pending_messages)
 
@@ -318,7 +320,18 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
 
     @cached_property
     def client(self):
-        return self.redis.Redis(connection_pool=self._pool(self.connparams))
+        client = self.redis.Redis(connection_pool=self._pool(self.connparams))
+        try:
+            hello = connection.server_hello(client)
+        except self.connection_errors:
+            return client  # not reachable now: its first command says so
+        try:
+            connection.check_standalone(
+                hello, f"the sheppy:// result backend at {self.connparams.get('host')}:"
+                       f"{self.connparams.get('port')}")
+        except ValueError as exc:
+            raise ImproperlyConfigured(str(exc)) from None
+        return client
 
     @cached_property
     def blocking_client(self):
@@ -327,6 +340,7 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
             connection.blocking_kwargs(self.connparams, MAX_BLOCK_SECONDS)))
 
     def reset_connections(self):
+        self._same_server = None
         for name in ("client", "blocking_client"):
             client = self.__dict__.get(name)
             if client is not None:
@@ -458,8 +472,11 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
             raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
         expires = self.failure_expires if state == states.FAILURE else self.expires
         terminal = state in records.TERMINAL_STATES
-        self._write_record(records.sheppy_id(task_id), text, terminal, expires,
-                           self._delivery_to_ack(request) if terminal else None)
+        ack = self._delivery_to_ack(request) if terminal else None
+        # Retried on a lost connection like the stock backend's set() (retry_policy:
+        # 20 tries a second apart by default), so a Redis restart loses no result. A
+        # retry after a lost reply rewrites the same record; a stored SUCCESS stays.
+        self.ensure(self._write_record, (records.sheppy_id(task_id), text, terminal, expires, ack))
         return result
 
     def _delivery_to_ack(self, request):
@@ -478,20 +495,34 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
             return None  # another queue may live in another cluster slot
         return stream, entry_id
 
-    @cached_property
+    @property
     def _broker_is_here(self):
-        """True when the broker is ``sheppy://`` on this backend's server and database."""
+        """True when the broker is ``sheppy://`` on this backend's server and database,
+        as the servers say (not the URLs: ``localhost`` and ``127.0.0.1`` are one server,
+        two ports behind a proxy may be two). Decided once per connection."""
+        if self._same_server is None:
+            self._same_server = self._probe_broker()  # None again when it could not tell
+        return bool(self._same_server)
+
+    def _probe_broker(self):
+        """Write a token with this backend's client, read it with the broker's."""
         url = self.app.conf.broker_write_url or self.app.conf.broker_url
         if isinstance(url, (list, tuple)):
             url = url[0] if url else None
-        url = (url or "").split(";")[0].strip()
-        try:
-            broker = connection.parse_url(url)
-        except ValueError:
+        if not (url or "").split(";")[0].strip().startswith(tuple(connection.SCHEMES)):
             return False
-        mine = self.connparams
-        return ((broker["host"], broker["port"], broker.get("db", 0))
-                == (mine.get("host", "localhost"), mine.get("port", 6379), mine.get("db", 0)))
+        token = uuid.uuid4().hex
+        key = keys.server_probe(token)
+        try:
+            self.client.set(key, token, ex=10)
+            with self.app.connection_for_write() as conn:
+                seen = conn.default_channel.client.get(key)
+            self.client.delete(key)
+        except Exception as exc:  # pylint: disable=broad-except
+            logger.warning("sheppy: could not tell whether broker and result backend share "
+                           "a Redis database (%r); will ask again with the next result", exc)
+            return None
+        return bytes_to_str(seen or b"") == token
 
     def _write_record(self, sid, text, terminal, expires, ack=None):
         queue = self.queue

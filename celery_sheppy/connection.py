@@ -162,6 +162,38 @@ def connection_kwargs(url, options=None):
     return kwargs
 
 
+def server_hello(client):
+    """The server's ``HELLO`` answer as ``{name: value}`` (``version``, ``id``, ``mode``,
+    ``role``...), text values decoded; ``{}`` when the server refuses HELLO (an ACL, or a
+    proxy). One round trip, and no ACL category a managed Redis denies (``INFO`` and
+    ``CLIENT LIST`` are in ``@dangerous``)."""
+    try:
+        reply = client.execute_command("HELLO")
+    except redis.ResponseError:
+        return {}
+    if isinstance(reply, (list, tuple)):  # RESP2: a flat list of names and values
+        reply = dict(zip(reply[::2], reply[1::2]))
+    return {_text(name): _text(value) for name, value in reply.items()}
+
+
+def _text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def check_standalone(hello, where):
+    """Raise ValueError when ``hello`` is a Sentinel's or a Cluster node's: a plain
+    ``sheppy://`` URL needs a Redis server (or primary) it can use directly."""
+    mode = hello.get("mode")
+    if mode == "sentinel":
+        raise ValueError(
+            f"{where} is a Redis Sentinel, not a Redis server: point sheppy:// at the primary "
+            "itself (Sentinel discovery is not supported by sheppy:// yet)")
+    if mode == "cluster":
+        raise ValueError(
+            f"{where} is a Redis Cluster node: sheppy:// needs a standalone server "
+            "(Redis Cluster is not supported by sheppy:// yet)")
+
+
 def blocking_kwargs(kwargs, block_seconds):
     """``kwargs`` for a connection that blocks up to ``block_seconds`` in one read."""
     timeout = kwargs.get("socket_timeout") or 0

@@ -152,6 +152,15 @@ def exchange_bindings(exchange):
 # ``sheppy:celery::revoked``               zset    revoked Celery task ids, score = revoke time
 #                                                  (epoch ms); entries older than the revoke
 #                                                  expiry are dropped
+# ``sheppy:celery::probe:<token>``         string  a random token, for 10 s: the result backend
+#                                                  writes it and reads it through the broker's
+#                                                  connection to learn whether both are one db
+
+
+def server_probe(token):
+    """A short-lived string written through one connection and read through another, to
+    tell whether two connections reach the same server and database."""
+    return f"{PREFIX}:celery::probe:{token}"
 
 
 def dead_letter_stream(queue):

@@ -347,6 +347,9 @@ def _task_body(message, headers):
 
 def record_to_message(raw):
     """``(record, kombu message dict)`` from a pending entry's ``data``; RecordError if bad."""
+    if raw is None:
+        raise RecordError("the stream entry has no 'data' field (not written by celery-sheppy "
+                          "or sheppy)")
     record = loads(raw)
     extras = record.get("celery")
     message = extras.get("message") if isinstance(extras, dict) else None

@@ -62,8 +62,7 @@ class Worker:
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "examples.tasks", "worker",
-             "-P", "prefork", "-c", "2", "-l", "INFO", "-n", f"demo{os.getpid()}@%h",
-             "--without-gossip", "--without-mingle", "--without-heartbeat"],
+             "-P", "prefork", "-c", "2", "-l", "INFO", "-n", f"demo{os.getpid()}@%h"],
             stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             cwd=str(ROOT), start_new_session=True)
         try:

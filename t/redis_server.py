@@ -132,3 +132,46 @@ def make_certificates(directory):
     Path(directory, "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
             "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem")
+
+
+class SentinelServer:
+    """A ``redis-server --sentinel`` process on a free loopback port, stopped by its PID.
+
+    ``monitor``: ``(name, host, port, quorum)`` of a primary to watch, or None.
+    """
+
+    def __init__(self, monitor=None, down_after_ms=1000, failover_timeout_ms=2000):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="celery-sheppy-sentinel-")
+        lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}"]
+        if monitor:
+            name, host, port, quorum = monitor
+            lines += [f"sentinel monitor {name} {host} {port} {quorum}",
+                      f"sentinel down-after-milliseconds {name} {down_after_ms}",
+                      f"sentinel failover-timeout {name} {failover_timeout_ms}",
+                      f"sentinel parallel-syncs {name} 1"]
+        self.config = os.path.join(self.dir, "sentinel.conf")
+        Path(self.config).write_text("\n".join(lines) + "\n")
+        self.process = subprocess.Popen(["redis-server", self.config, "--sentinel"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        atexit.register(self.close)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1).ping():
+                    return
+            except redis.ConnectionError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.close()
+                raise RuntimeError(f"redis-server --sentinel on port {self.port} did not start")
+            time.sleep(0.05)
+
+    def client(self, **kwargs):
+        return redis.Redis(host="127.0.0.1", port=self.port, **kwargs)
+
+    def close(self):
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)

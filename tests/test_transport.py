@@ -507,3 +507,82 @@ def test_publish_raises_a_clear_error_once_the_retry_policy_is_spent(make_redis_
         with pytest.raises(Exception, match="onnect"):
             producer.publish("lost", routing_key="spent")
         assert time.monotonic() - started < 10
+
+
+# -- what a queue leaves in Redis ----------------------------------------------------------------
+
+
+def test_declared_queue_has_only_sheppys_pending_stream_until_a_priority_is_used(
+        connection, redis_client):
+    queue = Queue("lean", routing_key="lean")
+    with connection.channel() as channel:
+        queue(channel).declare()
+    assert [key for key in redis_client.scan_iter("*lean*") if b"stream" == redis_client.type(key)
+            ] == [keys.pending_stream("lean").encode()]
+    publish(connection, queue, ["urgent"], priority=6)
+    assert redis_client.exists(keys.priority_stream("lean", 6))
+    assert not redis_client.exists(keys.priority_stream("lean", 3))
+    assert [body for body, _ in drain(connection, [queue])] == ["urgent"]
+
+
+def test_priority_stream_made_while_a_consumer_reads_joins_its_read(url, redis_client):
+    # Given a consumer already reading a queue that has no priority stream yet
+    from celery_sheppy import transport
+
+    queue = Queue("joins", routing_key="joins")
+    received = []
+    with kombu.Connection(url) as consuming, kombu.Connection(url) as producing:
+        with Consumer(consuming, [queue], callbacks=[lambda b, m: (received.append(b), m.ack())]):
+            with pytest.raises(socket.timeout):
+                consuming.drain_events(timeout=0.3)  # its read is now outstanding
+            # When another process publishes the first message of a priority
+            publish(producing, queue, ["urgent"], priority=9)
+            deadline = time.monotonic() + transport.PRIORITY_LOOK_INTERVAL + 3
+            while not received and time.monotonic() < deadline:
+                try:
+                    consuming.drain_events(timeout=0.5)
+                except socket.timeout:
+                    pass
+    # Then the consumer finds the new stream and gets it
+    assert received == ["urgent"]
+
+
+def test_entry_without_a_data_field_is_dead_lettered_with_a_clear_reason(connection, redis_client):
+    queue = Queue("nodata", routing_key="nodata")
+    publish(connection, queue, ["good"])
+    redis_client.xadd(keys.pending_stream("nodata"), {"other": "x"})
+    assert [body for body, _ in drain(connection, [queue])] == ["good"]
+    (letter,) = redis_client.xrange(keys.dead_letter_stream("nodata"))
+    assert b"no 'data' field" in letter[1][b"reason"]
+
+
+# -- configuration that cannot work: refused by name, with the way out ----------------------------------
+
+
+def test_unknown_transport_option_is_refused_by_name(url):
+    conn = kombu.Connection(url, transport_options={"visibilty_timeout": 10})
+    with pytest.raises(Exception, match="visibilty_timeout"):
+        conn.default_channel
+
+
+def test_stock_redis_options_that_mean_nothing_here_are_accepted(url):
+    options = {"fanout_prefix": True, "fanout_patterns": True, "unacked_restore_limit": 10}
+    with kombu.Connection(url, transport_options=options) as conn:
+        assert conn.default_channel.client.ping()
+
+
+def test_sentinel_options_urls_and_ports_are_refused_with_a_clear_error(url):
+    from t.redis_server import SentinelServer
+
+    with pytest.raises(Exception, match="master_name.*Sentinel"):
+        kombu.Connection(url, transport_options={"master_name": "mymaster"}).default_channel
+    with pytest.raises(Exception, match=r"sheppy\+sentinel://\) are not supported"):
+        kombu.Connection("sheppy+sentinel://127.0.0.1:26379;sheppy+sentinel://127.0.0.1:26380/0"
+                         ).default_channel
+
+    sentinel = SentinelServer()
+    try:
+        with pytest.raises(Exception, match="is a Redis Sentinel"):
+            kombu.Connection(f"sheppy://127.0.0.1:{sentinel.port}/0").default_channel
+    finally:
+        sentinel.close()

@@ -5,6 +5,7 @@
 -- KEYS[3]     sheppy:tasks:<q>:<id>            string  sheppy record ("scheduled" -> "pending")
 -- KEYS[4..n]  the queue's streams (sheppy:pending:<q>, sheppy:celery:<q>:priority:<n>...)
 -- ARGV[1]     sheppy task id (the zset member)
+-- ARGV[2]     consumer group ("workers"): created with the stream if the stream is new
 --
 -- Due means a score at or before the server's time. The member is removed and the
 -- entry added in one step, so of several workers trying only one adds it. Returns the
@@ -32,5 +33,9 @@ local record = redis.call('GET', KEYS[3])
 if record and string.find(string.sub(record, 1, 200), '"status":%s*"scheduled"') then
     record = string.gsub(record, '"status":%s*"scheduled"', '"status":"pending"', 1)
     redis.call('SET', KEYS[3], record, 'KEEPTTL')
+end
+if redis.call('EXISTS', stream) == 0 then
+    -- a priority stream is made by its first message, always with the group
+    redis.call('XGROUP', 'CREATE', stream, ARGV[2], '0', 'MKSTREAM')
 end
 return redis.call('XADD', stream, '*', 'data', item[2])

@@ -68,6 +68,7 @@ from contextlib import nullcontext
 from datetime import datetime
 
 from queue import Empty
+import threading
 from threading import get_ident
 from time import monotonic, sleep, time
 from uuid import uuid4
@@ -85,7 +86,9 @@ from kombu.utils.objects import cached_property
 from kombu.utils.scheduling import cycle_by_name
 
 from .. import connection as options_mod
+from .. import __version__ as celery_sheppy_version
 from .. import group_publish, keys, kombu_aliases, records, scripts
+from . import orphans
 from .streams import PRIORITY_STEPS, QueueStreams
 
 kombu_aliases.register()  # importing the transport is enough for a plain kombu process
@@ -107,6 +110,10 @@ MIN_BINDING_MS = 60 * 60 * 1000
 
 #: Most entry ids one lease renewal call carries (Lua's unpack has a limit).
 RENEW_CHUNK = 1000
+
+#: Seconds between looks for priority streams a publisher made (the first message of a
+#: priority creates its stream): the first such message of a queue waits up to this long.
+PRIORITY_LOOK_INTERVAL = 5.0
 
 #: Seconds between looks for due messages in the scheduled set, and most moved per look.
 PROMOTE_INTERVAL = 1.0
@@ -131,17 +138,38 @@ SCHEDULED_KEEP_SECONDS = 30 * 24 * 3600
 #: Revokes are read again this far back (ms): their times come from publishers' clocks.
 REVOKE_CLOCK_SLACK_MS = 60000
 
+#: Longest single block of a read, in seconds, when CLIENT UNBLOCK is denied (the ACL
+#: category @dangerous holds it): queue changes wait for the read to end.
+UNBLOCK_DENIED_BLOCK = 1.0
+
 #: Content types kombu passes through without a serializer.
 RAW_CONTENT_TYPES = ("application/data", "application/text")
 
 #: Options sheppy's fixed layout cannot honour.
 REFUSED_OPTIONS = ("global_keyprefix", "sep")
 
+#: Options of the stock redis:// transport that mean nothing here (streams have no
+#: unacked hash and fanout is not pub/sub): accepted, so a project can switch URLs only.
+STOCK_NOOP_OPTIONS = frozenset({
+    "ack_emulation", "unacked_key", "unacked_index_key", "unacked_mutex_key",
+    "unacked_mutex_expire", "unacked_restore_limit", "unacked_restore_interval",
+    "unacked_restore_throttle", "fanout_prefix", "fanout_patterns", "socket_keepalive_options",
+})
+
+#: The stock sentinel:// transport's options.
+SENTINEL_OPTIONS = frozenset({"master_name", "min_other_sentinels", "sentinel_kwargs",
+                              "sentinel_fanout_compat"})
+
 #: Options passed to redis-py (names as in ``connection.OPTION_PARSERS``).
 CONNECTION_OPTIONS = (
     "socket_timeout", "socket_connect_timeout", "socket_keepalive", "health_check_interval",
     "max_connections", "retry_on_timeout", "client_name", "username", "password",
 )
+
+
+class Message(virtual.Message):
+    """kombu's virtual message, weakly referable: the orphan ledger watches whether
+    Celery still holds it after a lost connection (orphans.py)."""
 
 
 class QoS(virtual.QoS):
@@ -152,12 +180,7 @@ class QoS(virtual.QoS):
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag, requeue=False):
-        if requeue:
-            self.channel._put_back([delivery_tag], count=True)
-        else:
-            # Not requeued: the message goes to its queue's dead letters, as with
-            # a dead-letter exchange on AMQP.
-            self.channel._dead_letter_tag(delivery_tag, "rejected")
+        self.channel._reject(delivery_tag, requeue)
         super().ack(delivery_tag)
 
     def restore_unacked(self):
@@ -180,6 +203,7 @@ class Channel(virtual.Channel):
     """A kombu channel: one consumer of the ``workers`` group."""
 
     QoS = QoS
+    Message = Message
 
     supports_fanout = True
     body_encoding = None  # text bodies are kept as text, bytes as base64 (records.py)
@@ -242,7 +266,9 @@ class Channel(virtual.Channel):
     _wake_at = None  # when the hub timer that ends that wait fires
     _hot_streams = frozenset()  # the streams the last read with messages got them from
     _blocking_id = None  # CLIENT ID of the blocking connection, to interrupt its read
+    _can_unblock = True  # CLIENT UNBLOCK is allowed (the ACL may deny it)
     _closing = False
+    _orphans = None  # the orphan ledger, once the connection was lost (orphans.py)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -256,7 +282,9 @@ class Channel(virtual.Channel):
             raise ChannelError(f"sheppy:// broker: {exc}") from None
         self.priority_steps = list(self.queue_streams.steps)
         self.connection_errors = self.connection.connection_errors
-        self.consumer_name = f"{socket.gethostname()}:{os.getpid()}:{uuid4().hex[:12]}"
+        self._pid = os.getpid()
+        self._inflight_lock = threading.RLock()
+        self.consumer_name = f"{socket.gethostname()}:{self._pid}:{uuid4().hex[:12]}"
         self._queue_cycle = cycle_by_name(self.queue_order_strategy)()
         self._buffer = deque()  # (queue, stream, entry id, data): read, not yet delivered
         self._inflight = {}  # delivery tag -> (stream, entry id, record)
@@ -274,7 +302,9 @@ class Channel(virtual.Channel):
         self._expires = {}  # queue -> x-expires (ms)
         self._message_ttl = {}  # queue -> x-message-ttl (ms)
         self._auto_delete = set()
-        self._grouped = set()  # queues whose streams have the group (this channel knows)
+        self._grouped = {}  # queue -> its streams that exist with the group (as last seen)
+        self._publish_grouped = set()  # priority streams this channel made sure have the group
+        self._discovered_at = monotonic()
         self._read_from = set()  # queues this channel's consumer may appear in
         self._tables = {}  # exchange -> (version, [(routing_key, pattern, queue, expires_ms)])
         self._maintained_at = monotonic()
@@ -283,11 +313,20 @@ class Channel(virtual.Channel):
         self._fd = None
         self._read_sent_at = None
         try:
-            self.client.ping()
+            hello = options_mod.server_hello(self.client) or {"ping": self.client.ping()}
+            options_mod.check_standalone(hello, f"the sheppy:// broker at {self._where}")
+        except ValueError as exc:
+            self._disconnect()
+            raise ChannelError(str(exc)) from None
         except Exception:
             self._disconnect()
             raise
         self.connection.cycle.add(self)
+
+    @property
+    def _where(self):
+        params = self.connparams
+        return f"{params.get('host')}:{params.get('port')}"
 
     # -- connections -------------------------------------------------------------------
 
@@ -305,6 +344,10 @@ class Channel(virtual.Channel):
             settings.update(conninfo.ssl)
         # kombu parsed the URL (as for redis://): rebuild it for our parser.
         host = conninfo.hostname or "localhost"
+        if "://" in host:  # sheppy+<kind>://: kombu leaves "<kind>://..." as the host
+            raise ChannelError(
+                f"sheppy:// broker: {host.split('://')[0]!r} URLs (sheppy+"
+                f"{host.split('://')[0]}://) are not supported yet; use sheppy://host:port/db")
         host = f"[{host}]" if ":" in host else host
         scheme = conninfo.transport_cls if conninfo.transport_cls in options_mod.SCHEMES else "sheppy"
         db = str(conninfo.virtual_host or "").strip("/")
@@ -354,17 +397,33 @@ class Channel(virtual.Channel):
         conn = self._blocking_conn
         if conn._sock is None or self._blocking_id is None:
             conn.connect()
-            conn.send_command("CLIENT", "ID")
-            self._blocking_id = conn.read_response()
+            self._blocking_id, self._can_unblock = _probe_unblock(conn)
+            if not self._can_unblock:
+                logger.warning(
+                    "sheppy: CLIENT ID or CLIENT UNBLOCK is not allowed for this Redis user "
+                    "(ACL @dangerous): reads block for at most %.0f s instead of %.0f s, so a "
+                    "change of consumed queues waits for the current read to end",
+                    min(self.polling_interval, UNBLOCK_DENIED_BLOCK), self.polling_interval)
         return conn
 
+    def _block_seconds(self):
+        """How long one blocking read waits: shorter when it cannot be interrupted."""
+        if self._can_unblock:
+            return self.polling_interval
+        return min(self.polling_interval, UNBLOCK_DENIED_BLOCK)
+
     def _interrupt_read(self):
-        """Make the outstanding blocking read return now (its queues changed)."""
-        if self._reading is not None and self._blocking_id is not None:
+        """Make the outstanding blocking read return now (its queues changed); without
+        CLIENT UNBLOCK it returns by itself within :meth:`_block_seconds`."""
+        if self._reading is not None and self._blocking_id is not None and self._can_unblock:
             try:
                 self.client.client_unblock(self._blocking_id)
             except self.connection_errors:
                 pass
+            except redis.ResponseError as exc:  # NOPERM: an ACL that denies it
+                logger.warning("sheppy: CLIENT UNBLOCK refused (%s); reads now block for at "
+                               "most %.0f s", exc, UNBLOCK_DENIED_BLOCK)
+                self._can_unblock = False
 
     @cached_property
     def _scripts(self):
@@ -398,20 +457,50 @@ class Channel(virtual.Channel):
                                               expiring=expiring)
 
     def _ensure_groups(self, queue, force=False):
+        """Create the queue's pending stream and the group on it, and learn which of its
+        priority streams exist: those are made by the first publish of their priority
+        (:meth:`_add_put`), so an unused step leaves no key behind."""
         if queue in self._grouped and not force:
-            return
+            return self._grouped[queue]
         streams = self._streams(queue)
         with self.client.pipeline(transaction=False) as pipe:
-            for stream in streams:
-                pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            pipe.xgroup_create(streams[0], GROUP, id="0", mkstream=True)
+            for stream in streams[1:]:
+                pipe.xgroup_create(stream, GROUP, id="0")
             if queue in self._expires:
-                for stream in streams:
-                    pipe.pexpire(stream, self._expires[queue])
+                pipe.pexpire(streams[0], self._expires[queue])
             replies = pipe.execute(raise_on_error=False)
-        for reply in replies:
-            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+        present = []
+        for stream, reply in zip(streams, replies):
+            if not isinstance(reply, Exception) or "BUSYGROUP" in str(reply):
+                present.append(stream)
+            elif "requires the key to exist" not in str(reply):
                 raise reply
-        self._grouped.add(queue)
+        self._grouped[queue] = present
+        return present
+
+    def _discover_streams(self, force=False):
+        """Look for priority streams that publishers created since the queue was declared;
+        a new one joins the read (every PRIORITY_LOOK_INTERVAL seconds)."""
+        now = monotonic()
+        if not force and now - self._discovered_at < PRIORITY_LOOK_INTERVAL:
+            return
+        self._discovered_at = now
+        absent = {queue: [stream for stream in self._streams(queue)
+                          if stream not in self._grouped.get(queue, ())]
+                  for queue in self._lease_queues()}
+        absent = {queue: streams for queue, streams in absent.items() if streams}
+        if not absent:
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for streams in absent.values():
+                pipe.exists(*streams)
+            counts = pipe.execute()
+        grown = [queue for queue, count in zip(absent, counts) if count]
+        for queue in grown:
+            self._ensure_groups(queue, force=True)
+        if grown:
+            self._interrupt_read()
 
     # -- declaring ---------------------------------------------------------------------------
 
@@ -451,7 +540,8 @@ class Channel(virtual.Channel):
         return max(size, 0)
 
     def _purge(self, queue):
-        """Delete the waiting messages of ``queue``; delivered ones stay. Returns the count."""
+        """Delete the waiting messages of ``queue``, the scheduled (delayed) ones included;
+        delivered ones stay. Returns the count."""
         purged = 0
         script = self._scripts["purge"]
         for stream in self._streams(queue):
@@ -460,7 +550,19 @@ class Channel(virtual.Channel):
                 purged += deleted
                 if deleted < 10000:
                     break
-        return purged
+        return purged + self._purge_scheduled(queue)
+
+    def _purge_scheduled(self, queue):
+        scheduled = keys.scheduled_set(queue)
+        script = scripts.registry()["purge_scheduled"]
+        purged = 0
+        while True:
+            ids = [bytes_to_str(member) for member in self.client.zrange(scheduled, 0, 499)]
+            if not ids:
+                return purged
+            pairs = [key for sid in ids for key in (keys.delayed_message(queue, sid),
+                                                     keys.task_record(queue, sid))]
+            purged += script(self.client, keys=[scheduled, *pairs], args=ids)
 
     def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
         if if_empty and self._size(queue):
@@ -474,7 +576,7 @@ class Channel(virtual.Channel):
     def _drop_queue(self, queue):
         self.client.delete(*self.queue_streams.all_known(queue))
         self.client.hdel(keys.queue_registry(), queue)
-        self._grouped.discard(queue)
+        self._grouped.pop(queue, None)
         self._auto_delete.discard(queue)
 
     # -- bindings ------------------------------------------------------------------------------
@@ -543,9 +645,9 @@ class Channel(virtual.Channel):
         Celery's default task_publish_retry_policy while ``max_retries`` is unset)."""
         def execute():
             with self.client.pipeline(transaction=True) as pipe:
-                for name, args in commands:
-                    getattr(pipe, name)(*args)
-                pipe.execute()
+                for name, args, kwargs in commands:
+                    getattr(pipe, name)(*args, **kwargs)
+                _execute(pipe)
 
         return self._retrying_publish(execute, (), {}, CELERY_PUBLISH_RETRY)
 
@@ -602,12 +704,10 @@ class Channel(virtual.Channel):
             pipe.zscore(keys.exchange_bindings(exchange), VERSION_MEMBER)
             order = []
             for queue, expires in routed.items():
-                stream = self._stream_for(queue, message, expires)
-                pipe.xadd(stream, {"data": record})
-                if expires:
-                    pipe.pexpire(stream, expires)
-                order.append((queue, stream, len(pipe.command_stack) - (2 if expires else 1)))
-            replies = pipe.execute()
+                self._add_put(_adder(pipe), queue, message, expires, record)
+                order.append((queue, self._stream_for(queue, message, expires),
+                              len(pipe.command_stack) - 1))
+            replies = _execute(pipe)
         if replies[0] == version:
             return
         current = self._load_table(exchange)[1]
@@ -619,7 +719,7 @@ class Channel(virtual.Channel):
             for queue, expires in now.items():
                 if queue not in routed:
                     self._add_put(_adder(pipe), queue, message, expires, record)
-            pipe.execute()
+            _execute(pipe)
 
     def _put(self, queue, message, **kwargs):
         due = self._due_later(message)
@@ -629,19 +729,27 @@ class Channel(virtual.Channel):
         expires = self._expires.get(queue, 0)
         if batch is not None:
             return self._add_put(batch.add, queue, message, expires)
-        if not expires:
-            self.client.xadd(self._stream_for(queue, message),
-                             {"data": records.message_to_record(message)})
-            return
         with self.client.pipeline(transaction=False) as pipe:
             self._add_put(_adder(pipe), queue, message, expires)
-            pipe.execute()
+            _execute(pipe)
 
     def _add_put(self, add, queue, message, expires, record=None):
+        # An expiring queue (reply, event receiver, pidbox) lives while its consumer
+        # renews it: a publish never creates or extends it (NOMKSTREAM), so the queue of
+        # a receiver that stopped expires on time and stops collecting messages.
         stream = self._stream_for(queue, message, expires)
-        add("xadd", stream, {"data": record or records.message_to_record(message)})
-        if expires:
-            add("pexpire", stream, expires)
+        if not expires and stream != keys.pending_stream(queue) and (
+                stream not in self._publish_grouped):
+            # The first message of a priority makes its stream: with the group, from id 0
+            # (BUSYGROUP when it exists is ignored, see _execute).
+            add("xgroup_create", stream, GROUP, id="0", mkstream=True)
+            self._publish_grouped.add(stream)
+            present = self._grouped.get(queue)
+            if present is not None and stream not in present:  # this channel reads it too
+                self._grouped[queue] = [name for name in self._streams(queue)
+                                        if name in present or name == stream]
+        add("xadd", stream, {"data": record or records.message_to_record(message)},
+            nomkstream=bool(expires))
 
     def _put_fanout(self, exchange, message, routing_key, **kwargs):
         self._publish_to_exchange(exchange, routing_key, message, kwargs.get("_publish_batch"))
@@ -719,10 +827,11 @@ class Channel(virtual.Channel):
         budget = self._budget()
         if budget <= 0 or self._put_off(budget):
             return False
-        for queue in queues:
-            self._ensure_groups(queue)
         ordered = self._queue_cycle.consume(len(queues))
-        streams = [stream for queue in ordered for stream in self._streams(queue)]
+        by_queue = [self._ensure_groups(queue) for queue in ordered]
+        streams = [stream for present in by_queue for stream in present]
+        if not streams:
+            return False
         # COUNT is per stream: split the budget among the streams the last read found
         # messages in (usually one: the priority-0 stream), not among all four steps of
         # every queue, which would make most reads COUNT 1.
@@ -730,16 +839,15 @@ class Channel(virtual.Channel):
         per_stream = max(1, budget // hot)
         conn = self._connect_blocking()
         conn.send_command("XREADGROUP", "GROUP", GROUP, self.consumer_name, "COUNT", per_stream,
-                          "BLOCK", max(int(self.polling_interval * 1000), 1),
+                          "BLOCK", max(int(self._block_seconds() * 1000), 1),
                           "STREAMS", *streams, *([">"] * len(streams)))
         self._reading = conn
         self._read_sent_at = monotonic()
         # Delivery order within a read: by priority step first, then by queue order.
-        by_queue = [self._streams(queue) for queue in ordered]
-        self._read_order = {stream: (step, index) for index, streams in enumerate(by_queue)
-                            for step, stream in enumerate(streams)}
-        self._read_queues = {stream: queue for queue, streams in zip(ordered, by_queue)
-                             for stream in streams}
+        self._read_order = {stream: (step, index) for index, queue in enumerate(ordered)
+                            for step, stream in enumerate(self._streams(queue))}
+        self._read_queues = {stream: queue for queue, present in zip(ordered, by_queue)
+                             for stream in present}
         return True
 
     def _put_off(self, budget):
@@ -789,6 +897,7 @@ class Channel(virtual.Channel):
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
                 self._grouped.clear()  # a stream expired or was deleted: declare again
+                self._publish_grouped.clear()
                 return 0
             raise
         except self.connection_errors:
@@ -876,10 +985,33 @@ class Channel(virtual.Channel):
         turn (:meth:`_flush_acks`), together with the other acks of this turn (a prefork
         worker acks each task as its pool accepts it: one round trip each otherwise);
         from any other thread, or without a hub, now."""
-        cycle = getattr(self.connection, "cycle", None)  # None once the channel is closed
-        if cycle is None or cycle.loop_thread != get_ident():  # no hub, or a pool thread
-            return self._ack([tag])
-        self._acks_due.append(tag)
+        with self._inflight_lock:  # a pool thread's ack must not race lose()
+            ledger = self._orphans
+            if ledger is None:
+                cycle = getattr(self.connection, "cycle", None)  # None once closed
+                if cycle is not None and cycle.loop_thread == get_ident():
+                    self._acks_due.append(tag)
+                    return
+                by_stream = self._take_acked([tag])  # no hub, or a pool thread: now
+        if ledger is None:
+            return self._ack_entries(by_stream)
+        if not ledger.ack(tag):  # the connection was lost: a new one sends it
+            logger.warning("sheppy: ack of a message this worker no longer holds (%s) "
+                           "dropped: it was returned to its stream and may run again", tag)
+
+    def _reject(self, tag, requeue):
+        """``reject(requeue=True)``: back to its stream, the delivery counted; otherwise to
+        its queue's dead letters, as with a dead-letter exchange on AMQP."""
+        with self._inflight_lock:
+            ledger = self._orphans
+        if ledger is not None:
+            if not ledger.reject(tag, requeue):
+                logger.warning("sheppy: reject of a message this worker no longer holds "
+                               "(%s) dropped", tag)
+        elif requeue:
+            self._put_back([tag], count=True)
+        else:
+            self._dead_letter_tag(tag, "rejected")
 
     def _flush_acks(self):
         """Send the acks of this loop turn on the ack connection without waiting for the
@@ -951,39 +1083,58 @@ class Channel(virtual.Channel):
 
     def _take_acked(self, tags):
         """``{stream: [entry id, ...]}`` of ``tags``, which stop being in flight."""
-        for tag in tags:
-            self._deliveries.pop(tag, None)
         by_stream = {}
-        for entry in filter(None, (self._inflight.pop(tag, None) for tag in tags)):
-            by_stream.setdefault(entry[0], []).append(entry[1])
+        unknown = 0
+        for tag in tags:
+            entry, _ = self._pop_inflight(tag)
+            if entry is None:
+                unknown += 1
+            else:
+                by_stream.setdefault(entry[0], []).append(entry[1])
+        if unknown:
+            logger.warning("sheppy: %d ack(s) of messages this channel no longer holds dropped "
+                           "(returned to their stream when it closed): they may run again",
+                           unknown)
         return by_stream
 
     def _ack_entries(self, by_stream):
+        """XACK + XDEL now. If Redis cannot be reached the acks are kept by the process's
+        orphan ledger and sent by the upkeep once it can: an ack is never dropped."""
         if not by_stream:
             return
-        with self.client.pipeline(transaction=False) as pipe:
-            for command in _ack_commands(by_stream):
-                pipe.execute_command(*command)
-            pipe.execute()
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for command in _ack_commands(by_stream):
+                    pipe.execute_command(*command)
+                pipe.execute()
+        except self.connection_errors as exc:
+            count = sum(len(ids) for ids in by_stream.values())
+            logger.warning("sheppy: %d ack(s) could not reach Redis (%r): kept, and sent once "
+                           "it answers again", count, exc)
+            orphans.ledger_for(self.connparams, self.visibility_timeout).retry_acks(by_stream)
 
     def _put_back(self, tags, count=False):
         """Requeue delivered messages. ``count``: the delivery counts (a rejected
         message was tried); otherwise (a restore of unstarted messages) it is not."""
         entries = []
         for tag in tags:
-            entry = self._inflight.pop(tag, None)
-            deliveries = self._deliveries.pop(tag, None)
+            entry, deliveries = self._pop_inflight(tag)
             if entry is not None:
                 if not count:
                     deliveries = records.prior_deliveries(entry[2])
                 entries.append((*entry, deliveries))
         self._requeue(entries)
 
+    def _pop_inflight(self, tag):
+        """``(entry or None, deliveries or None)`` of ``tag``, which stops being in flight."""
+        with self._inflight_lock:
+            return self._inflight.pop(tag, None), self._deliveries.pop(tag, None)
+
     def _dead_letter_tag(self, tag, reason):
-        entry = self._inflight.pop(tag, None)
-        deliveries = self._deliveries.pop(tag, 1)
+        entry, deliveries = self._pop_inflight(tag)
         if entry is None:
             return
+        deliveries = deliveries or 1
         stream, entry_id, record = entry
         self._dead_letter(keys.queue_of_stream(stream), stream, entry_id, reason, deliveries,
                           records.dumps(record))
@@ -1043,7 +1194,9 @@ class Channel(virtual.Channel):
             if now - self._maintained_at >= every:
                 self._maintained_at = now
                 self._renew(consumed)
+        orphans.upkeep()  # before reclaiming: leases of what this worker still runs first
         self._maybe_reap()
+        self._discover_streams()
         self._renew_leases()
         self._reclaim_expired()
         self._promote_due()
@@ -1094,7 +1247,7 @@ class Channel(virtual.Channel):
         sent = self._read_sent_at
         if self._reading is None or sent is None:
             return False
-        grace = self.polling_interval + (self.connparams.get("health_check_interval") or 25)
+        grace = self._block_seconds() + (self.connparams.get("health_check_interval") or 25)
         return monotonic() - sent > grace
 
 
@@ -1159,6 +1312,8 @@ class Channel(virtual.Channel):
                 continue
             for index, entry_id, data, counter in zip(*[iter(reply)] * 4):
                 stream, entry_id = streams[int(index) - 1], bytes_to_str(entry_id)
+                if orphans.still_held(f"{entry_id} {stream}", self.consumer_name):
+                    continue  # this worker still runs it since a lost connection: not stolen
                 self._claimed[(stream, entry_id)] = int(counter)
                 self._buffer.append((queue, stream, entry_id, _flag_redelivered(data)))
                 taken += 1
@@ -1189,7 +1344,7 @@ class Channel(virtual.Channel):
             if expires:
                 with self.client.pipeline(transaction=False) as pipe:
                     self._add_put(_adder(pipe), queue, message, expires)
-                    pipe.execute()
+                    _execute(pipe)
             else:
                 self._schedule(queue, message, due)
         return None
@@ -1242,7 +1397,7 @@ class Channel(virtual.Channel):
                     sid = bytes_to_str(member)
                     script(keys=[keys.scheduled_set(queue), keys.delayed_message(queue, sid),
                                  keys.task_record(queue, sid), *self._streams(queue)],
-                           args=[sid], client=pipe)
+                           args=[sid, GROUP], client=pipe)
             pipe.execute(raise_on_error=False)
 
     # -- reliability: durable revokes -------------------------------------------------------------
@@ -1314,7 +1469,8 @@ class Channel(virtual.Channel):
             if keys.queue_of_stream(stream) != queue:
                 stream = keys.pending_stream(queue)
             if self._scripts["replay"](keys=[dead, stream],
-                                       args=[letter["id"], records.reset_deliveries(letter["data"])]):
+                                       args=[letter["id"], records.reset_deliveries(letter["data"]),
+                                             GROUP]):
                 replayed += 1
         return replayed
 
@@ -1346,6 +1502,42 @@ class Channel(virtual.Channel):
 
     # -- closing --------------------------------------------------------------------------------
 
+    def lose(self):
+        """The connection is gone (kombu's ``Connection.collect`` after a connection error):
+        close without talking to Redis. What Celery holds goes to the orphan ledger, which
+        acks it on a new connection when Celery does (orphans.py); nothing is requeued
+        that the worker may still run."""
+        if self.closed:
+            return
+        self.closed = self._closing = True
+        cycle = getattr(self.connection, "cycle", None)
+        if cycle is not None:
+            cycle.discard(self)
+        qos = self._qos
+        messages = dict(qos._delivered) if qos is not None else {}
+        if qos is not None:
+            qos._delivered.clear()
+            qos._dirty.clear()
+        with self._inflight_lock:  # no pool thread acks meanwhile: each ack goes one way
+            if os.getpid() == self._pid:  # not in a forked child: those are the parent's
+                unsent = self._take_acked(self._acks_due)
+                for _, by_stream in self._acks_unconfirmed:
+                    for stream, ids in by_stream.items():
+                        unsent.setdefault(stream, []).extend(ids)
+                ledger = orphans.ledger_for(self.connparams, self.visibility_timeout)
+                ledger.adopt(self.consumer_name, dict(self._inflight), dict(self._deliveries),
+                             messages, list(self._buffer), unsent)
+                self._orphans = ledger
+            self._acks_due, self._acks_unconfirmed = [], deque()
+            self._inflight.clear()
+            self._deliveries.clear()
+            self._buffer.clear()
+        hub = getattr(cycle, "_hub", None)
+        if self._ack_fd is not None and hub is not None:
+            hub.remove_reader(self._ack_fd)
+        self._ack_fd = None
+        self._disconnect()
+
     def close(self):
         if self.closed:
             return
@@ -1375,6 +1567,35 @@ class Channel(virtual.Channel):
             logger.warning("sheppy: could not tidy up channel on close: %r", exc)
         finally:
             self._disconnect()
+
+
+def _check_transport_options(options):
+    """Refuse ``broker_transport_options`` this transport does not know, by name."""
+    known = set(Channel.from_transport_options) | STOCK_NOOP_OPTIONS
+    unknown = sorted(set(options) - known)
+    sentinel = [name for name in unknown if name in SENTINEL_OPTIONS]
+    if sentinel:
+        raise ChannelError(
+            f"broker_transport_options {sentinel} are Redis Sentinel options: sheppy:// "
+            "does not support Sentinel yet; point it at the Redis primary itself")
+    if unknown:
+        raise ChannelError(
+            f"unknown broker_transport_options for sheppy://: {unknown}; accepted: "
+            f"{', '.join(sorted(known - STOCK_NOOP_OPTIONS))}")
+
+
+def _probe_unblock(conn):
+    """``(client id or None, CLIENT UNBLOCK allowed)`` of a fresh connection, in one round
+    trip (CLIENT UNBLOCK of id 0, which is no client, only tests the permission)."""
+    conn.send_packed_command(conn.pack_commands([("CLIENT", "ID"), ("CLIENT", "UNBLOCK", "0")]))
+    replies = []
+    for _ in range(2):
+        try:
+            replies.append(conn.read_response())
+        except redis.ResponseError as exc:
+            replies.append(exc)
+    client_id = replies[0] if isinstance(replies[0], int) else None
+    return client_id, client_id is not None and not isinstance(replies[1], Exception)
 
 
 def _check_content_type(message):
@@ -1470,10 +1691,10 @@ class PublishBatch:
             self.flush()
         return result
 
-    def add(self, name, *args):
+    def add(self, name, *args, **kwargs):
         if self._collecting is None:
             raise RuntimeError("publish command added outside a batched publish")
-        self._collecting.append((name, args))
+        self._collecting.append((name, args, kwargs))
 
     def flush(self):
         commands, self._commands = self._commands, []
@@ -1492,9 +1713,18 @@ def _ack_commands(by_stream):
             for command in (("XACK", stream, GROUP, *ids), ("XDEL", stream, *ids))]
 
 
+def _execute(pipe):
+    """``pipe.execute()``, where a BUSYGROUP reply (the group existed) is no error."""
+    replies = pipe.execute(raise_on_error=False)
+    for reply in replies:
+        if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+            raise reply
+    return replies
+
+
 def _adder(pipe):
-    """``add(name, *args)`` into a pipeline, as kombu's PublishBatch.add."""
-    return lambda name, *args: getattr(pipe, name)(*args)
+    """``add(name, *args, **kwargs)`` into a pipeline (or a client), as PublishBatch.add."""
+    return lambda name, *args, **kwargs: getattr(pipe, name)(*args, **kwargs)
 
 
 def _parse_table(rows):
@@ -1560,9 +1790,12 @@ class Poller:
         for channel in list(self._channels):
             channel._flush_acks()
             channel._deliver_buffered()
-            if channel._start_read():
+            channel._start_read()
+            # A read may be outstanding from before the hub existed (mingle's broadcast
+            # is read with drain_events): register it too, or nobody reads its reply.
+            if channel._reading is not None:
                 fd = channel.fileno
-                if self._registered.get(fd) is not channel:
+                if fd is not None and self._registered.get(fd) is not channel:
                     for old, chan in list(self._registered.items()):
                         if chan is channel:
                             self._unregister(old)
@@ -1647,7 +1880,7 @@ class Transport(virtual.Transport):
     default_port = 6379
     #: Celery treats us as Redis: events use a fanout exchange, mingle and gossip work.
     driver_type = "redis"
-    driver_name = "sheppy"
+    driver_name = "celery-sheppy"  # `celery report`: celery-sheppy:<version> (redis-py <version>)
 
     implements = virtual.Transport.implements.extend(
         asynchronous=True,
@@ -1662,13 +1895,14 @@ class Transport(virtual.Transport):
     upkeep_interval = 1.0
 
     def __init__(self, client, **kwargs):
+        _check_transport_options(client.transport_options or {})
         super().__init__(client, **kwargs)
         group_publish.install()
         self.cycle = Poller()
         self._upkeep_tref = None
 
     def driver_version(self):
-        return redis.__version__
+        return f"{celery_sheppy_version} (redis-py {redis.__version__})"
 
     def register_with_event_loop(self, connection, loop):
         cycle = self.cycle
@@ -1681,6 +1915,17 @@ class Transport(virtual.Transport):
 
     def on_readable(self, fileno):
         self.cycle.on_readable(fileno)
+
+    def _collect(self, connection):
+        """kombu's ``Connection.collect``: Celery's consumer after a connection error, and
+        connection pools after a fork. Channels are dropped without talking to Redis
+        (:meth:`Channel.lose`), never closed the usual way, which would requeue messages
+        the worker is still running."""
+        for channel in [*self.channels, *self._avail_channels]:
+            channel.lose()
+        self.channels = []
+        self._avail_channels = []
+        self.cycle.close()
 
     def close_connection(self, connection):
         super().close_connection(connection)

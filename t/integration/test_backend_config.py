@@ -149,6 +149,19 @@ def test_bad_queue_names_and_unknown_options_are_refused_clearly(redis_server):
         app.backend
 
 
+def test_backend_pointed_at_a_sentinel_says_so(redis_server):
+    from t.redis_server import SentinelServer
+
+    sentinel = SentinelServer()
+    app = client_app(redis_server.url, f"sheppy://127.0.0.1:{sentinel.port}/0")
+    try:
+        with pytest.raises(ImproperlyConfigured, match="is a Redis Sentinel"):
+            app.backend.store_result(str(uuid.uuid4()), 1, states.SUCCESS)
+    finally:
+        app.close()
+        sentinel.close()
+
+
 def test_stock_connection_settings_reach_the_connection_pool(redis_server):
     app = client_app(redis_server.url, redis_server.sheppy_url(), redis_socket_timeout=7,
                      redis_socket_connect_timeout=3, redis_backend_health_check_interval=11,

@@ -37,6 +37,21 @@ def options(**extra):
     return dict({"visibility_timeout": LEASE}, **extra)
 
 
+#: The side Redis that tasks count their runs in (set by the ``counter`` fixture): never
+#: the server under test, which the tests kill and restart.
+COUNTER_URL = []
+
+
+@pytest.fixture(autouse=True)
+def counter(side_redis):
+    """A client of the side Redis, emptied for each test; workers count runs there."""
+    client = side_redis.client()
+    client.flushdb()
+    COUNTER_URL[:] = [side_redis.url]
+    yield client
+    client.close()
+
+
 def start(server, concurrency=4, pool="threads", conf=None, **transport_options):
     settings = {"broker_transport_options": options(**transport_options),
                 "worker_prefetch_multiplier": 4}
@@ -44,7 +59,7 @@ def start(server, concurrency=4, pool="threads", conf=None, **transport_options)
     url = server.sheppy_url()
     return Worker(url, url, pool=pool, concurrency=concurrency,
                   extra_env={"CELERY_SHEPPY_CONF": json.dumps(settings),
-                             "CELERY_SHEPPY_COUNTER_URL": server.url})
+                             "CELERY_SHEPPY_COUNTER_URL": COUNTER_URL[0]})
 
 
 @pytest.fixture
@@ -88,7 +103,7 @@ def pending_count(client, stream=keys.pending_stream(QUEUE)):
 
 
 def test_worker_killed_with_100_acks_late_tasks_loses_none_and_recovers_within_two_leases(
-        make_redis_server, workers):
+        make_redis_server, workers, counter):
     # Given a worker holding 100 acks_late tasks, some running, the rest reserved
     server = make_redis_server()
     client = server.client()
@@ -96,7 +111,7 @@ def test_worker_killed_with_100_acks_late_tasks_loses_none_and_recovers_within_t
     doomed = start(server, concurrency=4, conf={"worker_prefetch_multiplier": 25})
     workers.append(doomed)
     results = [sig(app, "tracked", "runs", i, 1.0).delay() for i in range(100)]
-    wait_until(lambda: pending_count(client) == 100 and len(runs(client, "runs")) >= 4, 60,
+    wait_until(lambda: pending_count(client) == 100 and len(runs(counter, "runs")) >= 4, 60,
                message="the first worker to hold all 100 tasks")
     rescuer = start(server, concurrency=20, conf={"worker_prefetch_multiplier": 5})
     workers.append(rescuer)
@@ -104,12 +119,12 @@ def test_worker_killed_with_100_acks_late_tasks_loses_none_and_recovers_within_t
     # When it is killed with SIGKILL
     killed_at = time.time()
     doomed.kill()
-    before = runs(client, "runs")
+    before = runs(counter, "runs")
     started_on_doomed = {value for value, _, at in before if at <= killed_at}
 
     # Then every task completes on the other worker, none lost
     assert sorted(result.get(timeout=180) for result in results) == list(range(100))
-    after = runs(client, "runs")
+    after = runs(counter, "runs")
     taken_over = [at for value, worker, at in after
                   if at > killed_at and worker != before[0][1]]
     recovery = min(taken_over) - killed_at
@@ -128,7 +143,8 @@ def test_worker_killed_with_100_acks_late_tasks_loses_none_and_recovers_within_t
 # -- 2. a countdown longer than the lease --------------------------------------------------------
 
 
-def test_countdown_of_three_leases_runs_exactly_once_with_two_workers(make_redis_server, workers):
+def test_countdown_of_three_leases_runs_exactly_once_with_two_workers(make_redis_server, workers,
+        counter):
     # Given two live workers
     server = make_redis_server()
     client = server.client()
@@ -149,7 +165,7 @@ def test_countdown_of_three_leases_runs_exactly_once_with_two_workers(make_redis
     assert delayed.get(timeout=60) == "scheduled"
     assert time.monotonic() - started >= 3 * LEASE - 0.5
     time.sleep(1.5 * LEASE)
-    counts = Counter(value for value, _, _ in runs(client, "runs"))
+    counts = Counter(value for value, _, _ in runs(counter, "runs"))
     assert counts == {"in-memory": 1, "scheduled": 1}
     assert client.zcard(keys.scheduled_set(QUEUE)) == 0
     assert not client.exists(keys.delayed_message(QUEUE, delayed.id))
@@ -157,7 +173,8 @@ def test_countdown_of_three_leases_runs_exactly_once_with_two_workers(make_redis
     scheduled.close()
 
 
-def test_task_running_for_many_leases_on_a_live_worker_is_never_stolen(make_redis_server, workers):
+def test_task_running_for_many_leases_on_a_live_worker_is_never_stolen(make_redis_server, workers,
+        counter):
     # Given two live workers and an acks_late task that runs for four leases
     server = make_redis_server()
     client = server.client()
@@ -168,7 +185,7 @@ def test_task_running_for_many_leases_on_a_live_worker_is_never_stolen(make_redi
     # Then it finishes once: its worker renewed the lease, the other took nothing over
     assert result.get(timeout=60) == "long"
     time.sleep(LEASE)
-    assert [value for value, _, _ in runs(client, "long")] == ["long"]
+    assert [value for value, _, _ in runs(counter, "long")] == ["long"]
     assert pending_count(client) == 0
     app.close()
 
@@ -179,7 +196,7 @@ FLOW_TASKS = int(os.environ.get("CELERY_SHEPPY_FLOW_TASKS", 10000))
 
 
 def test_redis_killed_and_restarted_while_tasks_flow_loses_no_published_task(
-        make_redis_server, workers):
+        make_redis_server, workers, counter):
     # Given Redis with appendonly, two workers and a producer publishing FLOW_TASKS tasks
     server = make_redis_server("--appendonly", "yes", "--appendfsync", "everysec")
     client = server.client()
@@ -212,12 +229,12 @@ def test_redis_killed_and_restarted_while_tasks_flow_loses_no_published_task(
     # Then every task whose publish succeeded runs, the workers resume by themselves,
     # and a publish that did not succeed raised
     def ran():
-        return {value for value, _, _ in runs(client, "flow")}
+        return {value for value, _, _ in runs(counter, "flow")}
 
     wait_until(lambda: set(published) <= ran(), 300, interval=1.0,
                message="every published task to run")
     elapsed = time.monotonic() - began
-    counts = Counter(value for value, _, _ in runs(client, "flow"))
+    counts = Counter(value for value, _, _ in runs(counter, "flow"))
     duplicates = sum(count - 1 for count in counts.values())
     print(f"\nRedis SIGKILL: {len(published)} published, {len(failed)} publishes raised, "
           f"0 lost, {duplicates} duplicate runs; all done {elapsed:.1f}s after start, "
@@ -229,11 +246,74 @@ def test_redis_killed_and_restarted_while_tasks_flow_loses_no_published_task(
     app.close()
 
 
+# -- 3b. connection loss while acks_late tasks drain ---------------------------------------------------
+
+DRAIN_TASKS = 2000
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+@pytest.mark.parametrize("fault", ["client-kill", "redis-kill-9"])
+def test_connection_loss_while_acks_late_tasks_drain_loses_none_and_runs_none_twice(
+        make_redis_server, workers, counter, fault, pool):
+    # Given a worker (Celery's defaults, prefetch 16) draining 2 000 acks_late tasks
+    server = make_redis_server("--appendonly", "yes", "--appendfsync", "always")
+    app = app_for(server)
+    workers.append(start(server, concurrency=4, pool=pool))
+    ids = [sig(app, "tracked", "drain", i, 0.005).apply_async(ignore_result=True).id
+           for i in range(DRAIN_TASKS)]
+    wait_until(lambda: counter.llen("drain") >= DRAIN_TASKS // 4, 120, interval=0.05,
+               message="a quarter of the tasks to run")
+
+    # When its connections are lost: killed by the server, or the server killed and restarted
+    if fault == "client-kill":
+        assert server.client().client_kill_filter(_type="normal", skipme=True) >= 1
+    else:
+        server.restart(downtime=1.0)
+    faulted = time.monotonic()
+
+    # Then every task runs exactly once, also the ones the worker held at that moment
+    def ran():
+        return {value for value, _, _ in runs(counter, "drain")}
+
+    wait_until(lambda: len(ran()) == DRAIN_TASKS, 180, interval=0.5, message="every task to run")
+    done = time.monotonic() - faulted
+    time.sleep(2 * LEASE)  # a run that a lease reclaim would repeat comes within this
+    counts = Counter(value for value, _, _ in runs(counter, "drain"))
+    twice = sorted(value for value, count in counts.items() if count > 1)
+    print(f"\n{fault} ({pool}): {len(counts)}/{DRAIN_TASKS} ran, {len(twice)} twice; "
+          f"all done {done:.1f}s after the fault")
+    assert set(counts) == set(range(DRAIN_TASKS))
+    assert twice == [], "\n".join(line for line in workers[0].output().splitlines()
+                                  if any(ids[value] in line for value in twice)
+                                  or "sheppy" in line)
+    assert workers[0].process.poll() is None
+    assert "dropped" not in workers[0].output()
+    app.close()
+
+
+def test_results_stored_while_redis_restarts_are_not_lost_with_default_settings(
+        make_redis_server, workers, counter):
+    # Given tasks (acked when they start, Celery's default) running when Redis is killed
+    server = make_redis_server("--appendonly", "yes", "--appendfsync", "always")
+    app = app_for(server)
+    worker = start(server, concurrency=8)
+    workers.append(worker)
+    results = [sig(app, "sleep", 0.4).delay() for _ in range(60)]
+    wait_until(lambda: worker.output().count("succeeded in") >= 8, 60, message="tasks to run")
+
+    # When Redis is down for 2 s while their results are being stored
+    server.restart(downtime=2.0)
+
+    # Then every result is stored (the backend retries as the stock one does) and read
+    assert [result.get(timeout=120) for result in results] == [0.4] * 60
+    app.close()
+
+
 # -- 4. a chord part redelivered after its result was stored ------------------------------------------
 
 
 def test_chord_part_redelivered_after_its_result_was_stored_fires_the_body_once(
-        make_redis_server, workers):
+        make_redis_server, workers, counter):
     # Given two workers and a chord whose last part stores its result, then kills its worker
     server = make_redis_server()
     client = server.client()
@@ -248,10 +328,10 @@ def test_chord_part_redelivered_after_its_result_was_stored_fires_the_body_once(
 
     # Then the crashing part runs twice (its message was redelivered), the body once
     assert sorted(result.get(timeout=60)) == [0, 1, 2, 3, 99]
-    wait_until(lambda: len(runs(client, "crashing-part")) == 2, 60,
+    wait_until(lambda: len(runs(counter, "crashing-part")) == 2, 60,
                message="the crashed part to be redelivered")
     time.sleep(2)
-    assert client.llen("body") == 1
+    assert counter.llen("body") == 1
     assert sum(1 for worker in workers if worker.process.poll() is not None) == 1
     app.close()
 
@@ -324,7 +404,7 @@ MAX_DELIVERIES = 3
 
 
 def test_task_that_kills_its_worker_ends_in_the_dead_letters_and_the_queue_keeps_flowing(
-        make_redis_server, workers):
+        make_redis_server, workers, counter):
     # Given two workers that a supervisor restarts when they die; each holds one message
     # at a time (a reserved message dies with its worker and counts a delivery too)
     server = make_redis_server()
@@ -357,7 +437,7 @@ def test_task_that_kills_its_worker_ends_in_the_dead_letters_and_the_queue_keeps
     assert fields[b"reason"] == b"max_deliveries exceeded"
     assert int(fields[b"deliveries"]) == MAX_DELIVERIES
     assert crashing.id.encode() in fields[b"data"]
-    assert len(runs(client, "crashes")) == MAX_DELIVERIES
+    assert len(runs(counter, "crashes")) == MAX_DELIVERIES
     assert sorted(result.get(timeout=120) for result in good) == list(range(50))
     print(f"\ncrashing task: {MAX_DELIVERIES} runs, {restarts} worker restarts, then dead-lettered")
     app.close()
@@ -366,7 +446,8 @@ def test_task_that_kills_its_worker_ends_in_the_dead_letters_and_the_queue_keeps
 # -- 7. revoke while no worker runs ------------------------------------------------------------------------
 
 
-def test_task_revoked_while_every_worker_is_stopped_never_runs(make_redis_server, workers):
+def test_task_revoked_while_every_worker_is_stopped_never_runs(make_redis_server, workers,
+        counter):
     # Given tasks waiting in the stream and in the scheduled set, and no worker
     server = make_redis_server()
     client = server.client()
@@ -383,7 +464,7 @@ def test_task_revoked_while_every_worker_is_stopped_never_runs(make_redis_server
     # Then neither ever runs
     assert marker.get(timeout=60) == "marker"
     time.sleep(2)
-    assert [value for value, _, _ in runs(client, "runs")] == ["marker"]
+    assert [value for value, _, _ in runs(counter, "runs")] == ["marker"]
     assert waiting.state == "REVOKED" and later.state == "REVOKED"
     assert client.xlen(keys.pending_stream(QUEUE)) == 0
     app.close()
@@ -441,8 +522,7 @@ def worker_log_until(url, text, timeout):
                PYTHONPATH=str(ROOT), CELERY_SHEPPY_CONF=json.dumps(
                    {"broker_connection_max_retries": 2, "broker_connection_timeout": 2}))
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", TASKS, "worker", "-P", "solo", "-l", "INFO",
-         "--without-gossip", "--without-mingle", "--without-heartbeat"],
+        [sys.executable, "-m", "celery", "-A", TASKS, "worker", "-P", "solo", "-l", "INFO"],
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
@@ -462,7 +542,7 @@ def worker_log_until(url, text, timeout):
 # -- acks_late and results together -----------------------------------------------------------------
 
 
-def test_terminal_result_and_the_ack_of_its_message_are_one_step(make_redis_server, workers):
+def test_terminal_result_and_the_ack_of_its_message_are_one_step(make_redis_server, workers, counter):
     # Given broker and result backend on the same Redis, and an acks_late task
     server = make_redis_server()
     client = server.client()
@@ -474,7 +554,7 @@ def test_terminal_result_and_the_ack_of_its_message_are_one_step(make_redis_serv
 
     # Then its message is already acked and gone at that moment, before the worker's ack
     assert result.get(timeout=60) == "stored"
-    wait_until(lambda: client.llen("acked"), 30, message="the task's report")
-    assert [pending for pending, _, _ in runs(client, "acked")] == [False]
+    wait_until(lambda: counter.llen("acked"), 30, message="the task's report")
+    assert [pending for pending, _, _ in runs(counter, "acked")] == [False]
     assert client.xlen(keys.pending_stream(QUEUE)) == 0
     app.close()

@@ -1,0 +1,287 @@
+"""Messages still in Celery's hands when their channel's connection was lost.
+
+When Celery's consumer loses its broker connection it calls ``Connection.collect()``
+and reconnects with a new connection. Tasks it had already handed to its pool go on
+running, and their acks arrive later on the old, dead channel. Returning those messages
+to their streams (kombu's ``restore_unacked``) would run them twice, and dropping their
+acks would run them again after the lease. Instead, a lost channel gives every message
+it had delivered to this process's :class:`OrphanLedger`, which
+
+* sends their acks (and rejects) on a live connection of its own when they come
+  (``XACK`` does not check the consumer: the entry is named by stream and id);
+* keeps renewing their leases, under the lost channel's consumer name, while Celery
+  still holds the message object (a worker's request keeps it alive until it acks);
+* puts back in their streams (``requeue.lua``, marked redelivered) the messages Celery
+  let go of without acking (the prefork pool's unsent jobs, cancelled ETA timers: the
+  message object was freed) and the entries read but never delivered.
+
+Acks that cannot be sent (Redis down) are kept and retried by the upkeep of any live
+channel of the process; after ``GIVE_UP_AFTER`` leases they are logged and left to
+the lease reclaim, which redelivers them. The lost consumer itself is removed by the
+idle reaping of live channels once its pending list is empty.
+"""
+
+import os
+import threading
+import weakref
+from time import monotonic
+
+import redis
+from kombu.log import get_logger
+
+from .. import keys, records, scripts
+
+logger = get_logger(__name__)
+
+#: Leases after which an ack that could not be sent is given up (and logged).
+GIVE_UP_AFTER = 4
+
+#: Seconds between two tries to reach Redis while it is unreachable.
+RETRY_INTERVAL = 1.0
+
+
+class Orphan:
+    """One delivery of a lost channel."""
+
+    __slots__ = ("stream", "entry_id", "record", "deliveries", "message", "since")
+
+    def __init__(self, stream, entry_id, record, deliveries, message):
+        self.stream = stream
+        self.entry_id = entry_id
+        self.record = record
+        self.deliveries = deliveries
+        # weakref to the kombu message Celery holds; None: read, never delivered
+        self.message = weakref.ref(message) if message is not None else None
+        self.since = monotonic()
+
+    def released_by_celery(self):
+        return self.message is None or self.message() is None
+
+
+class OrphanLedger:
+    """The orphaned deliveries of one Redis server and database, for this process."""
+
+    def __init__(self, connparams, lease_seconds):
+        self.connparams = connparams
+        self.lease = lease_seconds
+        self._lock = threading.RLock()
+        self._orphans = {}  # delivery tag -> Orphan
+        self._owners = {}  # delivery tag -> consumer name
+        self._acks = {}  # delivery tag -> (stream, entry id, first try): acked, not sent
+        self._requeues = {}  # delivery tag -> (Orphan, count the delivery)
+        self._renewed_at = 0.0
+        self._failed_at = None
+        self._client = None
+
+    # -- taking deliveries over ------------------------------------------------------------
+
+    def adopt(self, consumer, inflight, deliveries, messages, buffered, unsent):
+        """Take over a lost channel's deliveries.
+
+        ``inflight``: {tag: (stream, entry id, record)} handed to Celery; ``messages``:
+        {tag: kombu message}; ``buffered``: [(queue, stream, entry id, data)] read but
+        never delivered; ``unsent``: {stream: [entry id]} acked but not confirmed.
+        """
+        with self._lock:
+            for tag, (stream, entry_id, record) in inflight.items():
+                self._orphans[tag] = Orphan(stream, entry_id, record, deliveries.get(tag),
+                                            messages.get(tag))
+                self._owners[tag] = consumer
+            for _, stream, entry_id, data in buffered:
+                try:
+                    record, _ = records.record_to_message(data)
+                except records.RecordError:
+                    continue  # stays pending: the lease reclaim dead-letters it
+                tag = f"{entry_id} {stream}"
+                self._requeues[tag] = (Orphan(stream, entry_id, record, None, None), False)
+                self._owners[tag] = consumer
+            for stream, ids in unsent.items():
+                for entry_id in ids:
+                    self._acks[f"{entry_id} {stream}"] = (stream, entry_id, monotonic())
+        if inflight or buffered:
+            logger.warning(
+                "sheppy: broker connection lost with %d message(s) in the worker's hands and "
+                "%d read ahead; their acks go to Redis on a new connection, nothing is "
+                "requeued while the worker may still run it", len(inflight), len(buffered))
+        # Not sent from here (Celery's reconnect path): the next upkeep of a live channel does.
+
+    def retry_acks(self, by_stream):
+        """Acks ``{stream: [entry id]}`` that a live channel could not send: sent later."""
+        now = monotonic()
+        with self._lock:
+            for stream, ids in by_stream.items():
+                for entry_id in ids:
+                    self._acks[f"{entry_id} {stream}"] = (stream, entry_id, now)
+            self._failed_at = now
+
+    def moved_to(self, tag, consumer):
+        """The entry ``tag`` now belongs to ``consumer`` (a reclaim of this process took it):
+        True if this ledger holds it, whose leases are then renewed under that name."""
+        with self._lock:
+            if tag not in self._orphans:
+                return False
+            self._owners[tag] = consumer
+            return True
+
+    def __len__(self):
+        with self._lock:
+            return len(self._orphans) + len(self._acks) + len(self._requeues)
+
+    # -- what Celery does with them ------------------------------------------------------------
+
+    def ack(self, tag):
+        with self._lock:
+            orphan = self._orphans.pop(tag, None)
+            if orphan is None:
+                return False
+            self._acks[tag] = (orphan.stream, orphan.entry_id, monotonic())
+        self.flush()
+        return True
+
+    def reject(self, tag, requeue):
+        with self._lock:
+            orphan = self._orphans.pop(tag, None)
+            if orphan is None:
+                return False
+            if requeue:
+                self._requeues[tag] = (orphan, True)
+            else:
+                # No dead-letter move from here: ack it, as kombu's virtual QoS would.
+                logger.warning("sheppy: message %s rejected after a lost connection: acked",
+                               orphan.entry_id)
+                self._acks[tag] = (orphan.stream, orphan.entry_id, monotonic())
+        self.flush()
+        return True
+
+    # -- talking to Redis ------------------------------------------------------------------------
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = redis.Redis(connection_pool=redis.ConnectionPool(**self.connparams))
+        return self._client
+
+    def flush(self, upkeep=False):
+        """Send due acks and requeues; on ``upkeep``, also renew and release. Never raises."""
+        now = monotonic()
+        if self._failed_at is not None and now - self._failed_at < RETRY_INTERVAL:
+            return
+        try:
+            self._send_acks()
+            if upkeep:
+                self._release_dropped()
+                self._renew(now)
+            self._send_requeues()
+            self._failed_at = None
+        except (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError) as exc:
+            self._failed_at = now
+            self._give_up_stale(now, exc)
+        except redis.ResponseError as exc:
+            logger.warning("sheppy: orphaned deliveries: Redis refused a command: %r", exc)
+
+    def _send_acks(self):
+        with self._lock:
+            due = dict(self._acks)
+        if not due:
+            return
+        by_stream = {}
+        for stream, entry_id, _ in due.values():
+            by_stream.setdefault(stream, []).append(entry_id)
+        with self.client.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, keys.CONSUMER_GROUP, *ids)
+                pipe.xdel(stream, *ids)
+            pipe.execute()
+        with self._lock:
+            for tag in due:
+                self._acks.pop(tag, None)
+                self._owners.pop(tag, None)
+
+    def _release_dropped(self):
+        """Messages Celery let go of without acking: they go back to their streams."""
+        with self._lock:
+            for tag, orphan in list(self._orphans.items()):
+                if orphan.released_by_celery():
+                    del self._orphans[tag]
+                    self._requeues[tag] = (orphan, False)
+
+    def _send_requeues(self):
+        with self._lock:
+            due = dict(self._requeues)
+        if not due:
+            return
+        script = scripts.registry()["requeue"]
+        for tag, (orphan, counted) in due.items():
+            deliveries = orphan.deliveries if counted else records.prior_deliveries(orphan.record)
+            script(self.client, keys=[orphan.stream],
+                   args=[keys.CONSUMER_GROUP, orphan.entry_id,
+                         records.mark_redelivered(orphan.record, deliveries)])
+            with self._lock:
+                self._requeues.pop(tag, None)
+                self._owners.pop(tag, None)
+        logger.info("sheppy: %d message(s) of a lost connection that the worker let go of "
+                    "went back to their streams", len(due))
+
+    def _renew(self, now):
+        if now - self._renewed_at < self.lease / 4:
+            return
+        self._renewed_at = now
+        with self._lock:
+            held = {}
+            for tag, orphan in self._orphans.items():
+                held.setdefault((self._owners[tag], orphan.stream), []).append(orphan.entry_id)
+        script = scripts.registry()["renew"]
+        for (consumer, stream), ids in held.items():
+            script(self.client, keys=[stream], args=[keys.CONSUMER_GROUP, consumer, *ids])
+
+    def _give_up_stale(self, now, exc):
+        limit = GIVE_UP_AFTER * self.lease
+        with self._lock:
+            stale = [tag for tag, (_, _, since) in self._acks.items() if now - since > limit]
+            for tag in stale:
+                self._acks.pop(tag, None)
+                self._owners.pop(tag, None)
+        if stale:
+            logger.error("sheppy: gave up sending %d ack(s) after a lost connection (%r): "
+                         "those messages will be redelivered after their lease", len(stale), exc)
+        else:
+            logger.debug("sheppy: orphaned deliveries: Redis unreachable (%r); will retry", exc)
+
+
+_ledgers = {}
+_ledgers_lock = threading.Lock()
+_pid = os.getpid()
+
+
+def ledger_for(connparams, lease_seconds):
+    """This process's ledger for the server and database of ``connparams``."""
+    global _pid
+    key = tuple(sorted((name, repr(value)) for name, value in connparams.items()))
+    with _ledgers_lock:
+        if os.getpid() != _pid:  # forked: the parent's deliveries are not ours
+            _ledgers.clear()
+            _pid = os.getpid()
+        ledger = _ledgers.get(key)
+        if ledger is None:
+            ledger = _ledgers[key] = OrphanLedger(connparams, lease_seconds)
+        ledger.lease = min(ledger.lease, lease_seconds)
+        return ledger
+
+
+def still_held(tag, consumer):
+    """True when an orphan ledger of this process holds ``tag`` (Celery still runs it),
+    which a reclaim of this process just moved to ``consumer``."""
+    with _ledgers_lock:
+        ledgers = list(_ledgers.values()) if os.getpid() == _pid else []
+    return any(ledger.moved_to(tag, consumer) for ledger in ledgers)
+
+
+def upkeep():
+    """Renew, release and retry the orphaned deliveries of this process (hub timer)."""
+    if os.getpid() != _pid:
+        return
+    with _ledgers_lock:
+        ledgers = list(_ledgers.values())
+    for ledger in ledgers:
+        if len(ledger):
+            ledger.flush(upkeep=True)

@@ -152,7 +152,7 @@ def inspector(app):
             raise NotSheppyBroker(
                 f"the broker is {broker_url(conn)!r}, not sheppy:// (set broker_url = "
                 "'sheppy://host:port/db'; this works on sheppy:// brokers only)")
-        conn.connect()  # one attempt: an unreachable broker fails now, not after retries
+        conn.ensure_connection(max_retries=0)  # one attempt: fail now, not after retries
         yield Inspector(app, conn)
 
 

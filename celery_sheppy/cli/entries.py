@@ -53,12 +53,10 @@ def stuck(ctx, queues, count, as_json):
     elif items:
         echo_lines(render(
             [Column("QUEUE", flex=True, least=8), Column("ID"),
-             Column("CONSUMER", flex=True, least=20), Column("STATE"),
-             Column("IDLE", right=True), Column("DELIV", right=True),
-             Column("TASK", flex=True, least=10)],
-            [[i["queue"], i["id"], i["consumer"], i["consumer_state"] or "gone",
-              duration(i["idle"]), i["deliveries"], i["task"] or "(not a task)"]
-             for i in items]))
+             Column("CONSUMER", flex=True, least=20), Column("IDLE", right=True),
+             Column("DELIV", right=True), Column("TASK", flex=True, least=10)],
+            [[i["queue"], i["id"], i["consumer"], duration(i["idle"]), i["deliveries"],
+              i["task"] or "(not a task)"] for i in items]))
     else:
         click.echo("nothing stuck")
     if items:

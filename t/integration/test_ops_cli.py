@@ -225,7 +225,8 @@ def test_stuck_lists_a_killed_workers_messages_past_the_lease_and_exits_1_until_
             celery["consumers_dead"]) == (2, 2, 0, 1)
     table = setup.cli("stuck")
     assert table.returncode == 1 and fits_80_columns(table.stdout)
-    assert len([line for line in table.stdout.splitlines() if " dead " in line]) == 2
+    consumer = items[0]["consumer"]  # the killed worker's, <host>:<pid>:<random>
+    assert len([line for line in table.stdout.splitlines() if consumer in line]) == 2
 
     # When a live worker starts, it takes them over (within half a lease) and runs them
     rescuer = setup.worker()
@@ -368,6 +369,11 @@ def test_metrics_are_printed_and_served_for_prometheus_to_scrape(ops):
             assert scrape() and samples_of(scraped[-1][1])[("sheppy_queue_ready", celery)] == 4
             with pytest.raises(urllib.error.HTTPError, match="404"):
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
+            worker.kill()
+            setup.server.kill()  # a scrape while Redis is down fails, the server stays up
+            with pytest.raises(urllib.error.HTTPError, match="503") as failed:
+                urllib.request.urlopen(url, timeout=30)
+            assert "cannot read the sheppy:// broker" in failed.value.read().decode()
             server.send_signal(signal.SIGINT)
             assert server.wait(30) == 0
             out.seek(0)
@@ -375,4 +381,3 @@ def test_metrics_are_printed_and_served_for_prometheus_to_scrape(ops):
         finally:
             server.kill()
             server.wait()
-    worker.kill()  # its tasks run for 30 s more: no warm shutdown

@@ -10,6 +10,9 @@ import os
 import subprocess
 import sys
 import time
+import uuid
+
+from celery import states
 
 from celery_sheppy import keys
 from conftest import ROOT, client_app
@@ -102,3 +105,20 @@ def test_celery_migrate_moves_queued_tasks_from_sheppy_back_to_redis_scheduled_o
     assert [r.get(timeout=60) for r in results] == [i + 1 for i in range(10)]
     assert soon.get(timeout=60) == 14
     app.close()
+
+
+def test_results_stay_with_the_backend_that_stored_them(redis_server):
+    # docs/migration.md: switching result_backend between redis:// and sheppy:// leaves the
+    # results already stored readable through the old URL only (other keys, other format)
+    stock = client_app(redis_server.url, redis_server.url)
+    sheppy = client_app(redis_server.url, redis_server.sheppy_url())
+    old, new = str(uuid.uuid4()), str(uuid.uuid4())
+    stock.backend.store_result(old, "stored by redis://", states.SUCCESS)
+    sheppy.backend.store_result(new, "stored by sheppy://", states.SUCCESS)
+
+    assert stock.AsyncResult(old).get(timeout=5) == "stored by redis://"
+    assert sheppy.AsyncResult(new).get(timeout=5) == "stored by sheppy://"
+    assert sheppy.AsyncResult(old).state == states.PENDING  # unknown to the other backend
+    assert stock.AsyncResult(new).state == states.PENDING
+    stock.close()
+    sheppy.close()

@@ -3,8 +3,9 @@
 :func:`queue_stats` is the one API behind ``celery sheppy status``, ``celery sheppy
 metrics`` and Flower's Broker page. Per queue it costs a fixed number of commands per
 stream (``XLEN``, ``XINFO GROUPS``, ``XINFO CONSUMERS``, at most one ``XRANGE … COUNT 1``)
-plus ``ZCARD``, ``XLEN`` and two ``GET``: never a scan over task records. All of them go
-in three pipelined round trips, whatever the number of queues.
+plus ``ZCARD``, ``XLEN`` and two ``GET`` of the result counters (on the ``sheppy://``
+result backend's own Redis, where they are written): never a scan over task records.
+Four pipelined round trips, whatever the number of queues.
 
 Definitions (``docs/operations.md`` explains them for operators):
 
@@ -31,6 +32,7 @@ import redis
 from kombu.utils.encoding import bytes_to_str
 
 from . import keys
+from .backend import SheppyBackend
 from .connection import redact
 from .transport import Transport
 from .transport.streams import QueueStreams
@@ -135,9 +137,16 @@ class Inspector:
         seconds, micros = self.client.time()
         return seconds + micros / 1e6
 
+    @property
+    def results_client(self):
+        """The ``sheppy://`` result backend's client (its counters live where it writes),
+        or None when results go elsewhere: the counters are then read from the broker."""
+        backend = self.app.backend
+        return backend.client if isinstance(backend, SheppyBackend) else None
+
     def stats(self, queues=None):
         """[QueueStats] of ``queues`` (default: :meth:`queues`), in that order."""
-        return collect(self.client, self.queues(queues), self.settings)
+        return collect(self.client, self.queues(queues), self.settings, self.results_client)
 
 
 @contextmanager
@@ -176,8 +185,9 @@ def is_sheppy(app):
         conn.release()
 
 
-def collect(client, queues, settings):
-    """[QueueStats] of ``queues`` in three round trips (see the module docstring)."""
+def collect(client, queues, settings, results_client=None):
+    """[QueueStats] of ``queues`` in three round trips: the streams, the result counters
+    (from ``results_client`` when given, else from ``client``), the first ready entries."""
     streams = {queue: settings.streams.of(queue) for queue in queues}
     with client.pipeline(transaction=False) as pipe:
         pipe.time()
@@ -188,21 +198,30 @@ def collect(client, queues, settings):
                 pipe.xinfo_consumers(stream, keys.CONSUMER_GROUP)
             pipe.zcard(keys.scheduled_set(queue))
             pipe.xlen(keys.dead_letter_stream(queue))
-            pipe.get(keys.completed_counter(queue))
-            pipe.get(keys.failed_counter(queue))
         replies = iter(pipe.execute(raise_on_error=False))
     seconds, micros = _value(next(replies))
     now_ms = seconds * 1000 + micros // 1000
+    results = iter(_counters(results_client or client, queues))
     parts = []
     for queue in queues:
         per_stream = [_stream_part(stream, _value(next(replies)), _value(next(replies), []),
                                    _value(next(replies), []))
                       for stream in streams[queue]]
-        counters = [_value(next(replies)) for _ in range(4)]
+        counters = [_value(next(replies)), _value(next(replies)), next(results), next(results)]
         parts.append((queue, per_stream, counters))
     firsts = _first_ready(client, [p for _, per_stream, _ in parts for p in per_stream])
     return [_queue_stats(queue, per_stream, counters, firsts, now_ms, settings)
             for queue, per_stream, counters in parts]
+
+
+def _counters(client, queues):
+    """completed, failed of each queue (None: never written), in one round trip (GETs:
+    no multi-key command mixes queues, which may live in different cluster slots)."""
+    with client.pipeline(transaction=False) as pipe:
+        for queue in queues:
+            pipe.get(keys.completed_counter(queue))
+            pipe.get(keys.failed_counter(queue))
+        return [_value(reply) for reply in pipe.execute(raise_on_error=False)]
 
 
 def _stream_part(stream, length, groups, consumers):

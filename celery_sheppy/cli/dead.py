@@ -85,10 +85,10 @@ def _dead_action(ctx, ids, queues, yes, verb, done_verb, act):
                 by_queue.setdefault(letter["queue"], []).append(entry_id)
             plan = {queue: len(chosen) for queue, chosen in by_queue.items()}
         else:
-            lengths = view.client.pipeline(transaction=False)
-            for queue in names:
-                lengths.xlen(keys.dead_letter_stream(queue))
-            plan = {q: n for q, n in zip(names, lengths.execute()) if n}
+            with view.client.pipeline(transaction=False) as pipe:
+                for queue in names:
+                    pipe.xlen(keys.dead_letter_stream(queue))
+                plan = {q: n for q, n in zip(names, pipe.execute()) if n}
             by_queue = {queue: None for queue in plan}
         if plan and not yes:
             what = ", ".join(f"{queue}: {n}" for queue, n in plan.items())

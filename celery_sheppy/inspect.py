@@ -33,7 +33,7 @@ from kombu.utils.encoding import bytes_to_str
 
 from . import keys
 from .backend import SheppyBackend
-from .connection import redact
+from .connection import CONNECTION_ERRORS, redact
 from .transport import Transport
 from .transport.streams import QueueStreams
 
@@ -49,6 +49,10 @@ _ABSENT = ("no such key", "nogroup")
 
 class NotSheppyBroker(RuntimeError):
     """The app's broker is not ``sheppy://``."""
+
+
+class ResultsUnreachable(RuntimeError):
+    """The ``sheppy://`` result backend, where the result counters live, cannot be reached."""
 
 
 @dataclass
@@ -146,7 +150,12 @@ class Inspector:
 
     def stats(self, queues=None):
         """[QueueStats] of ``queues`` (default: :meth:`queues`), in that order."""
-        return collect(self.client, self.queues(queues), self.settings, self.results_client)
+        try:
+            return collect(self.client, self.queues(queues), self.settings, self.results_client)
+        except ResultsUnreachable as exc:
+            raise ResultsUnreachable(
+                f"cannot reach the sheppy:// result backend {self.app.backend.as_uri()} "
+                f"(it holds the result counters): {exc}") from None
 
 
 @contextmanager
@@ -217,11 +226,14 @@ def collect(client, queues, settings, results_client=None):
 def _counters(client, queues):
     """completed, failed of each queue (None: never written), in one round trip (GETs:
     no multi-key command mixes queues, which may live in different cluster slots)."""
-    with client.pipeline(transaction=False) as pipe:
-        for queue in queues:
-            pipe.get(keys.completed_counter(queue))
-            pipe.get(keys.failed_counter(queue))
-        return [_value(reply) for reply in pipe.execute(raise_on_error=False)]
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.get(keys.completed_counter(queue))
+                pipe.get(keys.failed_counter(queue))
+            return [_value(reply) for reply in pipe.execute(raise_on_error=False)]
+    except CONNECTION_ERRORS as exc:
+        raise ResultsUnreachable(str(exc)) from exc
 
 
 def _stream_part(stream, length, groups, consumers):

@@ -3,7 +3,8 @@
 Exit codes (:data:`EXIT_CODES`, also in docs/operations.md): 0 done; 1 ``stuck`` found
 stuck messages, or a destructive command was not confirmed; 2 a bad option or queue
 name (click's usage error); 3 a dead letter asked for by id does not exist; 69 the
-broker cannot be reached; 78 the broker is not ``sheppy://``.
+broker (or the result backend holding the counters) cannot be reached; 78 the broker is
+not ``sheppy://``.
 """
 
 import json
@@ -15,7 +16,7 @@ from kombu.exceptions import OperationalError
 
 from .. import keys
 from ..connection import CONNECTION_ERRORS
-from ..inspect import NotSheppyBroker, broker_url, inspector
+from ..inspect import NotSheppyBroker, ResultsUnreachable, broker_url, inspector
 
 EXIT_STUCK = 1
 EXIT_NOT_FOUND = 3
@@ -80,6 +81,8 @@ def open_broker(ctx):
             yield view
     except NotSheppyBroker as exc:
         raise Failure(str(exc), EXIT_CONFIG) from None
+    except ResultsUnreachable as exc:
+        raise Failure(str(exc), EXIT_UNAVAILABLE) from None
     except (OperationalError, *CONNECTION_ERRORS) as exc:
         raise unreachable(app, exc) from None
 

@@ -192,6 +192,10 @@ def test_errors_name_the_fault_and_exit_with_codes_scripts_can_use(ops):
     assert result.returncode == 69 and "cannot reach" in result.stderr
     assert "alice:**@127.0.0.1" in result.stderr and "s3cret" not in result.stderr
 
+    elsewhere = f"sheppy://127.0.0.1:{free_port()}/0"  # results on a server that is down
+    result = setup.cli("status", env=dict(setup.env, CELERY_SHEPPY_BACKEND=elsewhere))
+    assert result.returncode == 69 and "cannot reach the sheppy:// result backend" in result.stderr
+
     result = setup.cli("status", "-Q", "celery,bad:name")
     assert result.returncode == 2 and "'-Q'" in result.stderr and "'bad:name'" in result.stderr
 

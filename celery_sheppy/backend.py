@@ -476,7 +476,8 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         # Retried on a lost connection like the stock backend's set() (retry_policy:
         # 20 tries a second apart by default), so a Redis restart loses no result. A
         # retry after a lost reply rewrites the same record; a stored SUCCESS stays.
-        self.ensure(self._write_record, (records.sheppy_id(task_id), text, terminal, expires, ack))
+        self.ensure(self._write_record, (records.sheppy_id(task_id), text, terminal, expires, ack,
+                                         state == states.FAILURE))
         return result
 
     def _delivery_to_ack(self, request):
@@ -524,7 +525,7 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
             return None
         return bytes_to_str(seen or b"") == token
 
-    def _write_record(self, sid, text, terminal, expires, ack=None):
+    def _write_record(self, sid, text, terminal, expires, ack=None, failed=False):
         queue = self.queue
         min_id = f"{int((time.time() - STREAM_KEEP_SECONDS) * 1000)}-0"
         # ack: (stream, entry id) of the task's message, acked in the same script, so a
@@ -534,8 +535,9 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         # pipeline holding a script, a round trip per result.
         self._store_script(
             keys=[keys.task_record(queue, sid), keys.finished_stream(queue),
-                  keys.state_stream(queue), keys.completed_counter(queue), *ack_keys],
-            args=[text, int(expires or 0), 1 if terminal else 0, sid, min_id,
+                  keys.state_stream(queue), keys.completed_counter(queue),
+                  keys.failed_counter(queue), *ack_keys],
+            args=[text, int(expires or 0), (2 if failed else 1) if terminal else 0, sid, min_id,
                   2 * STREAM_KEEP_SECONDS, *ack_args])
         # sheppy's tools list queues from the registry; it lives in another cluster
         # slot, so it is kept apart from the script, and renewed once a minute.

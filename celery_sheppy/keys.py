@@ -34,6 +34,8 @@ a namespace sheppy never scans:
 ``sheppy:celery:<q>:priority:<n>``           stream  the broker's messages of priority step ``n``
                                                      (> 0; step 0 is ``sheppy:pending:<q>``), same
                                                      entries and group as the pending stream
+``sheppy:celery:<q>:failed``                 string  count of FAILURE results stored (the part of
+                                                     ``sheppy:completed:<q>`` that failed)
 ==========================================  ======  ==============================================
 
 Broker routing, which belongs to an exchange rather than a queue (an empty queue
@@ -126,6 +128,11 @@ def lazy_chord_size(queue, group_id):
 
 def state_stream(queue):
     return f"{PREFIX}:celery:{queue}:states"
+
+
+def failed_counter(queue):
+    """Count of FAILURE results stored in ``queue``'s namespace (sheppy counts only finishes)."""
+    return f"{PREFIX}:celery:{queue}:failed"
 
 
 def priority_stream(queue, step):

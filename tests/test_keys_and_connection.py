@@ -14,6 +14,7 @@ def test_key_names_follow_sheppys_layout():
     assert keys.finished_stream("celery") == "sheppy:finished:celery"
     assert keys.scheduled_set("celery") == "sheppy:scheduled:celery"
     assert keys.completed_counter("celery") == "sheppy:completed:celery"
+    assert keys.failed_counter("celery") == "sheppy:celery:celery:failed"
     assert keys.queue_registry() == "sheppy:_queues"
     assert keys.chord_pending_set("celery", "g") == "sheppy:workflows:celery:g:pending"
 
@@ -22,7 +23,8 @@ def test_keys_of_a_hash_tagged_queue_share_its_tag():
     queue = "{celery}"
     for key in (keys.task_record(queue, "x"), keys.pending_stream(queue), keys.finished_stream(queue),
                 keys.chord_pending_set(queue, "g"), keys.group_record(queue, "g"),
-                keys.state_stream(queue), keys.completed_counter(queue)):
+                keys.state_stream(queue), keys.completed_counter(queue),
+                keys.failed_counter(queue)):
         assert key[key.index("{"):key.index("}") + 1] == "{celery}"
 
 

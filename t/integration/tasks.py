@@ -203,3 +203,23 @@ def extend_chord(self, values):
     for value in values:
         self.add_to_chord(identity.si(value))
     return 0
+
+
+# -- the operator's view (t/integration/test_ops_cli.py) --------------------------------------
+
+
+@app.task(acks_late=True)
+def hold(seconds):
+    """Holds its message in flight (acked when done) for ``seconds``."""
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(acks_late=True)  # Reject only reaches the broker before the ack
+def picky(flag):
+    """Rejected to the dead letters until the key ``flag`` exists in the counter Redis."""
+    from celery.exceptions import Reject
+
+    if not _counter().exists(flag):
+        raise Reject("not yet", requeue=False)
+    return flag

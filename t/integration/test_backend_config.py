@@ -65,6 +65,22 @@ def test_a_success_is_never_replaced_and_a_rewrite_keeps_the_first_created_at(re
     app.close()
 
 
+def test_failures_are_counted_apart_from_sheppys_completed_counter(redis_server):
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    app = client_app(redis_server.url, redis_server.sheppy_url(),
+                     result_backend_transport_options={"queue": queue})
+    client, backend = redis_server.client(), app.backend
+    ok, bad, revoked, started = (str(uuid.uuid4()) for _ in range(4))
+    backend.store_result(ok, 1, states.SUCCESS)
+    backend.store_result(bad, ValueError("boom"), states.FAILURE)
+    backend.store_result(revoked, None, states.REVOKED)
+    backend.store_result(started, None, states.STARTED)
+    backend.store_result(ok, ValueError("redelivered run"), states.FAILURE)  # refused: no count
+    assert int(client.get(keys.completed_counter(queue))) == 3
+    assert int(client.get(keys.failed_counter(queue))) == 1
+    app.close()
+
+
 def test_result_expires_none_means_records_never_expire(redis_server):
     app = client_app(redis_server.url, redis_server.sheppy_url(), result_expires=None)
     task_id = str(uuid.uuid4())
@@ -109,7 +125,7 @@ def test_no_key_written_for_a_chord_is_left_without_a_ttl(redis_server):
         # queue-level structures of sheppy's layout (streams, counter, registry) are
         # bounded and shared, and sheppy keeps them without a TTL too
         shared = {keys.finished_stream("celery"), keys.completed_counter("celery"),
-                  keys.queue_registry()}
+                  keys.failed_counter("celery"), keys.queue_registry()}
         leftover = [k.decode() for k in client.scan_iter(count=1000)
                     if k.decode() not in shared and client.ttl(k) == -1]
         assert leftover == []

@@ -1,0 +1,322 @@
+"""The operator's view of ``sheppy://`` queues: what each queue holds, from a few commands.
+
+:func:`queue_stats` is the one API behind ``celery sheppy status``, ``celery sheppy
+metrics`` and Flower's Broker page. Per queue it costs a fixed number of commands per
+stream (``XLEN``, ``XINFO GROUPS``, ``XINFO CONSUMERS``, at most one ``XRANGE … COUNT 1``)
+plus ``ZCARD``, ``XLEN`` and two ``GET`` of the result counters (on the ``sheppy://``
+result backend's own Redis, where they are written): never a scan over task records.
+Four pipelined round trips, whatever the number of queues.
+
+Definitions (``docs/operations.md`` explains them for operators):
+
+* **ready**: entries after the group's last-delivered id (``XINFO GROUPS`` ``lag``;
+  when Redis cannot tell, ``lag`` is null and ``XLEN - pending`` is used: acked entries
+  are deleted, so the stream holds exactly the ready and the in-flight ones).
+* **oldest ready age**: now (Redis ``TIME``) minus the id of the first entry after the
+  last-delivered id, which is when it was added (published, requeued, replayed or
+  moved from the scheduled set).
+* **in flight**: the group's pending entries (read, not acked: running, prefetched, or
+  waiting for their ETA in a worker), per consumer from ``XINFO CONSUMERS``.
+* **consumer state**: a consumer holding messages renews their lease every quarter
+  lease, which resets its idle time: it is *alive* while idle <= lease, else *dead*
+  (its messages are past the lease: *stuck* until a live worker takes them over).
+  A consumer holding nothing is judged by its reads on Redis >= 7.2 (their idle time
+  counts empty reads: alive while idle <= max(lease, 2 * polling_interval)); Redis 7.0
+  records no empty reads, so such a consumer is *idle*: alive or gone, it holds nothing.
+"""
+
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import redis
+from kombu.utils.encoding import bytes_to_str
+
+from . import keys
+from .backend import SheppyBackend
+from .connection import CONNECTION_ERRORS, redact
+from .transport import Transport
+from .transport.streams import QueueStreams
+
+#: Stock values of the transport options read here (docs/transport.md).
+DEFAULT_LEASE = 30.0
+DEFAULT_POLLING_INTERVAL = 10.0
+
+ALIVE, DEAD, IDLE = "alive", "dead", "idle"
+
+# Replies that mean "no such stream or group yet": counted as empty, not as errors.
+_ABSENT = ("no such key", "nogroup")
+
+
+class NotSheppyBroker(RuntimeError):
+    """The app's broker is not ``sheppy://``."""
+
+
+class ResultsUnreachable(RuntimeError):
+    """The ``sheppy://`` result backend, where the result counters live, cannot be reached."""
+
+
+@dataclass
+class ConsumerStats:
+    name: str
+    in_flight: int
+    idle: float  #: seconds since the consumer last read, renewed or claimed (min over streams)
+    state: str  #: ALIVE, DEAD or IDLE (see the module docstring)
+
+
+@dataclass
+class QueueStats:
+    queue: str
+    ready: int
+    in_flight: int
+    oldest_ready_age: object  #: seconds (float), None when nothing is ready
+    scheduled: int
+    dead_letters: int
+    completed: object  #: sheppy's counter of finished results (int), None if never written
+    failed: object  #: FAILURE results among them (int), None when completed is None
+    consumers: list = field(default_factory=list)  #: [ConsumerStats], by name
+
+    @property
+    def stuck(self):
+        """Messages held by dead consumers: past their lease, waiting to be taken over."""
+        return sum(c.in_flight for c in self.consumers if c.state == DEAD)
+
+    def count(self, state):
+        return sum(1 for c in self.consumers if c.state == state)
+
+    def as_dict(self):
+        data = asdict(self)
+        data.update(stuck=self.stuck, consumers_alive=self.count(ALIVE),
+                    consumers_dead=self.count(DEAD), consumers_idle=self.count(IDLE))
+        return data
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The broker transport options this view depends on, in seconds."""
+
+    lease: float = DEFAULT_LEASE
+    polling_interval: float = DEFAULT_POLLING_INTERVAL
+    streams: QueueStreams = field(default_factory=QueueStreams)
+
+    @classmethod
+    def of(cls, app):
+        options = app.conf.broker_transport_options or {}
+        kwargs = {}
+        if options.get("priority_steps") is not None:
+            kwargs["streams"] = QueueStreams(options["priority_steps"])
+        return cls(lease=float(options.get("visibility_timeout") or DEFAULT_LEASE),
+                   polling_interval=float(options.get("polling_interval")
+                                          or DEFAULT_POLLING_INTERVAL), **kwargs)
+
+    @property
+    def read_every(self):
+        """Longest idle time of a live consumer that holds nothing (Redis >= 7.2)."""
+        return max(self.lease, 2 * self.polling_interval)
+
+
+class Inspector:
+    """An open ``sheppy://`` broker connection and the settings to read it with."""
+
+    def __init__(self, app, connection):
+        self.app = app
+        self.connection = connection
+        self.settings = Settings.of(app)
+        self.client = connection.default_channel.client  # the transport's redis-py client
+
+    @property
+    def url(self):
+        return broker_url(self.connection)
+
+    def queues(self, only=None):
+        """Queue names: ``only`` (checked), else the configured ones and sheppy's registry."""
+        if only:
+            return list(dict.fromkeys(keys.check_queue(name) for name in only))
+        names = {self.app.conf.task_default_queue, *self.app.amqp.queues.keys()}
+        for name in self.client.hkeys(keys.queue_registry()):
+            names.add(bytes_to_str(name))
+        return sorted(name for name in names if _usable(name))
+
+    def now(self):
+        """Redis's clock in epoch seconds: the clock stream ids are made of."""
+        seconds, micros = self.client.time()
+        return seconds + micros / 1e6
+
+    @property
+    def results_client(self):
+        """The ``sheppy://`` result backend's client (its counters live where it writes),
+        or None when results go elsewhere: the counters are then read from the broker."""
+        backend = self.app.backend
+        return backend.client if isinstance(backend, SheppyBackend) else None
+
+    def stats(self, queues=None):
+        """[QueueStats] of ``queues`` (default: :meth:`queues`), in that order."""
+        try:
+            return collect(self.client, self.queues(queues), self.settings, self.results_client)
+        except ResultsUnreachable as exc:
+            raise ResultsUnreachable(
+                f"cannot reach the sheppy:// result backend {self.app.backend.as_uri()} "
+                f"(it holds the result counters): {exc}") from None
+
+
+@contextmanager
+def inspector(app):
+    """An :class:`Inspector` on the app's own broker settings (TLS, ACL, options).
+
+    Raises NotSheppyBroker if the broker is not ``sheppy://``, and kombu's
+    OperationalError after one failed attempt to reach it.
+    """
+    with app.connection_for_read() as conn:
+        if not isinstance(conn.transport, Transport):
+            raise NotSheppyBroker(
+                f"the broker is {broker_url(conn)!r}, not sheppy:// (set broker_url = "
+                "'sheppy://host:port/db'; this works on sheppy:// brokers only)")
+        conn.ensure_connection(max_retries=0)  # one attempt: fail now, not after retries
+        yield Inspector(app, conn)
+
+
+def queue_stats(app, queues=None):
+    """[QueueStats] of the app's queues (or ``queues``), read on the app's own broker."""
+    with inspector(app) as view:
+        return view.stats(queues)
+
+
+def broker_url(conn):
+    """The connection's URL, its password (if any) masked."""
+    return redact(conn.as_uri(include_password=True))  # kombu masks even a missing one
+
+
+def is_sheppy(app):
+    """True if the app's broker is ``sheppy://`` (no connection is made)."""
+    conn = app.connection_for_read()
+    try:
+        return isinstance(conn.transport, Transport)
+    finally:
+        conn.release()
+
+
+def collect(client, queues, settings, results_client=None):
+    """[QueueStats] of ``queues`` in three round trips: the streams, the result counters
+    (from ``results_client`` when given, else from ``client``), the first ready entries."""
+    streams = {queue: settings.streams.of(queue) for queue in queues}
+    with client.pipeline(transaction=False) as pipe:
+        pipe.time()
+        for queue in queues:
+            for stream in streams[queue]:
+                pipe.xlen(stream)
+                pipe.xinfo_groups(stream)
+                pipe.xinfo_consumers(stream, keys.CONSUMER_GROUP)
+            pipe.zcard(keys.scheduled_set(queue))
+            pipe.xlen(keys.dead_letter_stream(queue))
+        replies = iter(pipe.execute(raise_on_error=False))
+    seconds, micros = _value(next(replies))
+    now_ms = seconds * 1000 + micros // 1000
+    results = iter(_counters(results_client or client, queues))
+    parts = []
+    for queue in queues:
+        per_stream = [_stream_part(stream, _value(next(replies)), _value(next(replies), []),
+                                   _value(next(replies), []))
+                      for stream in streams[queue]]
+        counters = [_value(next(replies)), _value(next(replies)), next(results), next(results)]
+        parts.append((queue, per_stream, counters))
+    firsts = _first_ready(client, [p for _, per_stream, _ in parts for p in per_stream])
+    return [_queue_stats(queue, per_stream, counters, firsts, now_ms, settings)
+            for queue, per_stream, counters in parts]
+
+
+def _counters(client, queues):
+    """completed, failed of each queue (None: never written), in one round trip (GETs:
+    no multi-key command mixes queues, which may live in different cluster slots)."""
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.get(keys.completed_counter(queue))
+                pipe.get(keys.failed_counter(queue))
+            return [_value(reply) for reply in pipe.execute(raise_on_error=False)]
+    except CONNECTION_ERRORS as exc:
+        raise ResultsUnreachable(str(exc)) from exc
+
+
+def _stream_part(stream, length, groups, consumers):
+    """One stream's counts: {stream, ready, last_id, consumers: [(name, pending, idle ms)],
+    reads_counted (the server counts empty reads in a consumer's idle time)}."""
+    group = next((g for g in groups if bytes_to_str(g["name"]) == keys.CONSUMER_GROUP), None)
+    length = length or 0
+    if group is None:
+        ready, last_id = length, None
+    else:
+        lag = group.get("lag")
+        ready = lag if lag is not None else max(length - group["pending"], 0)
+        last_id = bytes_to_str(group["last-delivered-id"])
+    return {"stream": stream, "ready": ready, "last_id": last_id,
+            "reads_counted": any("inactive" in c for c in consumers),
+            "consumers": [(bytes_to_str(c["name"]), c["pending"], c["idle"]) for c in consumers]}
+
+
+def _first_ready(client, parts):
+    """{stream: id of its first ready entry}, one ``XRANGE … COUNT 1`` per stream with any."""
+    wanted = [p for p in parts if p["ready"]]
+    if not wanted:
+        return {}
+    with client.pipeline(transaction=False) as pipe:
+        for part in wanted:
+            last = part["last_id"]
+            pipe.xrange(part["stream"], min=f"({last}" if last and last != "0-0" else "-",
+                        count=1)
+        replies = pipe.execute(raise_on_error=False)
+    return {part["stream"]: bytes_to_str(rows[0][0])
+            for part, rows in zip(wanted, replies) if isinstance(rows, list) and rows}
+
+
+def _queue_stats(queue, per_stream, counters, firsts, now_ms, settings):
+    held, idle, reads_counted = {}, {}, False
+    for part in per_stream:
+        reads_counted = reads_counted or part["reads_counted"]
+        for name, pending, idle_ms in part["consumers"]:
+            held[name] = held.get(name, 0) + pending
+            idle[name] = min(idle.get(name, idle_ms), idle_ms)
+    consumers = [ConsumerStats(name, held[name], idle[name] / 1000,
+                               _state(held[name], idle[name] / 1000, reads_counted, settings))
+                 for name in sorted(held)]
+    oldest = [int(firsts[p["stream"]].split("-")[0]) for p in per_stream if p["stream"] in firsts]
+    scheduled, dead, completed, failed = counters
+    completed = _int_or_none(completed)
+    failed = _int_or_none(failed)
+    if failed is None and completed is not None:
+        failed = 0  # the failed counter appears with the first failure
+    return QueueStats(
+        queue=queue, ready=sum(p["ready"] for p in per_stream),
+        in_flight=sum(held.values()),
+        oldest_ready_age=max((now_ms - min(oldest)) / 1000, 0.0) if oldest else None,
+        scheduled=scheduled or 0, dead_letters=dead or 0, completed=completed, failed=failed,
+        consumers=consumers)
+
+
+def _state(in_flight, idle, reads_counted, settings):
+    if in_flight:
+        return ALIVE if idle <= settings.lease else DEAD
+    if reads_counted:
+        return ALIVE if idle <= settings.read_every else DEAD
+    return IDLE
+
+
+def _value(reply, absent=None):
+    """A pipeline reply; a missing stream or group counts as ``absent``, other errors raise."""
+    if isinstance(reply, redis.ResponseError):
+        if any(text in str(reply).lower() for text in _ABSENT):
+            return absent
+        raise reply
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
+
+
+def _int_or_none(value):
+    return None if value is None else int(value)
+
+
+def _usable(name):
+    try:
+        keys.check_queue(name)
+    except keys.InvalidQueueName:
+        return False  # e.g. a sheppy queue with ':' in its name: not ours to read
+    return True

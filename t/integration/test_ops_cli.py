@@ -1,0 +1,391 @@
+"""``celery -A app sheppy …`` against real workers and a real redis-server (issue 12).
+
+Each test starts its own redis-server and worker, sets up a known state (tasks
+running, waiting, scheduled, dead-lettered, stuck on a killed worker) and runs the
+command as an operator would, in a subprocess, checking its counts, its table, its
+JSON and its exit code.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from celery_sheppy import keys
+from conftest import ROOT, free_port, client_app
+
+TASKS = "t.integration.tasks"
+QUEUE = "celery"
+LEASE = 4  # seconds: the lease of the stuck test's workers and commands
+
+
+class Setup:
+    """A private redis-server, the tests' settings for it, and a client app on it."""
+
+    def __init__(self, server, start_worker, backend_db=0, **conf):
+        self.server, self._start = server, start_worker
+        self.url, self.backend = server.sheppy_url(), server.sheppy_url(backend_db)
+        self.conf = dict({"worker_prefetch_multiplier": 1}, **conf)
+        self.client = server.client()
+        self.app = client_app(self.url, self.backend, **conf)
+
+    @property
+    def env(self):
+        return dict(os.environ, CELERY_SHEPPY_BROKER=self.url, CELERY_SHEPPY_BACKEND=self.backend,
+                    CELERY_SHEPPY_CONF=json.dumps(self.conf),
+                    CELERY_SHEPPY_COUNTER_URL=self.server.url,
+                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def worker(self, concurrency=2):
+        return self._start(self.url, self.backend, pool="threads", concurrency=concurrency,
+                           extra_env={"CELERY_SHEPPY_CONF": json.dumps(self.conf),
+                                      "CELERY_SHEPPY_COUNTER_URL": self.server.url})
+
+    def sig(self, name, *args, **options):
+        return self.app.signature(f"{TASKS}.{name}", args=args, **options)
+
+    def command(self, *args):
+        return [sys.executable, "-m", "celery", "-A", TASKS, "sheppy", *args]
+
+    def cli(self, *args, input=None, env=None):
+        return subprocess.run(self.command(*args), env=env or self.env, cwd=str(ROOT),
+                              input=input, capture_output=True, text=True, timeout=120)
+
+    def json(self, *args):
+        result = self.cli(*args, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def stats(self):
+        return {q["queue"]: q for q in self.json("status")["queues"]}
+
+    def hold_two_and_wait(self, seconds=30):
+        """Two acks_late tasks running: the whole prefetch (2) of a 2-thread worker."""
+        held = [self.sig("hold", seconds).delay() for _ in range(2)]
+        wait_until(lambda: all(r.state == "STARTED" for r in held), 30, "both tasks to start")
+        return held
+
+
+@pytest.fixture
+def ops(make_redis_server, start_worker):
+    setups = []
+
+    def make(**conf):
+        setups.append(Setup(make_redis_server(), start_worker, **conf))
+        return setups[-1]
+
+    yield make
+    for setup in setups:
+        setup.app.close()
+
+
+def wait_until(predicate, timeout, message="condition", interval=0.2):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def poison(setup):
+    setup.client.xadd(keys.pending_stream(QUEUE), {"data": "not a task record"})
+
+
+def fits_80_columns(text):
+    return all(len(line) <= 80 for line in text.splitlines())
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+def test_status_counts_ready_in_flight_scheduled_dead_and_results_per_queue(ops):
+    setup = ops()
+    worker = setup.worker()
+    # Given one success and one failure stored, one undecodable entry dead-lettered
+    assert setup.sig("add", 1, 2).delay().get(timeout=30) == 3
+    with pytest.raises(ValueError):
+        setup.sig("fail").delay().get(timeout=30)
+    poison(setup)
+    wait_until(lambda: setup.client.xlen(keys.dead_letter_stream(QUEUE)) == 1, 30, "a dead letter")
+    # two acks_late tasks running (the worker's whole prefetch), three waiting behind them,
+    # one countdown task in sheppy's scheduled set, two tasks in a queue nobody reads
+    setup.hold_two_and_wait()
+    published = time.time()
+    for i in range(3):
+        setup.sig("add", i, i).delay()
+    setup.sig("add", 5, 5).apply_async(countdown=3600)
+    for _ in range(2):
+        setup.sig("add", 0, 0).apply_async(queue="other")
+    time.sleep(1)
+
+    # When the operator asks for the status
+    queues = setup.stats()
+
+    # Then each count is what was set up
+    celery = queues[QUEUE]
+    assert (celery["ready"], celery["in_flight"], celery["scheduled"],
+            celery["dead_letters"]) == (3, 2, 1, 1)
+    assert (celery["completed"], celery["failed"]) == (2, 1)
+    assert [(c["in_flight"], c["state"]) for c in celery["consumers"]] == [(2, "alive")]
+    assert (celery["consumers_alive"], celery["consumers_dead"], celery["stuck"]) == (1, 0, 0)
+    assert 1.0 <= celery["oldest_ready_age"] <= time.time() - published + 5
+    other = queues["other"]  # known from sheppy's registry, not from the app's settings
+    assert (other["ready"], other["in_flight"], other["consumers"]) == (2, 0, [])
+
+    # And the table says the same, in 80 columns
+    table = setup.cli("status")
+    assert table.returncode == 0, table.stderr
+    assert fits_80_columns(table.stdout)
+    lines = table.stdout.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("QUEUE")))
+    end = lines.index("", start)
+    rows = {line.split()[0]: line.split() for line in lines[start:end]}  # the queues' table
+    assert rows["QUEUE"] == ["QUEUE", "READY", "IN", "FLIGHT", "OLDEST", "SCHEDULED", "DEAD",
+                             "DONE", "FAILED"]
+    assert rows[QUEUE][1:3] == ["3", "2"] and rows[QUEUE][4:] == ["1", "1", "2", "1"]
+    assert rows["other"][1:3] == ["2", "0"]
+    assert "consumers: 1 alive, 0 dead; 0 message(s) stuck past the lease" in table.stdout
+    assert setup.cli("status", "-Q", "other", "--json").stdout.count('"queue"') == 1
+    worker.kill()  # its tasks run for 30 s more: no warm shutdown
+
+
+def test_status_watch_refreshes_until_interrupted(ops):
+    setup = ops()
+    with tempfile.TemporaryFile("w+") as out:
+        process = subprocess.Popen(setup.command("status", "--watch", "0.2", "--json"),
+                                   env=setup.env, cwd=str(ROOT), stdout=out,
+                                   stderr=subprocess.STDOUT, text=True)
+        try:
+            def documents():
+                out.seek(0)
+                lines = out.read().split("\n")[:-1]  # the last one may be half written
+                return [line for line in lines if line.startswith("{")]
+
+            wait_until(lambda: len(documents()) >= 3, 60, "three refreshes")
+            setup.sig("add", 1, 1).delay()  # seen by a later refresh
+            wait_until(lambda: json.loads(documents()[-1])["queues"][0]["ready"] == 1, 30,
+                       "a refresh to see the new task")
+            process.send_signal(signal.SIGINT)
+            assert process.wait(30) == 0
+        finally:
+            process.kill()
+            process.wait()
+
+
+def test_errors_name_the_fault_and_exit_with_codes_scripts_can_use(ops):
+    setup = ops()
+    stock = dict(setup.env, CELERY_SHEPPY_BROKER=setup.server.url)
+    result = setup.cli("status", env=stock)
+    assert result.returncode == 78 and "not sheppy://" in result.stderr
+
+    nowhere = f"sheppy://alice:s3cret@127.0.0.1:{free_port()}/0"
+    result = setup.cli("status", env=dict(setup.env, CELERY_SHEPPY_BROKER=nowhere))
+    assert result.returncode == 69 and "cannot reach" in result.stderr
+    assert "alice:**@127.0.0.1" in result.stderr and "s3cret" not in result.stderr
+
+    elsewhere = f"sheppy://127.0.0.1:{free_port()}/0"  # results on a server that is down
+    result = setup.cli("status", env=dict(setup.env, CELERY_SHEPPY_BACKEND=elsewhere))
+    assert result.returncode == 69 and "cannot reach the sheppy:// result backend" in result.stderr
+
+    result = setup.cli("status", "-Q", "celery,bad:name")
+    assert result.returncode == 2 and "'-Q'" in result.stderr and "'bad:name'" in result.stderr
+
+    result = setup.cli("dead", "show", "not-an-id")
+    assert result.returncode == 2 and "'not-an-id' is not a stream entry id" in result.stderr
+
+
+# -- stuck ------------------------------------------------------------------------------
+
+
+def test_stuck_lists_a_killed_workers_messages_past_the_lease_and_exits_1_until_taken_over(ops):
+    setup = ops(broker_transport_options={"visibility_timeout": LEASE})
+    doomed = setup.worker()
+    held = setup.hold_two_and_wait(seconds=8)
+    result = setup.cli("stuck")
+    assert (result.returncode, result.stdout) == (0, "nothing stuck\n")
+
+    # When the worker is killed and a lease passes
+    doomed.kill()
+    time.sleep(LEASE + 1)
+
+    # Then its two messages are stuck, its consumer dead
+    result = setup.cli("stuck", "--json")
+    assert result.returncode == 1, result.stderr
+    items = json.loads(result.stdout)
+    assert sorted(i["task_id"] for i in items) == sorted(r.id for r in held)
+    assert {(i["consumer_state"], i["task"]) for i in items} == {("dead", f"{TASKS}.hold")}
+    assert all(i["idle"] >= LEASE for i in items)
+    celery = setup.stats()[QUEUE]
+    assert (celery["in_flight"], celery["stuck"], celery["consumers_alive"],
+            celery["consumers_dead"]) == (2, 2, 0, 1)
+    table = setup.cli("stuck")
+    assert table.returncode == 1 and fits_80_columns(table.stdout)
+    consumer = items[0]["consumer"]  # the killed worker's, <host>:<pid>:<random>
+    assert len([line for line in table.stdout.splitlines() if consumer in line]) == 2
+
+    # When a live worker starts, it takes them over (within half a lease) and runs them
+    rescuer = setup.worker()
+    wait_until(lambda: setup.cli("stuck").returncode == 0, 30, "the messages to be taken over")
+    assert [r.get(timeout=60) for r in held] == [8, 8]
+    rescuer.stop()
+
+
+# -- dead letters ------------------------------------------------------------------------
+
+
+def test_dead_letters_are_listed_shown_replayed_to_a_worker_and_purged(ops):
+    # Results in another database: with broker and backend in one, the FAILURE Celery 5.7
+    # stores for Reject(requeue=False) acks the message first, and nothing is dead-lettered
+    setup = ops(backend_db=1)
+    setup.worker()
+    rejected = [setup.sig("picky", "flag").delay() for _ in range(2)]
+    poison(setup)
+    dead = keys.dead_letter_stream(QUEUE)
+    wait_until(lambda: setup.client.xlen(dead) == 3, 30, "three dead letters")
+
+    # list
+    letters = setup.json("dead", "list")
+    tasks = {letter["task_id"]: letter for letter in letters if letter["task"]}
+    assert sorted(tasks) == sorted(r.id for r in rejected)
+    assert {(letter["reason"], letter["task"]) for letter in tasks.values()} == {
+        ("rejected", f"{TASKS}.picky")}
+    bad = [letter for letter in letters if letter["task"] is None]
+    assert len(bad) == 1 and bad[0]["reason"].startswith("undecodable")
+    table = setup.cli("dead", "list")
+    assert fits_80_columns(table.stdout) and len(table.stdout.splitlines()) == 4
+
+    # show
+    shown = setup.cli("dead", "show", bad[0]["id"])
+    assert shown.returncode == 0
+    assert re.search(r"^reason: +undecodable", shown.stdout, re.M)
+    assert "not a task record" in shown.stdout
+    missing = setup.cli("dead", "show", "1-1")
+    assert missing.returncode == 3 and "no dead letter 1-1 in queue(s) celery" in missing.stderr
+
+    # replay asks first: "n" keeps the letter
+    first = tasks[rejected[0].id]["id"]
+    refused = setup.cli("dead", "replay", first, input="n\n")
+    assert refused.returncode == 1 and "Aborted" in refused.stderr
+    assert setup.client.xlen(dead) == 3
+
+    # replay with --yes: back to its stream, and the worker runs it
+    setup.client.set("flag", 1)
+    replayed = setup.cli("dead", "replay", first, "--yes")
+    assert replayed.returncode == 0 and "replayed 1 dead letter(s); celery: 1" in replayed.stdout
+    wait_until(lambda: rejected[0].state == "SUCCESS", 30, "the replayed task to succeed")
+    assert rejected[0].get(timeout=30) == "flag"
+    celery = setup.stats()[QUEUE]
+    assert celery["dead_letters"] == 2
+    # counted in the result backend's database: Celery 5.7 stores FAILURE for each
+    # Reject(requeue=False), then the replayed run's SUCCESS replaced one of them
+    assert (celery["completed"], celery["failed"]) == (3, 2)
+
+    # purge of all letters: asks, then deletes with --yes
+    assert setup.cli("dead", "purge", input="n\n").returncode == 1
+    assert setup.client.xlen(dead) == 2
+    purged = setup.cli("dead", "purge", "--yes")
+    assert purged.returncode == 0 and "purged 2 dead letter(s)" in purged.stdout
+    assert setup.client.xlen(dead) == 0
+
+
+# -- scheduled, revoked -----------------------------------------------------------------
+
+
+def test_scheduled_list_shows_countdown_tasks_soonest_first_and_revoked_list_the_revoked(ops):
+    setup = ops()
+    setup.worker()
+    later = setup.sig("add", 1, 1).apply_async(countdown=7200)
+    sooner = setup.sig("add", 2, 2).apply_async(countdown=3600)
+    setup.app.control.revoke(later.id)
+    wait_until(lambda: setup.client.zscore(keys.revoked_set(), later.id) is not None, 30,
+               "the revoke to be kept")
+
+    items = setup.json("scheduled", "list")
+    assert [i["task_id"] for i in items] == [sooner.id, later.id]
+    assert [i["revoked"] for i in items] == [False, True]
+    assert {i["task"] for i in items} == {f"{TASKS}.add"}
+    assert 3500 < items[0]["due_in"] <= 3600 and 7100 < items[1]["due_in"] <= 7200
+    table = setup.cli("scheduled", "list")
+    assert fits_80_columns(table.stdout)
+    assert sooner.id in table.stdout and "(revoked)" in table.stdout
+    assert setup.stats()[QUEUE]["scheduled"] == 2
+
+    revoked = setup.json("revoked", "list")
+    assert revoked["total"] == 1 and [i["task_id"] for i in revoked["revoked"]] == [later.id]
+    table = setup.cli("revoked", "list")
+    assert later.id in table.stdout and "1 of 1 shown" in table.stdout
+
+
+# -- metrics --------------------------------------------------------------------------
+
+
+def samples_of(text):
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_are_printed_and_served_for_prometheus_to_scrape(ops):
+    setup = ops()
+    worker = setup.worker()
+    setup.hold_two_and_wait()
+    for i in range(3):
+        setup.sig("add", i, i).delay()
+    setup.sig("add", 5, 5).apply_async(countdown=3600)
+    celery = (("queue", QUEUE),)
+
+    printed = setup.cli("metrics")
+    assert printed.returncode == 0, printed.stderr
+    values = samples_of(printed.stdout)
+    assert values[("sheppy_queue_ready", celery)] == 3
+    assert values[("sheppy_queue_in_flight", celery)] == 2
+    assert values[("sheppy_queue_scheduled", celery)] == 1
+    assert values[("sheppy_queue_consumers", celery + (("state", "alive"),))] == 1
+
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as out:
+        server = subprocess.Popen(setup.command("metrics", "--serve", str(port)), env=setup.env,
+                                  cwd=str(ROOT), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}/metrics"
+            scraped = []
+
+            def scrape():
+                try:
+                    with urllib.request.urlopen(url, timeout=10) as response:
+                        scraped.append((response.headers["Content-Type"], response.read().decode()))
+                    return True
+                except OSError:
+                    return False
+
+            wait_until(scrape, 60, "the metrics endpoint")
+            content_type, text = scraped[-1]
+            assert content_type.startswith("text/plain; version=0.0.4")
+            values = samples_of(text)
+            assert values[("sheppy_queue_ready", celery)] == 3
+            assert values[("sheppy_queue_in_flight", celery)] == 2
+            assert values[("sheppy_queue_oldest_ready_age_seconds", celery)] > 0
+            setup.sig("add", 9, 9).delay()  # every scrape reads Redis again
+            assert scrape() and samples_of(scraped[-1][1])[("sheppy_queue_ready", celery)] == 4
+            with pytest.raises(urllib.error.HTTPError, match="404"):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
+            worker.kill()
+            setup.server.kill()  # a scrape while Redis is down fails, the server stays up
+            with pytest.raises(urllib.error.HTTPError, match="503") as failed:
+                urllib.request.urlopen(url, timeout=30)
+            assert "cannot read the sheppy:// broker" in failed.value.read().decode()
+            server.send_signal(signal.SIGINT)
+            assert server.wait(30) == 0
+            out.seek(0)
+            assert f":{port}/metrics" in out.read()
+        finally:
+            server.kill()
+            server.wait()

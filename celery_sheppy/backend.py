@@ -26,7 +26,7 @@ from celery._state import task_join_will_block
 from celery.backends.asynchronous import AsyncBackendMixin, BaseResultConsumer
 from celery.backends.base import KeyValueStoreBackend, _create_chord_error_with_cause
 from celery.canvas import maybe_signature
-from celery.exceptions import BackendStoreError, ChordError, ImproperlyConfigured
+from celery.exceptions import BackendStoreError, ChordError, ImproperlyConfigured, Reject
 from celery.result import GroupResult, ResultBase, allow_join_result
 from celery.utils.functional import _regen
 from celery.utils.log import get_logger
@@ -472,7 +472,7 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
             raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
         expires = self.failure_expires if state == states.FAILURE else self.expires
         terminal = state in records.TERMINAL_STATES
-        ack = self._delivery_to_ack(request) if terminal else None
+        ack = self._delivery_to_ack(request, state, result) if terminal else None
         # Retried on a lost connection like the stock backend's set() (retry_policy:
         # 20 tries a second apart by default), so a Redis restart loses no result. A
         # retry after a lost reply rewrites the same record; a stored SUCCESS stays.
@@ -480,13 +480,15 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
                                          state == states.FAILURE))
         return result
 
-    def _delivery_to_ack(self, request):
+    def _delivery_to_ack(self, request, state, result):
         """``(stream, entry id)`` of the message a terminal result may ack in the same
         script: an ``acks_late`` task's ``sheppy://`` delivery on this Redis, in this
-        backend's queue; else None."""
+        backend's queue, unless the worker rejects it after this failure; else None."""
         task = self.app.tasks.get(getattr(request, "task", None) or "")
         if not getattr(task, "acks_late", False):
             return None  # acked when the worker accepted it: a second XACK + XDEL would be wasted
+        if state == states.FAILURE and (isinstance(result, Reject) or not _acks_on_failure(task)):
+            return None  # the worker rejects it next: to the dead letters, not acked here
         properties = getattr(request, "properties", None)
         tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
         if not isinstance(tag, str) or " " not in tag or not self._broker_is_here:
@@ -672,6 +674,15 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
     def __reduce__(self, args=(), kwargs=None):
         kwargs = {} if not kwargs else kwargs
         return super().__reduce__(args, dict(kwargs, expires=self.expires, url=self.url))
+
+
+def _acks_on_failure(task):
+    """Whether the worker acks ``task``'s message when it fails (else it rejects it)."""
+    for flag in (getattr(task, "acks_on_failure", None),
+                 getattr(task, "acks_on_failure_or_timeout", None)):
+        if flag is not None:
+            return bool(flag)
+    return True
 
 
 def _leaf_ids(result):

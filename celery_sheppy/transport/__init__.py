@@ -1032,8 +1032,8 @@ class Channel(virtual.Channel):
                 conn.connect()
             conn.send_packed_command(conn.pack_commands(commands), check_health=False)
         except self.connection_errors:
-            self._lost_ack_conn()
-            return self._ack_entries(by_stream)  # the usual way; raises if Redis is gone
+            # the usual way, with the acks sent before that were not confirmed
+            return self._ack_entries(_merged([*self._lost_ack_conn(), by_stream]))
         self._acks_unconfirmed.append((len(commands), by_stream))
         fd = conn._sock.fileno()
         if self._ack_fd != fd:
@@ -1060,18 +1060,19 @@ class Channel(virtual.Channel):
                         logger.warning("sheppy: an ack failed: %r", exc)
                 self._acks_unconfirmed.popleft()
         except self.connection_errors:
-            unconfirmed = list(self._acks_unconfirmed)
-            self._lost_ack_conn()
-            for _, by_stream in unconfirmed:
-                self._ack_entries(by_stream)
+            self._ack_entries(_merged(self._lost_ack_conn()))
 
     def _lost_ack_conn(self):
+        """Drop the ack connection; returns the acks sent on it and not confirmed
+        (``[{stream: [entry id]}]``), which the caller sends again."""
         hub = getattr(self.connection, "cycle", None) and self.connection.cycle._hub
         if self._ack_fd is not None and hub is not None:
             hub.remove_reader(self._ack_fd)
         self._ack_fd = None
+        unconfirmed = [by_stream for _, by_stream in self._acks_unconfirmed]
         self._acks_unconfirmed.clear()
         self._ack_conn.disconnect()
+        return unconfirmed
 
     @cached_property
     def _ack_conn(self):
@@ -1705,6 +1706,15 @@ class PublishBatch:
         self._commands = []
 
     close = discard
+
+
+def _merged(batches):
+    """One ``{stream: [entry id]}`` of several."""
+    merged = {}
+    for by_stream in batches:
+        for stream, ids in by_stream.items():
+            merged.setdefault(stream, []).extend(ids)
+    return merged
 
 
 def _ack_commands(by_stream):

@@ -487,7 +487,7 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         task = self.app.tasks.get(getattr(request, "task", None) or "")
         if not getattr(task, "acks_late", False):
             return None  # acked when the worker accepted it: a second XACK + XDEL would be wasted
-        if state == states.FAILURE and (isinstance(result, Reject) or not _acks_on_failure(task)):
+        if state == states.FAILURE and (_is_reject(result) or not _acks_on_failure(task)):
             return None  # the worker rejects it next: to the dead letters, not acked here
         properties = getattr(request, "properties", None)
         tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
@@ -674,6 +674,14 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
     def __reduce__(self, args=(), kwargs=None):
         kwargs = {} if not kwargs else kwargs
         return super().__reduce__(args, dict(kwargs, expires=self.expires, url=self.url))
+
+
+def _is_reject(result):
+    """Whether a FAILURE's result is a ``Reject``: the exception itself (pickle) or, as
+    ``store_result`` encodes it before it reaches ``_store_result``, its json form."""
+    if isinstance(result, dict):
+        return result.get("exc_type") == "Reject" and result.get("exc_module") == Reject.__module__
+    return isinstance(result, Reject)
 
 
 def _acks_on_failure(task):

@@ -2,22 +2,16 @@
 
 A channel is one consumer of the ``workers`` group. It holds its parts and nothing else:
 
-==================  ===========================================================  ==============
-part                owns                                                         module
-==================  ===========================================================  ==============
-``settings``        the parsed transport options                                 options.py
-``conns``           its Redis connections                                        connections.py
-``queues``          declared queues (expiry, TTL, auto-delete) and their streams streams.py
-``groups``          which streams exist with the group                           groups.py
-``router``          exchange bindings and their cache                            routing.py
-``publisher``       single, batched and delayed publishes                        publish.py
-``reader``          the blocking read, the read-ahead buffer, delivery           reading.py
-``ledger``          messages in flight                                           acks.py
-``acker``           acks, rejects and put-backs                                  acks.py
-``letters``         dead letters                                                 dead_letters.py
-``revokes``         durable revokes                                              revokes.py
-``upkeep``          the periodic jobs (leases, reclaim, promotion, reaping...)   upkeep.py
-==================  ===========================================================  ==============
+* ``settings``: the parsed transport options (options.py);
+* ``conns``: its Redis connections (connections.py);
+* ``queues``: declared queues (expiry, TTL, auto-delete) and their streams (streams.py);
+* ``groups``: which streams exist with the group (groups.py);
+* ``router``: exchange bindings and their cache (routing.py);
+* ``publisher``: single, batched and delayed publishes (publish.py);
+* ``reader``: the blocking read, the read-ahead buffer, delivery (reading.py);
+* ``ledger`` and ``acker``: messages in flight; acks, rejects, put-backs (acks.py);
+* ``letters``: dead letters (dead_letters.py); ``revokes``: durable revokes (revokes.py);
+* ``upkeep``: the named periodic jobs, ``reaper`` among them (upkeep.py).
 
 The methods under "poller interface" are what the transport's Poller calls (poller.py).
 """

@@ -40,7 +40,7 @@ end
 
 local record = ARGV[1]
 local current = write(record)
--- id, status and created_at are the record's first keys (records.build_record)
+-- id, status and created_at are the first keys of every record we write (records.HEAD_FIELDS)
 local head = current and string.sub(current, 1, 200)
 if head and string.find(head, '"status":%s*"completed"') then
     write(current)  -- its expiry restarts: the price of one command less per result

@@ -88,7 +88,7 @@ from kombu.utils.scheduling import cycle_by_name
 from .. import connection as options_mod
 from .. import __version__ as celery_sheppy_version
 from .. import group_publish, keys, kombu_aliases, records, scripts
-from . import orphans
+from . import limits, orphans
 from .streams import PRIORITY_STEPS, QueueStreams
 
 kombu_aliases.register()  # importing the transport is enough for a plain kombu process
@@ -234,6 +234,9 @@ class Channel(virtual.Channel):
     read_coalesce = 0.002
     #: Seconds after which an idle consumer with no pending messages is removed.
     consumer_reap_after = 300
+    #: Global rate limits, task name -> Celery rate string (``{"proj.fetch": "20/s"}``);
+    #: they win over the tasks' ``sheppy_rate_limit`` (``transport/limits.py``).
+    rate_limits = None
     global_keyprefix = ""
     sep = SEP
 
@@ -251,7 +254,7 @@ class Channel(virtual.Channel):
         "visibility_timeout", "polling_interval", "priority_steps", "queue_order_strategy",
         "max_batch", "consumer_reap_after", "global_keyprefix", "sep", *CONNECTION_OPTIONS,
         "max_deliveries", "delay_threshold", "dead_letter_maxlen", "revoke_expires",
-        "max_retries", "interval_start", "interval_step", "interval_max",
+        "max_retries", "interval_start", "interval_step", "interval_max", "rate_limits",
     )
 
     #: Publish retry on a lost connection (stock option names; seconds). Off unless
@@ -321,6 +324,7 @@ class Channel(virtual.Channel):
         except Exception:
             self._disconnect()
             raise
+        self.limits = limits.Limiter(self, self.rate_limits)
         self.connection.cycle.add(self)
 
     @property
@@ -956,6 +960,8 @@ class Channel(virtual.Channel):
             self._dead_letter(queue, stream, entry_id, "max_deliveries exceeded",
                               deliveries - 1, data)
             return None
+        if self.limits.defer(queue, stream, entry_id, record, message):
+            return None  # over its global rate limit: in the scheduled set until its slot
         tag = f"{entry_id} {stream}"
         self._inflight[tag] = (stream, entry_id, record)
         self._deliveries[tag] = deliveries

@@ -223,3 +223,19 @@ def picky(flag):
     if not _counter().exists(flag):
         raise Reject("not yet", requeue=False)
     return flag
+
+
+# -- features (t/integration/test_features.py) ------------------------------------------------
+
+
+@app.task(bind=True, sheppy_rate_limit="20/s")
+def limited(self, key):
+    """Globally limited to 20 runs a second; records ``[start time, worker]`` in ``key``."""
+    _count(key, [time.time(), self.request.hostname])
+    time.sleep(0.01)
+
+
+@app.task(bind=True, rate_limit="4/s")
+def worker_limited(self, key):
+    """Celery's own per-worker rate limit; records its start time in ``key``."""
+    _count(key, [time.time(), self.request.hostname])

@@ -88,7 +88,7 @@ from kombu.utils.scheduling import cycle_by_name
 from .. import connection as options_mod
 from .. import __version__ as celery_sheppy_version
 from .. import group_publish, keys, kombu_aliases, records, scripts
-from . import limits, orphans
+from . import claims, limits, orphans
 from .streams import PRIORITY_STEPS, QueueStreams
 
 kombu_aliases.register()  # importing the transport is enough for a plain kombu process
@@ -682,6 +682,9 @@ class Channel(virtual.Channel):
         if exchange and exchange.endswith(".pidbox"):
             self._remember_revokes(message)
         due = self._due_later(message)
+        claim = claims.of(message)
+        if claim is not None:  # unique tasks, beat occurrences
+            return claims.publish(self, exchange, routing_key, message, claim, due)
         if due is not None:
             return self._publish_delayed(exchange, routing_key, message, due)
         if not exchange:
@@ -1154,6 +1157,7 @@ class Channel(virtual.Channel):
             return
         if isinstance(data, bytes):
             data = data.decode("utf-8", "replace")
+        claims.release_of_entry(self.client, data)  # a unique task's key is free again
         self._scripts["dead_letter"](
             keys=[stream, keys.dead_letter_stream(queue)],
             args=[GROUP, entry_id, reason, int(deliveries), data or "", self.dead_letter_maxlen])

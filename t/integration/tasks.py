@@ -21,6 +21,17 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 app.conf.update(json.loads(os.environ.get("CELERY_SHEPPY_CONF", "{}")))
+if os.environ.get("CELERY_SHEPPY_BEAT_SCHEDULE") == "crontabs":  # beat schedules JSON cannot hold
+    from datetime import timedelta
+
+    from celery.schedules import crontab
+
+    app.conf.beat_schedule = {
+        "weekday mornings": {"task": "t.integration.tasks.beat_tick", "args": ["w"],
+                             "schedule": crontab(minute=30, hour=3, day_of_week="1-5")},
+        "quarter hours": {"task": "t.integration.tasks.beat_tick", "args": ["q"],
+                          "schedule": timedelta(minutes=15)},
+    }
 
 
 @app.task
@@ -239,3 +250,9 @@ def limited(self, key):
 def worker_limited(self, key):
     """Celery's own per-worker rate limit; records its start time in ``key``."""
     _count(key, [time.time(), self.request.hostname])
+
+
+@app.task(bind=True)
+def beat_tick(self, key):
+    """Records each run as ``[task id, time]`` in ``key`` (beat occurrences)."""
+    _count(key, [self.request.id, time.time()])

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 
@@ -137,3 +138,136 @@ def test_celery_per_worker_rate_limit_still_applies(make_redis_server, workers, 
         assert times[-1] - times[0] >= 1.5
     finally:
         app.close()
+
+
+# -- a leaderless beat -------------------------------------------------------------------------
+
+BEAT_SECONDS = 30
+
+
+class Beat:
+    """``celery beat -S celery_sheppy.beat:Scheduler`` in a subprocess."""
+
+    def __init__(self, server, conf, extra_env=None):
+        self.log = tempfile.NamedTemporaryFile(prefix="celery-sheppy-beat-", suffix=".log",
+                                               delete=False)
+        url = server.sheppy_url()
+        env = dict(os.environ, CELERY_SHEPPY_BROKER=url, CELERY_SHEPPY_BACKEND=url,
+                   CELERY_SHEPPY_CONF=json.dumps(conf),
+                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   **(extra_env or {}))
+        self.dir = tempfile.mkdtemp(prefix="celery-sheppy-beat-")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", TASKS, "beat", "-S",
+             "celery_sheppy.beat:Scheduler", "-l", "INFO"],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.dir,
+            start_new_session=True)
+
+    def output(self):
+        return Path(self.log.name).read_text(errors="replace")
+
+    def kill(self):
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def beats():
+    started = []
+    yield started
+    for process in started:
+        process.stop()
+
+
+def beat_conf(**entries):
+    return {"beat_schedule": {name: dict(task=f"{TASKS}.beat_tick", **spec)
+                              for name, spec in entries.items()}}
+
+
+@pytest.mark.slow
+def test_three_beats_send_every_occurrence_once_and_miss_none_when_two_are_killed(
+        make_redis_server, workers, beats, counter):
+    from celery import schedules
+    from celery_sheppy import beat
+
+    # Given a worker and 3 beat processes sharing a 1 s entry
+    server = make_redis_server()
+    client = server.client()
+    workers.append(start_worker(server, concurrency=2))
+    conf = beat_conf(tick={"schedule": 1.0, "args": ["ticks"]})
+    beats.extend(Beat(server, conf) for _ in range(3))
+    wait_until(lambda: counter.llen("ticks") >= 3, 30, message="the first occurrences")
+
+    # When two of them are killed with SIGKILL a third of the way through
+    first = min(json.loads(item)[1] for item in counter.lrange("ticks", 0, -1))
+    time.sleep(BEAT_SECONDS / 3)
+    beats[0].kill()
+    beats[1].kill()
+    time.sleep(BEAT_SECONDS * 2 / 3)
+    beats[2].stop()
+    last = max(json.loads(item)[1] for item in counter.lrange("ticks", 0, -1)) - 2
+    time.sleep(2)  # what was sent has run
+
+    # Then every occurrence from the first to the last ran exactly once
+    runs = Counter(json.loads(item)[0] for item in counter.lrange("ticks", 0, -1))
+    entry_id, _, _ = beat.entry_record("tick", f"{TASKS}.beat_tick",
+                                       schedules.schedule(1.0), ["ticks"])
+    expected = [beat.occurrence_id(entry_id, float(at))
+                for at in range(int(first) + 1, int(last))]
+    missed = [task_id for task_id in expected if task_id not in runs]
+    print(f"beat: {len(expected)} occurrences expected, {len(runs)} ran, "
+          f"{sum(runs.values()) - len(runs)} twice, {len(missed)} missed")
+    assert len(expected) >= BEAT_SECONDS - 3
+    assert not missed
+    assert set(runs.values()) == {1}
+    # and the entry is a sheppy TaskCron record in sheppy:cron:celery
+    table = client.hgetall(keys.cron_table(QUEUE))
+    assert list(table) == [entry_id.encode()]
+    assert json.loads(table[entry_id.encode()])["expression"] == "* * * * * *"
+
+
+def test_beat_reconciles_its_schedule_into_sheppys_cron_table(make_redis_server, beats):
+    # Given a cron table holding an entry that is no longer configured, and one of sheppy's
+    server = make_redis_server()
+    client = server.client()
+    client.hset(keys.cron_table(QUEUE), "gone", json.dumps(
+        {"id": "6a3c8b1e-0d53-4c4b-9a53-3d3f6f6a1c00", "expression": "* * * * *",
+         "spec": {"func": "celery_sheppy:celery_task"}, "config": {},
+         "celery": {"beat": "old", "task": "old", "schedule": {"type": "interval",
+                                                                "seconds": 5}}}))
+    sheppys = str(uuid4())
+    client.hset(keys.cron_table(QUEUE), sheppys, json.dumps(
+        {"id": sheppys, "expression": "0 * * * *", "spec": {"func": "os:getcwd"},
+         "config": {}}))
+
+    # When a beat starts with a crontab entry and a timedelta entry (Europe/Berlin)
+    conf = {"timezone": "Europe/Berlin", "beat_schedule": {}}
+    beat = Beat(server, conf, extra_env={"CELERY_SHEPPY_BEAT_SCHEDULE": "crontabs"})
+    beats.append(beat)
+    wait_until(lambda: "entries in sheppy's cron tables" in beat.output(), 30,
+               message="the beat to reconcile")
+
+    # Then its entries replaced the old one, and sheppy's own entry is left alone
+    table = {key.decode(): json.loads(value)
+             for key, value in client.hgetall(keys.cron_table(QUEUE)).items()}
+    assert "gone" not in table and sheppys in table
+    expressions = sorted(record["expression"] for key, record in table.items()
+                         if key != sheppys)
+    assert expressions == ["*/15 * * * *", "30 3 * * 1-5"]
+    # and sheppy's own tool lists them as cron entries
+    sheppy = Path(sys.executable).with_name("sheppy")
+    if sheppy.exists():
+        listed = subprocess.run(
+            [str(sheppy), "cron", "list", "-q", QUEUE, "-u", server.url],
+            capture_output=True, text=True, timeout=60, env=dict(os.environ, COLUMNS="250"))
+        assert listed.returncode == 0, listed.stderr
+        assert "30 3 * * 1-5" in listed.stdout and "*/15 * * * *" in listed.stdout

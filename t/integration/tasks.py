@@ -256,3 +256,29 @@ def worker_limited(self, key):
 def beat_tick(self, key):
     """Records each run as ``[task id, time]`` in ``key`` (beat occurrences)."""
     _count(key, [self.request.id, time.time()])
+
+
+from celery_sheppy.unique import UniqueTask  # noqa: E402
+
+
+@app.task(bind=True, base=UniqueTask, sheppy_unique=True)
+def unique_sleep(self, key, seconds):
+    """A unique task (key: name + arguments); records ``[task id, time]`` in ``key``."""
+    _count(key, [self.request.id, time.time()])
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(bind=True, base=UniqueTask, sheppy_unique=True)
+def unique_fail(self, key):
+    _count(key, [self.request.id, time.time()])
+    raise ValueError("fails for good")
+
+
+@app.task(bind=True, base=UniqueTask, sheppy_unique=True, acks_late=True)
+def unique_reject(self, key):
+    """Rejected to the dead letters."""
+    from celery.exceptions import Reject
+
+    _count(key, [self.request.id, time.time()])
+    raise Reject("to the dead letters", requeue=False)

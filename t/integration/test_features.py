@@ -271,3 +271,166 @@ def test_beat_reconciles_its_schedule_into_sheppys_cron_table(make_redis_server,
             capture_output=True, text=True, timeout=60, env=dict(os.environ, COLUMNS="250"))
         assert listed.returncode == 0, listed.stderr
         assert "30 3 * * 1-5" in listed.stdout and "*/15 * * * *" in listed.stdout
+
+
+# -- unique tasks ------------------------------------------------------------------------------
+
+LEASE = 4  # seconds: visibility_timeout of the unique-task tests' workers
+
+
+def unique_app(server):
+    """A client app that knows the unique tasks of t.integration.tasks by name."""
+    from celery_sheppy.unique import UniqueTask
+
+    url = server.sheppy_url()
+    app = client_app(url, url, broker_transport_options={"visibility_timeout": LEASE})
+    def body(*args):
+        """Runs in the workers (t.integration.tasks)."""
+
+    for name in ("unique_sleep", "unique_fail", "unique_reject"):
+        app.task(name=f"{TASKS}.{name}", base=UniqueTask, sheppy_unique=True,
+                 typing=False, shared=False)(body)
+    return app
+
+
+def unique_worker(server, **conf):
+    return start_worker(server, conf=dict(
+        {"broker_transport_options": {"visibility_timeout": LEASE}}, **conf))
+
+
+def test_a_unique_task_sent_again_while_pending_or_running_returns_the_first(
+        make_redis_server, workers, counter):
+    # Given a unique task that is running, and one with other arguments
+    server = make_redis_server()
+    app = unique_app(server)
+    task = app.tasks[f"{TASKS}.unique_sleep"]
+    try:
+        first = task.delay("u", 1.5)
+        other = task.delay("u", 0.5)
+        # When it is sent again before it finished (pending, then running)
+        again = task.delay("u", 1.5)
+        workers.append(unique_worker(server))
+        wait_until(lambda: counter.llen("u") >= 1, 30, message="the first run")
+        running = task.delay("u", 1.5)
+        # Then the caller gets the first task's result, and it runs once
+        assert again.id == running.id == first.id
+        assert other.id != first.id
+        assert first.get(timeout=30) == 1.5
+        # and once it is done its key is free: the next one runs
+        after = task.delay("u", 1.5)
+        assert after.id != first.id and after.get(timeout=30) == 1.5
+        # and a key of one's own, per call, counts the same way
+        mine = task.apply_async(("u", 0.1), sheppy_unique="mine")
+        assert task.apply_async(("u", 0.2), sheppy_unique="mine").id == mine.id
+        assert task.apply_async(("u", 0.2), sheppy_unique=False).id != mine.id
+        mine.get(timeout=30)
+        ids = [json.loads(item)[0] for item in counter.lrange("u", 0, -1)]
+        assert Counter(ids)[first.id] == 1 and len(ids) == len(set(ids)) == 5
+    finally:
+        app.close()
+
+
+def test_a_unique_task_frees_its_key_when_it_fails_for_good(make_redis_server, workers, counter):
+    # Given a unique task that failed for good
+    server = make_redis_server()
+    client = server.client()
+    app = unique_app(server)
+    workers.append(unique_worker(server))
+    task = app.tasks[f"{TASKS}.unique_fail"]
+    try:
+        first = task.delay("f")
+        with pytest.raises(ValueError):
+            first.get(timeout=30)
+        # When it is sent again, Then it is a new task that runs
+        wait_until(lambda: not client.keys(keys.unique_lock(QUEUE, "*")), 10,
+                   message="the key to be released")
+        second = task.delay("f")
+        assert second.id != first.id
+        with pytest.raises(ValueError):
+            second.get(timeout=30)
+        assert counter.llen("f") == 2
+    finally:
+        app.close()
+
+
+def test_a_unique_task_frees_its_key_when_it_is_dead_lettered(make_redis_server):
+    # Given a unique task's message, taken from its queue
+    server = make_redis_server()
+    client = server.client()
+    app = unique_app(server)
+    task = app.tasks[f"{TASKS}.unique_sleep"]
+    try:
+        first = task.delay("d", 1)
+        assert task.delay("d", 1).id == first.id
+        with app.connection_for_write() as conn:
+            message = conn.default_channel.basic_get(QUEUE)
+            assert message.headers["id"] == first.id
+            # When it is rejected to the dead letters
+            message.reject(requeue=False)
+        # Then its key is free, and the next one is a new task
+        assert client.xlen(keys.dead_letter_stream(QUEUE)) == 1
+        assert not client.keys(keys.unique_lock(QUEUE, "*"))
+        assert task.delay("d", 1).id != first.id
+    finally:
+        app.close()
+
+
+@pytest.mark.slow
+def test_a_unique_tasks_key_is_freed_within_two_leases_of_a_kill_9_of_its_worker(
+        make_redis_server, workers, counter):
+    # Given a unique task running on a worker (Celery's defaults: acked as it starts)
+    server = make_redis_server()
+    app = unique_app(server)
+    task = app.tasks[f"{TASKS}.unique_sleep"]
+    worker = unique_worker(server)
+    workers.append(worker)
+    try:
+        first = task.delay("k", 120)
+        wait_until(lambda: counter.llen("k") >= 1, 30, message="the task to run")
+        time.sleep(LEASE)  # it renewed its key past the first lease
+        assert task.delay("k", 120).id == first.id
+
+        # When the worker is killed with SIGKILL (the task is lost, as with Celery's
+        # defaults on any broker)
+        worker.kill()
+        killed = time.monotonic()
+
+        # Then the key is still held for a moment, and free within two leases
+        assert task.delay("k", 120).id == first.id
+        while task.delay("k", 120).id == first.id:
+            assert time.monotonic() - killed < 2 * LEASE + 2, "the key outlived two leases"
+            time.sleep(0.2)
+        freed = time.monotonic() - killed
+        print(f"unique key freed {freed:.1f} s after kill -9 (lease {LEASE} s)")
+        assert freed > LEASE / 2
+    finally:
+        app.close()
+
+
+@pytest.mark.slow
+def test_a_unique_acks_late_task_keeps_its_key_through_a_kill_9_and_its_redelivery(
+        make_redis_server, workers, counter):
+    # Given a unique acks_late task running on a worker
+    server = make_redis_server()
+    app = unique_app(server)
+    task = app.tasks[f"{TASKS}.unique_sleep"]
+    worker = unique_worker(server, task_acks_late=True)
+    workers.append(worker)
+    try:
+        first = task.delay("a", 3 * LEASE)
+        wait_until(lambda: counter.llen("a") >= 1, 30, message="the task to run")
+
+        # When its worker is killed with SIGKILL and another worker takes over its message
+        worker.kill()
+        workers.append(unique_worker(server, task_acks_late=True))
+        # Then the key stays held by the same task until its second run ends
+        deadline = time.monotonic() + 6 * LEASE
+        while counter.llen("a") < 2:
+            assert task.delay("a", 3 * LEASE).id == first.id
+            assert time.monotonic() < deadline, "the message was not redelivered"
+            time.sleep(0.5)
+        assert task.delay("a", 3 * LEASE).id == first.id
+        assert first.get(timeout=6 * LEASE) == 3 * LEASE
+        assert task.delay("a", 0.1).id != first.id
+    finally:
+        app.close()

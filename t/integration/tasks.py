@@ -282,3 +282,12 @@ def unique_reject(self, key):
 
     _count(key, [self.request.id, time.time()])
     raise Reject("to the dead letters", requeue=False)
+
+
+@app.task(bind=True, base=UniqueTask, sheppy_unique=True, max_retries=1)
+def unique_retry(self, key):
+    """Retries once, 2 s later; records ``[task id, time]`` in ``key`` on each run."""
+    _count(key, [self.request.id, time.time()])
+    if not self.request.retries:
+        raise self.retry(countdown=2)
+    return "retried"

@@ -287,7 +287,7 @@ def unique_app(server):
     def body(*args):
         """Runs in the workers (t.integration.tasks)."""
 
-    for name in ("unique_sleep", "unique_fail", "unique_reject"):
+    for name in ("unique_sleep", "unique_fail", "unique_reject", "unique_retry"):
         app.task(name=f"{TASKS}.{name}", base=UniqueTask, sheppy_unique=True,
                  typing=False, shared=False)(body)
     return app
@@ -349,6 +349,46 @@ def test_a_unique_task_frees_its_key_when_it_fails_for_good(make_redis_server, w
         with pytest.raises(ValueError):
             second.get(timeout=30)
         assert counter.llen("f") == 2
+    finally:
+        app.close()
+
+
+def test_a_unique_task_keeps_its_key_through_a_retry(make_redis_server, workers, counter):
+    # Given a unique task that retries once, 2 s later
+    server = make_redis_server()
+    app = unique_app(server)
+    workers.append(unique_worker(server))
+    task = app.tasks[f"{TASKS}.unique_retry"]
+    try:
+        first = task.delay("r")
+        wait_until(lambda: counter.llen("r") >= 1, 30, message="the first run")
+        # When it is sent again while its retry waits, Then the caller gets the first
+        assert task.delay("r").id == first.id
+        assert first.get(timeout=30) == "retried"
+        # and after the retry succeeded the key is free
+        assert task.delay("r").id != first.id
+    finally:
+        app.close()
+
+
+def test_a_revoked_unique_task_frees_its_key(make_redis_server, workers, counter):
+    # Given a unique task revoked before any worker received it
+    server = make_redis_server()
+    client = server.client()
+    app = unique_app(server)
+    task = app.tasks[f"{TASKS}.unique_sleep"]
+    try:
+        first = task.delay("v", 1)
+        first.revoke()
+        assert task.delay("v", 1).id == first.id
+        # When a worker starts (it drops the revoked task)
+        workers.append(unique_worker(server))
+        # Then the key is free and the next one runs
+        wait_until(lambda: not client.keys(keys.unique_lock(QUEUE, "*")), 30,
+                   message="the key to be released")
+        second = task.delay("v", 0.1)
+        assert second.id != first.id and second.get(timeout=30) == 0.1
+        assert [json.loads(item)[0] for item in counter.lrange("v", 0, -1)] == [second.id]
     finally:
         app.close()
 

@@ -43,7 +43,8 @@ Transport options
 =================
 ``visibility_timeout`` (s, the lease; default 30), ``max_deliveries`` (default 5),
 ``delay_threshold`` (s; later tasks wait in ``sheppy:scheduled:<q>``; default 60),
-``dead_letter_maxlen``, ``revoke_expires`` (s),
+``dead_letter_maxlen``, ``revoke_expires`` (s), ``rate_limits`` (task name -> rate
+string: global rate limits, ``transport/limits.py``),
 ``polling_interval`` (s, longest single block of a read; a new message ends it at
 once; default 10),
 ``priority_steps``, ``queue_order_strategy`` (``round_robin``, ``sorted``,

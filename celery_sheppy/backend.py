@@ -487,7 +487,7 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         task = self.app.tasks.get(getattr(request, "task", None) or "")
         if not getattr(task, "acks_late", False):
             return None  # acked when the worker accepted it: a second XACK + XDEL would be wasted
-        if state == states.FAILURE and (isinstance(result, Reject) or not _acks_on_failure(task)):
+        if state == states.FAILURE and (_is_reject(result) or not _acks_on_failure(task)):
             return None  # the worker rejects it next: to the dead letters, not acked here
         properties = getattr(request, "properties", None)
         tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
@@ -674,6 +674,15 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
     def __reduce__(self, args=(), kwargs=None):
         kwargs = {} if not kwargs else kwargs
         return super().__reduce__(args, dict(kwargs, expires=self.expires, url=self.url))
+
+
+def _is_reject(result):
+    """Whether a FAILURE's result is a Reject, also once encoded (Celery stores the
+    exception as a dict with the json result serializer)."""
+    if isinstance(result, Reject):
+        return True
+    return (isinstance(result, dict) and result.get("exc_type") == "Reject"
+            and str(result.get("exc_module") or "").startswith("celery."))
 
 
 def _acks_on_failure(task):

@@ -37,6 +37,11 @@ JITTER_GUARD_MS = 35
 #: admitting it late could put it next to the following slot's message.
 BOOKED_LATE_MS = 15
 
+#: The same for a message booked by a channel without an event loop (``drain_events``,
+#: Celery's gevent/eventlet pools): the upkeep promotes it, about once a second, so it
+#: may come that late (and its task may start next to another slot's).
+UPKEEP_LATE_MS = 2500
+
 #: Seconds a booked message's copy is kept beyond its slot.
 BOOKED_KEEP_SECONDS = 7 * 24 * 3600
 
@@ -119,24 +124,30 @@ class Limiter:
             return False
         extras = record.get("celery") if isinstance(record.get("celery"), dict) else {}
         token = f"@sheppy-rate-slot-{uuid4().hex}@"
-        data = records.dumps(dict(record, celery=dict(extras, rate_slot=token)))
+        timer = self._hub() is not None  # else the upkeep promotes it, up to a second late
+        data = records.dumps(dict(record, celery=dict(
+            extras, rate_slot=token, rate_late=BOOKED_LATE_MS if timer else UPKEEP_LATE_MS)))
         booked = extras.get("rate_slot")
+        if isinstance(booked, bool) or not isinstance(booked, (int, float)):
+            booked = ""
+        late = extras.get("rate_late", BOOKED_LATE_MS)
         sid = record["id"]
         admitted, wait_ms = scripts.registry()["rate_limit"](
             self.channel.client,
             keys=[keys.rate_limit(queue, name), stream, keys.scheduled_set(queue),
                   keys.delayed_message(queue, sid)],
             args=[keys.CONSUMER_GROUP, entry_id, sid, repr(slot), data, f'"{token}"',
-                  booked if isinstance(booked, (int, float)) and not isinstance(booked, bool) else "", BOOKED_LATE_MS,
-                  BOOKED_KEEP_SECONDS])
+                  booked, late if isinstance(late, int) else BOOKED_LATE_MS, BOOKED_KEEP_SECONDS])
         if admitted:
             return False
         self._promote_later(queue, sid, int(wait_ms) / 1000.0)
         return True
 
+    def _hub(self):
+        return getattr(getattr(self.channel.connection, "cycle", None), "_hub", None)
+
     def _promote_later(self, queue, sid, delay, tries=PROMOTE_TRIES):
-        cycle = getattr(self.channel.connection, "cycle", None)
-        hub = getattr(cycle, "_hub", None)
+        hub = self._hub()
         if hub is None:  # no event loop: the upkeep's promotion delivers it
             return
         hub.call_later(max(delay, 0.0), self._promote, queue, sid, tries)

@@ -123,6 +123,42 @@ def test_global_rate_limit_holds_across_three_workers_and_uses_95_percent_of_it(
         app.close()
 
 
+def test_a_consumer_without_an_event_loop_gets_every_limited_message(make_redis_server):
+    from kombu import Exchange, Queue
+
+    # Given 10 messages of a task limited to 5/s by the transport option
+    server = make_redis_server()
+    client = server.client()
+    url = server.sheppy_url()
+    app = client_app(url, url, broker_transport_options={
+        "rate_limits": {f"{TASKS}.limited": "5/s"}})
+    try:
+        for _ in range(10):
+            sig(app, "limited", "x").apply_async()
+        # When a plain kombu consumer drains them (no event loop: upkeep promotes them)
+        got = []
+
+        def receive(body, message):
+            got.append(time.monotonic())
+            message.ack()
+
+        with app.connection_for_read() as conn:
+            queue = Queue(QUEUE, Exchange(QUEUE), routing_key=QUEUE)
+            with conn.Consumer(queue, callbacks=[receive], accept=["json"]):
+                deadline = time.monotonic() + 30
+                while len(got) < 10 and time.monotonic() < deadline:
+                    try:
+                        conn.drain_events(timeout=0.5)
+                    except Exception:  # socket.timeout
+                        pass
+        # Then every one arrives, spread out by the limit, none left waiting
+        assert len(got) == 10
+        assert got[-1] - got[0] >= 1.0
+        assert client.zcard(keys.scheduled_set(QUEUE)) == 0
+    finally:
+        app.close()
+
+
 def test_celery_per_worker_rate_limit_still_applies(make_redis_server, workers, counter):
     # Given a worker and a task with Celery's own rate_limit="4/s"
     server = make_redis_server()

@@ -451,6 +451,25 @@ def test_a_unique_task_frees_its_key_when_it_is_dead_lettered(make_redis_server)
         app.close()
 
 
+def test_a_unique_task_due_later_holds_its_key_in_the_scheduled_set(make_redis_server):
+    # Given a unique task due in two minutes (kept in sheppy's scheduled set)
+    server = make_redis_server()
+    client = server.client()
+    app = unique_app(server)
+    task = app.tasks[f"{TASKS}.unique_sleep"]
+    try:
+        first = task.apply_async(("s", 1), countdown=120)
+        assert client.zcard(keys.scheduled_set(QUEUE)) == 1
+        # When it is sent again, Then the caller gets the scheduled one, and only it waits
+        assert task.apply_async(("s", 1), countdown=120).id == first.id
+        assert task.delay("s", 1).id == first.id
+        assert client.zcard(keys.scheduled_set(QUEUE)) == 1
+        assert not client.exists(keys.pending_stream(QUEUE)) or not client.xlen(
+            keys.pending_stream(QUEUE))
+    finally:
+        app.close()
+
+
 @pytest.mark.slow
 def test_a_unique_tasks_key_is_freed_within_two_leases_of_a_kill_9_of_its_worker(
         make_redis_server, workers, counter):

@@ -93,7 +93,7 @@ class Limiter:
     def __init__(self, channel, limits=None):
         self.channel = channel
         self._configured = dict(limits or {})
-        for name, limit in self._configured.items():
+        for limit in self._configured.values():
             slot_ms(limit)  # a bad rate string fails at start, naming itself
         self._slots = {}  # task name -> slot length (ms) or None
 

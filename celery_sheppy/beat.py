@@ -173,7 +173,7 @@ class Scheduler(beat.Scheduler):
     @property
     def client(self):
         channel = self.producer.channel
-        if not hasattr(channel, "queue_streams"):
+        if not hasattr(channel, "queues") or not hasattr(channel, "conns"):
             raise RuntimeError("celery_sheppy.beat:Scheduler needs a sheppy:// broker, not "
                                f"{self.app.conf.broker_url!r}")
         return channel.client

@@ -51,24 +51,26 @@ def take_refusal(task_id):
     return refused.pop(str(task_id), None) if refused else None
 
 
-def publish(channel, exchange, routing_key, message, claim, due=None):
-    """Send ``message`` to every queue ``exchange`` routes it to whose claim is free;
-    ``due``: a time (epoch s) for the scheduled set instead of the stream."""
+def publish(publisher, exchange, routing_key, out, claim):
+    """Send ``out`` (a ``publish.Outgoing``) to every queue ``exchange`` routes it to
+    whose claim is free; a message due later goes to the scheduled set instead."""
+    message = out.message
     task_id = str((message.get("headers") or {}).get("id"))
+    router, queues = publisher.router, publisher.queues
     if exchange:
-        routed = channel._route(exchange, routing_key, channel._load_table(exchange)[1])
+        routed = router.route(exchange, routing_key, router.load(exchange)[1])
     else:
-        routed = {routing_key: channel._expires.get(routing_key, 0)}
+        routed = {routing_key: queues.expires.get(routing_key, 0)}
     ttl_ms = max(int(float(claim.get("ttl") or 86400) * 1000), 1)
     for queue, expires in routed.items():
         keys.check_queue(queue)
         headers = dict(message["headers"], **{HEADER: dict(claim, queue=queue)})
-        copy = dict(message, headers=headers)
-        stream = channel._stream_for(queue, copy, expires)
-        delayed = due is not None and not expires
+        copy = publisher.outgoing(dict(message, headers=headers))
+        stream = queues.stream_for(queue, copy.priority, expires)
+        delayed = copy.due is not None and not expires
         published, value = scripts.registry()["claim_publish"](
-            channel.client, keys=[key_of(claim, queue), stream],
-            args=[task_id, ttl_ms, "" if delayed else records.message_to_record(copy),
+            publisher.conns.client, keys=[key_of(claim, queue), stream],
+            args=[task_id, ttl_ms, "" if delayed else copy.text,
                   "1" if claim["kind"] == "unique" else "0", keys.CONSUMER_GROUP,
                   "1" if stream != keys.pending_stream(queue) else "0"])
         if not published:
@@ -79,7 +81,7 @@ def publish(channel, exchange, routing_key, message, claim, due=None):
                 _refusals.by_id = {}
             _refusals.by_id[task_id] = holder
         elif delayed:
-            channel._schedule(queue, copy, due)
+            publisher._schedule(queue, copy)
 
 
 def release(client, claim, task_id):

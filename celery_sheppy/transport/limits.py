@@ -90,8 +90,10 @@ def _task_limit(name):
 class Limiter:
     """The rate limits one channel applies to what it receives."""
 
-    def __init__(self, channel, limits=None):
-        self.channel = channel
+    def __init__(self, channel, conns, queues, limits=None):
+        self.channel = channel  # kombu's side: the connection's event loop, closing
+        self.conns = conns
+        self.queues = queues
         self._configured = dict(limits or {})
         for limit in self._configured.values():
             slot_ms(limit)  # a bad rate string fails at start, naming itself
@@ -117,7 +119,7 @@ class Limiter:
         """True if the message is over its task's limit: it then left ``stream`` for the
         scheduled set (atomically) and must not be delivered."""
         name = (message.get("headers") or {}).get("task")
-        if not name or queue in self.channel._expires:
+        if not name or self.queues.expiring(queue):
             return False
         slot = self.slot_for(str(name))
         if slot is None:
@@ -133,7 +135,7 @@ class Limiter:
         late = extras.get("rate_late", BOOKED_LATE_MS)
         sid = record["id"]
         admitted, wait_ms = scripts.registry()["rate_limit"](
-            self.channel.client,
+            self.conns.client,
             keys=[keys.rate_limit(queue, name), stream, keys.scheduled_set(queue),
                   keys.delayed_message(queue, sid)],
             args=[keys.CONSUMER_GROUP, entry_id, sid, repr(slot), data, f'"{token}"',
@@ -144,7 +146,7 @@ class Limiter:
         return True
 
     def _hub(self):
-        return getattr(getattr(self.channel.connection, "cycle", None), "_hub", None)
+        return getattr(getattr(self.channel.connection, "cycle", None), "hub", None)
 
     def _promote_later(self, queue, sid, delay, tries=PROMOTE_TRIES):
         hub = self._hub()
@@ -153,16 +155,16 @@ class Limiter:
         hub.call_later(max(delay, 0.0), self._promote, queue, sid, tries)
 
     def _promote(self, queue, sid, tries):
-        channel = self.channel
-        if channel._closing or getattr(channel.connection, "cycle", None) is None:
+        channel, client = self.channel, self.conns.client
+        if getattr(channel, "closed", False) or getattr(channel.connection, "cycle", None) is None:
             return
         try:
             added = scripts.registry()["promote"](
-                channel.client,
+                client,
                 keys=[keys.scheduled_set(queue), keys.delayed_message(queue, sid),
-                      keys.task_record(queue, sid), *channel._streams(queue)],
+                      keys.task_record(queue, sid), *self.queues.streams(queue)],
                 args=[sid, keys.CONSUMER_GROUP])
-            if not added and tries > 1 and channel.client.zscore(
+            if not added and tries > 1 and client.zscore(
                     keys.scheduled_set(queue), sid) is not None:
                 self._promote_later(queue, sid, PROMOTE_RETRY, tries - 1)
         except Exception as exc:  # the upkeep's promotion delivers it later

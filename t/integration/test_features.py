@@ -19,7 +19,7 @@ from uuid import uuid4
 
 import pytest
 
-from celery_sheppy import keys
+from celery_sheppy import keys, unique
 from conftest import ROOT, Worker, client_app
 
 TASKS = "t.integration.tasks"
@@ -352,7 +352,10 @@ def test_a_unique_task_sent_again_while_pending_or_running_returns_the_first(
         assert again.id == running.id == first.id
         assert other.id != first.id
         assert first.get(timeout=30) == 1.5
-        # and once it is done its key is free: the next one runs
+        # and once it is done its key is free (released right after the result): the
+        # next one runs
+        wait_until(lambda: not server.client().exists(keys.unique_lock(
+            QUEUE, unique.unique_key(task.name, ["u", 1.5], {}))), 10, message="the release")
         after = task.delay("u", 1.5)
         assert after.id != first.id and after.get(timeout=30) == 1.5
         # and a key of one's own, per call, counts the same way
@@ -401,7 +404,9 @@ def test_a_unique_task_keeps_its_key_through_a_retry(make_redis_server, workers,
         # When it is sent again while its retry waits, Then the caller gets the first
         assert task.delay("r").id == first.id
         assert first.get(timeout=30) == "retried"
-        # and after the retry succeeded the key is free
+        # and after the retry succeeded the key is free (released right after the result)
+        wait_until(lambda: not server.client().keys(keys.unique_lock(QUEUE, "*")), 10,
+                   message="the key to be released")
         assert task.delay("r").id != first.id
     finally:
         app.close()

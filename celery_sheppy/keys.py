@@ -162,12 +162,44 @@ def exchange_bindings(exchange):
 # ``sheppy:celery::probe:<token>``         string  a random token, for 10 s: the result backend
 #                                                  writes it and reads it through the broker's
 #                                                  connection to learn whether both are one db
+#
+# -- features (docs/features.md) ---------------------------------------------------------
+#
+# ``sheppy:celery:<q>:ratelimit:<task>``   string  global rate limit of task ``task`` in ``q``:
+#                                                  its next free slot (epoch ms); expires
+#                                                  when idle
+# ``sheppy:celery:<q>:unique:<key>``       string  the id of the pending, scheduled or
+#                                                  running task holding unique key ``key``
+# ``sheppy:celery:<q>:beat:<id>``          string  occurrence ``id`` of a beat entry was
+#                                                  published (its task id); expires
+# ``sheppy:cron:<q>``                      hash    sheppy's cron table: deterministic id ->
+#                                                  TaskCron JSON (beat entries)
 
 
 def server_probe(token):
     """A short-lived string written through one connection and read through another, to
     tell whether two connections reach the same server and database."""
     return f"{PREFIX}:celery::probe:{token}"
+
+
+def rate_limit(queue, task_name):
+    """The global rate limit state of task ``task_name`` in ``queue`` (next free slot)."""
+    return f"{PREFIX}:celery:{queue}:ratelimit:{task_name}"
+
+
+def unique_lock(queue, unique_key):
+    """The task id holding ``unique_key`` in ``queue`` while that task is not finished."""
+    return f"{PREFIX}:celery:{queue}:unique:{unique_key}"
+
+
+def beat_occurrence(queue, occurrence_id):
+    """Marks occurrence ``occurrence_id`` of a beat entry as published."""
+    return f"{PREFIX}:celery:{queue}:beat:{occurrence_id}"
+
+
+def cron_table(queue):
+    """sheppy's cron table of ``queue``: deterministic id -> TaskCron JSON."""
+    return f"{PREFIX}:cron:{queue}"
 
 
 def dead_letter_stream(queue):

@@ -10,6 +10,7 @@ The functions at the end are the public API (``celery_sheppy.transport``).
 from kombu.utils.encoding import bytes_to_str
 
 from .. import keys, records, scripts
+from . import claims
 
 GROUP = keys.CONSUMER_GROUP
 
@@ -34,6 +35,7 @@ class DeadLetters:
             return
         if isinstance(data, bytes):
             data = data.decode("utf-8", "replace")
+        claims.release_of_entry(client, data)  # a unique task's key is free again
         scripts.registry()["dead_letter"](
             client, keys=[stream, keys.dead_letter_stream(queue)],
             args=[GROUP, entry_id, reason, int(deliveries), data or "", self.maxlen])

@@ -63,6 +63,8 @@ OPTIONS = (
     Option("dead_letter_maxlen", int, 100000,
            "approximate most entries kept in a queue's dead-letter stream"),
     Option("revoke_expires", _number, 10800, "how long (s) a revoked task id is remembered"),
+    Option("rate_limits", _as_is, None,
+           "global rate limits, task name -> Celery rate string (transport/limits.py)"),
     Option("polling_interval", _number, 10.0,
            "longest single block of a read (s); a new message ends it at once"),
     Option("priority_steps", parse_steps, PRIORITY_STEPS,

@@ -22,6 +22,7 @@ from kombu.log import get_logger
 from kombu.utils.functional import retry_over_time
 
 from .. import keys, records, scripts
+from . import claims
 from .routing import VERSION_MEMBER
 
 logger = get_logger(__name__)
@@ -122,6 +123,9 @@ class Publisher:
         if exchange and exchange.endswith(".pidbox"):
             self.revokes.remember(message)
         out = self.outgoing(message)
+        claim = claims.of(message)
+        if claim is not None:  # unique tasks, beat occurrences
+            return claims.publish(self, exchange, routing_key, out, claim)
         if out.due is not None:
             return self._publish_delayed(exchange, routing_key, out)
         if not exchange:

@@ -18,6 +18,7 @@ from kombu.utils.scheduling import cycle_by_name
 
 from .. import keys, records, scripts
 from .connections import probe_unblock
+from .limits import Limiter
 from .revokes import hand_to_celery
 
 logger = get_logger(__name__)
@@ -97,6 +98,7 @@ class Reader:
         self.polling_interval = settings.polling_interval
         self.max_batch = settings.max_batch
         self.max_deliveries = settings.max_deliveries
+        self.limits = Limiter(channel, conns, queues, settings.rate_limits)
         self.consumer_name = channel.consumer_name
         self.buffer = ReadBuffer()
         self.no_ack = set()  # queues consumed without acks
@@ -362,6 +364,8 @@ class Reader:
             self.letters.move(queue, stream, entry_id, "max_deliveries exceeded",
                               deliveries - 1, data)
             return None
+        if self.limits.defer(queue, stream, entry_id, record, message):
+            return None  # over its global rate limit: in the scheduled set until its slot
         tag = self.ledger.add(stream, entry_id, record, deliveries)
         task_id = (message.get("headers") or {}).get("id")
         if task_id is not None and self.revokes.is_revoked(task_id) and not hand_to_celery(task_id):

@@ -21,6 +21,17 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
 )
 app.conf.update(json.loads(os.environ.get("CELERY_SHEPPY_CONF", "{}")))
+if os.environ.get("CELERY_SHEPPY_BEAT_SCHEDULE") == "crontabs":  # beat schedules JSON cannot hold
+    from datetime import timedelta
+
+    from celery.schedules import crontab
+
+    app.conf.beat_schedule = {
+        "weekday mornings": {"task": "t.integration.tasks.beat_tick", "args": ["w"],
+                             "schedule": crontab(minute=30, hour=3, day_of_week="1-5")},
+        "quarter hours": {"task": "t.integration.tasks.beat_tick", "args": ["q"],
+                          "schedule": timedelta(minutes=15)},
+    }
 
 
 @app.task
@@ -223,3 +234,60 @@ def picky(flag):
     if not _counter().exists(flag):
         raise Reject("not yet", requeue=False)
     return flag
+
+
+# -- features (t/integration/test_features.py) ------------------------------------------------
+
+
+@app.task(bind=True, sheppy_rate_limit="20/s")
+def limited(self, key):
+    """Globally limited to 20 runs a second; records ``[start time, worker]`` in ``key``."""
+    _count(key, [time.time(), self.request.hostname])
+    time.sleep(0.01)
+
+
+@app.task(bind=True, rate_limit="4/s")
+def worker_limited(self, key):
+    """Celery's own per-worker rate limit; records its start time in ``key``."""
+    _count(key, [time.time(), self.request.hostname])
+
+
+@app.task(bind=True)
+def beat_tick(self, key):
+    """Records each run as ``[task id, time]`` in ``key`` (beat occurrences)."""
+    _count(key, [self.request.id, time.time()])
+
+
+from celery_sheppy.unique import UniqueTask  # noqa: E402
+
+
+@app.task(bind=True, base=UniqueTask, sheppy_unique=True)
+def unique_sleep(self, key, seconds):
+    """A unique task (key: name + arguments); records ``[task id, time]`` in ``key``."""
+    _count(key, [self.request.id, time.time()])
+    time.sleep(seconds)
+    return seconds
+
+
+@app.task(bind=True, base=UniqueTask, sheppy_unique=True)
+def unique_fail(self, key):
+    _count(key, [self.request.id, time.time()])
+    raise ValueError("fails for good")
+
+
+@app.task(bind=True, base=UniqueTask, sheppy_unique=True, acks_late=True)
+def unique_reject(self, key):
+    """Rejected to the dead letters."""
+    from celery.exceptions import Reject
+
+    _count(key, [self.request.id, time.time()])
+    raise Reject("to the dead letters", requeue=False)
+
+
+@app.task(bind=True, base=UniqueTask, sheppy_unique=True, max_retries=1)
+def unique_retry(self, key):
+    """Retries once, 2 s later; records ``[task id, time]`` in ``key`` on each run."""
+    _count(key, [self.request.id, time.time()])
+    if not self.request.retries:
+        raise self.retry(countdown=2)
+    return "retried"

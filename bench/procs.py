@@ -89,11 +89,12 @@ class Worker:
 
     def __init__(self, broker, backend, pool, concurrency, profile_to=None):
         """``profile_to``: a path where the worker's main process writes its cProfile
-        stats when it exits (bench/worker_profile.py)."""
+        stats when it exits; its pool children write theirs beside it (bench/app.py)."""
         self.ready_file = Path(tempfile.mkdtemp(prefix="celery-sheppy-bench-worker-"), "ready")
         self.log = self.ready_file.with_name("worker.log")
         env = dict(os.environ, BENCH_BROKER=broker, BENCH_BACKEND=backend,
                    BENCH_READY_FILE=str(self.ready_file),
+                   **({"BENCH_PROFILE_CHILDREN": str(Path(profile_to).parent)} if profile_to else {}),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         # Celery's defaults (mingle, gossip, heartbeat on), as users run workers.
         profile = ["-m", "cProfile", "-o", str(profile_to)] if profile_to else []

@@ -118,9 +118,10 @@ def by_layer(stats):
 
 
 def show_profile(config, path, calls, top):
-    stats = pstats.Stats(path)
+    """Own time by layer and the top cumulative functions, per call; ``path`` may be a list."""
+    stats = pstats.Stats(*path) if isinstance(path, list) else pstats.Stats(path)
     total = sum(by_layer(stats).values())
-    print(f"\nprofile of {calls} delay() calls, {config}: {total / calls * 1e6:.0f} µs per call "
+    print(f"\nprofile of {config}, {calls} tasks: {total / calls * 1e6:.0f} µs per task "
           "under the profiler; own time by layer:")
     for layer, seconds in by_layer(stats).items():
         print(f"  {layer:<28} {seconds / calls * 1e6:6.1f} µs  {seconds / total:6.1%}")

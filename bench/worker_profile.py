@@ -5,12 +5,13 @@ worker running, then ``celery worker -P prefork -c 2`` (Celery's defaults, as in
 bench) starts under cProfile and drains them while the bench waits on the results, as
 in the drain scenario. Printed per side: the drain rate, the CPU seconds of the main
 process and of the pool children against the drain's wall time (a process near 100 %
-is the bottleneck), and the main process's own time by layer (Celery, kombu, redis-py,
-celery-sheppy, ...) with its most expensive functions. The profiler slows Python down,
+is the bottleneck), and the own time by layer (Celery, kombu, redis-py, celery-sheppy,
+...) of the main process and of the pool children, with the most expensive functions. The profiler slows Python down,
 so its rates are lower than the bench's; the shares are what it is for.
 """
 
 import argparse
+import glob
 import os
 import sys
 import time
@@ -51,6 +52,11 @@ def main(argv=None):
                   f"({main_cpu / wall:.0%}), pool children {children_cpu:.1f} s "
                   f"({children_cpu / wall / 2:.0%} of each)")
             show_profile(f"{name} worker main process", path, len(results), args.top)
+            children = sorted(glob.glob(os.path.join(server.dir, "child-*.prof")))
+            if children:
+                show_profile(f"{name} pool children (both)", children, len(results), args.top)
+            for child in children:
+                os.unlink(child)
     finally:
         server.close()
     return 0

@@ -77,7 +77,7 @@ def drain(side, server, pool, concurrency, tasks, timeout):
     """
     app = _app(side, server)
     memory_before = server.used_memory() if side.on_redis else None
-    results, enqueued = _enqueue(app, tasks)
+    results, enqueued = enqueue(app, tasks)
     _drain(side, app, results, pool, concurrency, timeout)
     done = sorted(result.date_done for result in results)
     out = {"enqueue_rate": tasks / enqueued,
@@ -99,7 +99,7 @@ def drain(side, server, pool, concurrency, tasks, timeout):
     return out
 
 
-def _enqueue(app, tasks):
+def enqueue(app, tasks):
     """``(results, seconds)``: one ``delay()`` to open the connections, then ``tasks`` timed."""
     noop = app.tasks[NOOP]
     results = [noop.delay()]
@@ -135,7 +135,7 @@ class RetentionWindow:
         try:
             side = self.side.on(self.server)
             self.app = make_app(side.broker, side.backend, current=False)
-            self.results, _ = _enqueue(self.app, self.tasks)
+            self.results, _ = enqueue(self.app, self.tasks)
             _drain(side, self.app, self.results, "prefork", 2, self.timeout)
             self.last_done = time.monotonic()
             self.server.drop_clients()

@@ -21,7 +21,7 @@ from celery.result import ResultSet
 from .app import make_app
 from .procs import BenchServer, Worker
 from .publish import show_profile
-from .scenarios import Side, _enqueue
+from .scenarios import Side, enqueue
 
 
 def main(argv=None):
@@ -36,7 +36,7 @@ def main(argv=None):
             side = Side(name, server.url_for(scheme), server.url_for(scheme))
             server.reset()
             app = make_app(side.broker, side.backend, current=False)
-            results, _ = _enqueue(app, args.tasks)
+            results, _ = enqueue(app, args.tasks)
             path = os.path.join(server.dir, f"{name}-worker.prof")
             with Worker(side.broker, side.backend, "prefork", 2, profile_to=path) as worker:
                 start = time.perf_counter()

@@ -346,14 +346,6 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
             if client is not None:
                 client.connection_pool.reset()
 
-    @cached_property
-    def _store_script(self):
-        return self.client.register_script(scripts.STORE_RESULT)
-
-    @cached_property
-    def _chord_part_script(self):
-        return self.client.register_script(scripts.CHORD_PART_RETURN)
-
     # -- retry policy -------------------------------------------------------------
 
     def exception_safe_to_retry(self, exc):
@@ -487,16 +479,16 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         task = self.app.tasks.get(getattr(request, "task", None) or "")
         if not getattr(task, "acks_late", False):
             return None  # acked when the worker accepted it: a second XACK + XDEL would be wasted
-        if state == states.FAILURE and (isinstance(result, Reject) or not _acks_on_failure(task)):
+        if state == states.FAILURE and (_is_reject(result) or not _acks_on_failure(task)):
             return None  # the worker rejects it next: to the dead letters, not acked here
         properties = getattr(request, "properties", None)
         tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
-        if not isinstance(tag, str) or " " not in tag or not self._broker_is_here:
+        entry = keys.entry_of_tag(tag)
+        if entry is None or not self._broker_is_here:
             return None
-        entry_id, stream = tag.split(" ", 1)
-        if keys.queue_of_stream(stream) != self.queue:
+        if keys.queue_of_stream(entry[0]) != self.queue:
             return None  # another queue may live in another cluster slot
-        return stream, entry_id
+        return entry
 
     @property
     def _broker_is_here(self):
@@ -535,7 +527,8 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         ack_keys, ack_args = ([ack[0]], [keys.CONSUMER_GROUP, ack[1]]) if ack else ([], [])
         # Called directly, not in a pipeline: redis-py sends SCRIPT EXISTS before every
         # pipeline holding a script, a round trip per result.
-        self._store_script(
+        scripts.registry()["store_result"](
+            self.client,
             keys=[keys.task_record(queue, sid), keys.finished_stream(queue),
                   keys.state_stream(queue), keys.completed_counter(queue),
                   keys.failed_counter(queue), *ack_keys],
@@ -628,8 +621,8 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         index = "+inf" if request.group_index is None else request.group_index
         chord_keys = [self.get_key_for_chord(group_id), keys.lazy_chord_done(self.queue, sid),
                       keys.lazy_chord_size(self.queue, sid), self._chord_added_key(group_id)]
-        last = self.ensure(lambda: self._chord_part_script(
-            keys=chord_keys, args=[task_id, index, self._chord_ttl]), ())
+        last = self.ensure(lambda: scripts.registry()["chord_part_return"](
+            self.client, keys=chord_keys, args=[task_id, index, self._chord_ttl]), ())
         if last == 1:
             self._fire_chord_body(request, group_id)
 
@@ -674,6 +667,15 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
     def __reduce__(self, args=(), kwargs=None):
         kwargs = {} if not kwargs else kwargs
         return super().__reduce__(args, dict(kwargs, expires=self.expires, url=self.url))
+
+
+def _is_reject(result):
+    """Whether a FAILURE's ``result`` is Celery's Reject: the exception itself, or the dict
+    ``encode_result`` makes of it with a non-pickle serializer (json by default)."""
+    if isinstance(result, Reject):
+        return True
+    return (isinstance(result, dict) and result.get("exc_type") == Reject.__name__
+            and result.get("exc_module") == Reject.__module__)
 
 
 def _acks_on_failure(task):

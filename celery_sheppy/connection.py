@@ -28,11 +28,18 @@ CONNECTION_ERRORS = (
 #: Errors of a command that reached the server: a retry would fail the same way.
 CHANNEL_ERRORS = (redis.DataError, redis.ResponseError)
 
+#: Where a URL without a host or a port points.
+DEFAULT_HOST = "localhost"
+DEFAULT_PORT = 6379
+
+#: Seconds a connection may sit idle before its next command is preceded by a PING.
+HEALTH_CHECK_INTERVAL = 25
+
 #: Defaults, in seconds. redis-py 8 would otherwise time reads out after 5 s.
 DEFAULTS = {
     "socket_timeout": 30.0,
     "socket_connect_timeout": 5.0,
-    "health_check_interval": 25,
+    "health_check_interval": HEALTH_CHECK_INTERVAL,
 }
 
 #: Connections of one pool (one process) unless ``max_connections`` says otherwise.
@@ -121,9 +128,9 @@ def parse_url(url):
     parts = urlsplit(url)
     if parts.scheme not in SCHEMES:
         raise ValueError(f"not a sheppy URL: {redact(url)!r} (schemes: sheppy://, sheppys://)")
-    kwargs = {"host": parts.hostname or "localhost"}
+    kwargs = {"host": parts.hostname or DEFAULT_HOST}
     try:
-        kwargs["port"] = parts.port or 6379
+        kwargs["port"] = parts.port or DEFAULT_PORT
     except ValueError:
         raise ValueError(f"bad port in sheppy URL {redact(url)!r}") from None
     if parts.username:

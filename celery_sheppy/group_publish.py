@@ -11,7 +11,7 @@ What changes for the caller: the tasks reach Redis FLUSH_EVERY at a time, the la
 before ``apply_async`` returns (``group.apply_async`` consumes ``_apply_tasks`` with
 ``list()``); an error while preparing a task sends none of the tasks since the last
 flush, instead of every task before it. A flush is one MULTI/EXEC, retried as a whole
-on a lost connection (see ``transport.PublishBatch``). A group made from a generator
+on a lost connection (see ``transport.publish.PublishBatch``). A group made from a generator
 keeps Celery's path: Celery reads it ahead by two tasks at most and sends each task
 as soon as it can, and a user's slow generator must not see its tasks held back.
 
@@ -66,10 +66,13 @@ def install():
         return True
 
 
-def _is_sheppy(producer):
-    from .transport import Transport
+#: ``driver_name`` of the sheppy:// transport (``transport.Transport``): compared, not
+#: imported, so this module and the transport do not import each other.
+DRIVER_NAME = "celery-sheppy"
 
+
+def _is_sheppy(producer):
     connection = getattr(producer, "connection", None)
-    return isinstance(getattr(connection, "transport", None), Transport) and hasattr(
-        producer, "batch")
+    transport = getattr(connection, "transport", None)
+    return getattr(transport, "driver_name", None) == DRIVER_NAME and hasattr(producer, "batch")
 

@@ -35,11 +35,12 @@ from . import keys
 from .backend import SheppyBackend
 from .connection import CONNECTION_ERRORS, redact
 from .transport import Transport
+from .transport.options import BY_NAME as TRANSPORT_OPTIONS
 from .transport.streams import QueueStreams
 
 #: Stock values of the transport options read here (docs/transport.md).
-DEFAULT_LEASE = 30.0
-DEFAULT_POLLING_INTERVAL = 10.0
+DEFAULT_LEASE = float(TRANSPORT_OPTIONS["visibility_timeout"].default)
+DEFAULT_POLLING_INTERVAL = float(TRANSPORT_OPTIONS["polling_interval"].default)
 
 ALIVE, DEAD, IDLE = "alive", "dead", "idle"
 

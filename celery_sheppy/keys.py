@@ -193,3 +193,19 @@ def queue_of_stream(stream):
         if sep and queue and step.isdigit():
             return queue
     return None
+
+
+# A broker message's kombu delivery tag names its stream entry: ``<entry id> <stream>``
+# (entry ids hold no space). Built by the transport, split by the result backend, which
+# acks an acks_late task's message in the script that stores its result.
+
+def delivery_tag(stream, entry_id):
+    return f"{entry_id} {stream}"
+
+
+def entry_of_tag(tag):
+    """``(stream, entry id)`` of a delivery tag built by :func:`delivery_tag`, else None."""
+    if not isinstance(tag, str) or " " not in tag:
+        return None
+    entry_id, stream = tag.split(" ", 1)
+    return stream, entry_id

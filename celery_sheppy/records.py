@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from uuid import UUID, uuid4, uuid5
 
 from celery import states
+from kombu import serialization
 from kombu.utils import json as kombu_json
 
 #: ``spec.func`` of every record we write. sheppy imports it on every read and
@@ -150,6 +151,17 @@ def _retry_due(traceback, now):
     return aware_iso(match["at"])
 
 
+#: A record's first keys, in this order, in every record we write: the Lua scripts read
+#: ``status`` and ``created_at`` in a record's first 200 bytes instead of decoding it
+#: (store_result.lua, schedule.lua, promote.lua, purge_scheduled.lua).
+HEAD_FIELDS = ("id", "status", "created_at")
+
+
+def _head(rid, status, created_at):
+    """A new record holding :data:`HEAD_FIELDS`: the start of every record we write."""
+    return dict(zip(HEAD_FIELDS, (rid, status, created_at)))
+
+
 def build_record(task_id, meta, request=None, payload=None, now=None):
     """The sheppy record for Celery ``meta`` of ``task_id``, as a dict.
 
@@ -163,10 +175,9 @@ def build_record(task_id, meta, request=None, payload=None, now=None):
     if state in TERMINAL_STATES:
         finished_at = compact_utc(aware_iso(meta.get("date_done")) or now.isoformat())
     # sheppy shows created_at and sorts ``task list`` by it; a record without one is
-    # "created" whenever it is read. It is the third key: the store script keeps the
-    # created_at of the record already stored, so it is the task's first report.
-    record = {"id": rid, "status": status_for(state),
-              "created_at": finished_at or compact_utc(now.isoformat())}
+    # "created" whenever it is read. The store script keeps the created_at of the
+    # record already stored, so it is the task's first report.
+    record = _head(rid, status_for(state), finished_at or compact_utc(now.isoformat()))
     result = meta.get("result")
     if state in states.EXCEPTION_STATES:
         record["error"] = error_text(result)
@@ -293,8 +304,8 @@ def _meta_from_sheppy(record):
 # embed]``) the arguments live once, in sheppy's ``spec``, and ``celery.embed`` holds
 # the rest of the body; any other body stays in the message (base64 when binary)::
 #
-#     {"id": "<uuid>", "status": "pending", "spec": {"func": ..., "args": [2, 2], "kwargs": {}},
-#      "created_at": "...", "scheduled_at": null, "retry_count": 0,
+#     {"id": "<uuid>", "status": "pending", "created_at": "...",
+#      "spec": {"func": ..., "args": [2, 2], "kwargs": {}}, "scheduled_at": null, "retry_count": 0,
 #      "celery": {"message": {"headers": {...}, "properties": {...}, "content-type": ...},
 #                 "embed": {"callbacks": null, ...}}}
 #
@@ -303,9 +314,10 @@ def _meta_from_sheppy(record):
 _JSON = "application/json"
 
 
-def message_to_record(message, now=None):
-    """The pending-entry record (JSON text) for a kombu message dict (as kombu's virtual
-    channel publishes it: body already encoded, ``properties`` with ``delivery_info``)."""
+def pending_record(message, now=None):
+    """The pending-entry record (a dict; :func:`dumps` makes the entry's ``data``) for a
+    kombu message dict (as kombu's virtual channel publishes it: body already encoded,
+    ``properties`` with ``delivery_info``)."""
     now = now or datetime.now(timezone.utc)
     message = dict(message)
     headers = message.get("headers") or {}
@@ -318,7 +330,7 @@ def message_to_record(message, now=None):
         properties["body_encoding"] = "base64"
 
     task_id = headers.get("id") if headers.get("task") else None
-    record = {"id": sheppy_id(task_id) if task_id else str(uuid4()), "status": "pending"}
+    record = _head(sheppy_id(task_id) if task_id else str(uuid4()), "pending", now.isoformat())
     spec = {"func": SPEC_FUNC}
     extras = {}
     parts = _task_body(message, headers) if task_id else None
@@ -326,14 +338,13 @@ def message_to_record(message, now=None):
         spec["args"], spec["kwargs"], extras["embed"] = parts
         del message["body"]
     record["spec"] = spec
-    record["created_at"] = now.isoformat()
     if task_id:
         record["scheduled_at"] = aware_iso(headers.get("eta"))
         if headers.get("retries"):
             record["retry_count"] = headers["retries"]
     extras["message"] = message
     record["celery"] = extras
-    return dumps(record)
+    return record
 
 
 def _task_body(message, headers):
@@ -373,6 +384,22 @@ def record_to_message(raw):
     return record, message
 
 
+#: Content types kombu passes through without a serializer.
+RAW_CONTENT_TYPES = ("application/data", "application/text")
+
+
+def check_content_type(message):
+    """Raise RecordError for a Celery task message whose content type no serializer of
+    this process decodes (Celery would drop it). Other messages pass: kombu hands their
+    bodies over raw."""
+    if not (message.get("headers") or {}).get("task"):
+        return
+    content_type = message.get("content-type")
+    if content_type and content_type not in RAW_CONTENT_TYPES and content_type not in getattr(
+            serialization.registry, "_decoders", {content_type: None}):
+        raise RecordError(f"unknown content type {content_type!r}")
+
+
 def mark_redelivered(record, deliveries=None):
     """A copy of a pending record whose message says ``redelivered``, as text.
 
@@ -389,6 +416,14 @@ def mark_redelivered(record, deliveries=None):
     message["properties"] = properties
     extras["message"] = message
     return dumps(dict(record, celery=extras))
+
+
+def flag_redelivered(raw):
+    """A pending entry's ``raw`` data, its message marked redelivered (bad data unchanged)."""
+    try:
+        return mark_redelivered(loads(raw))
+    except (RecordError, KeyError, TypeError, AttributeError, ValueError):
+        return raw
 
 
 # -- reliability: delivery counts, delayed messages ---------------------------------------
@@ -418,7 +453,7 @@ def reset_deliveries(raw):
     return dumps(dict(record, celery=extras))
 
 
-def scheduled_record(raw):
-    """The sheppy record (status ``scheduled``) of a delayed message's entry ``raw``."""
-    record = loads(raw)
+def scheduled_record(record):
+    """The sheppy record (status ``scheduled``, as text) of a delayed message's pending
+    ``record`` (a dict, see :func:`pending_record`)."""
     return dumps(dict(record, status="scheduled"))

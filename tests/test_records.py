@@ -130,7 +130,7 @@ def test_task_arguments_of_kombu_types_reach_the_worker_as_the_producer_sent_the
                "properties": {"delivery_info": {"exchange": "", "routing_key": "celery"},
                               "delivery_tag": "tag-1", "body_encoding": None}}
     # When it goes through a pending record and back
-    text = records.message_to_record(message, now=NOW)
+    text = records.dumps(records.pending_record(message, now=NOW))
     _, back = records.record_to_message(text)
     # Then sheppy sees the arguments as JSON and the worker decodes the producer's values
     spec = json.loads(text)["spec"]

@@ -1,8 +1,9 @@
 """Lua scripts, one per operation (see each file's header for KEYS/ARGV).
 
 :func:`registry` maps each ``scripts/<name>.lua`` file stem to a :class:`Script`, read
-once. A script is called with EVALSHA and loaded on NOSCRIPT; never inside a redis-py
-pipeline, which would send SCRIPT EXISTS before every execute.
+once: the one way to call a script. A call is an EVALSHA, and an EVAL on NOSCRIPT;
+:meth:`Script.many` sends several calls in one round trip. redis-py's own Script objects
+are not used: in a pipeline they send SCRIPT EXISTS before every execute.
 """
 
 import hashlib
@@ -12,11 +13,6 @@ from pathlib import Path
 from redis.exceptions import NoScriptError
 
 _HERE = Path(__file__).parent
-
-
-def source(name):
-    """The text of ``scripts/<name>.lua``."""
-    return (_HERE / f"{name}.lua").read_text()
 
 
 class Script:
@@ -33,6 +29,34 @@ class Script:
         except NoScriptError:  # a new or flushed server: EVAL also caches it
             return client.eval(self.source, len(keys), *keys, *args)
 
+    def many(self, client, calls, raise_on_error=True):
+        """Run ``calls`` (``[(keys, args)]``) in one round trip; returns their replies.
+
+        A plain pipeline of EVALSHA: on NOSCRIPT (which means the call did not run) the
+        script is loaded and those calls alone are sent again. ``raise_on_error=False``
+        returns a failed call's exception in its place."""
+        replies = self._pipelined(client, calls)
+        missing = [index for index, reply in enumerate(replies)
+                   if isinstance(reply, NoScriptError)]
+        if missing:
+            client.script_load(self.source)
+            again = self._pipelined(client, [calls[index] for index in missing])
+            for index, reply in zip(missing, again):
+                replies[index] = reply
+        if raise_on_error:
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+        return replies
+
+    def _pipelined(self, client, calls):
+        if not calls:
+            return []
+        with client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(self.sha, len(keys), *keys, *args)
+            return pipe.execute(raise_on_error=False)
+
     def __repr__(self):
         return f"<Script {self.name} {self.sha[:8]}>"
 
@@ -43,17 +67,3 @@ def registry():
     return {path.stem: Script(path.stem, path.read_text())
             for path in sorted(_HERE.glob("*.lua"))}
 
-
-STORE_RESULT = source("store_result")
-CHORD_PART_RETURN = source("chord_part_return")
-REQUEUE = source("requeue")
-READ = source("read")
-PURGE = source("purge")
-BIND = source("bind")
-REAP_CONSUMERS = source("reap_consumers")
-RENEW = source("renew")
-RECLAIM = source("reclaim")
-DEAD_LETTER = source("dead_letter")
-REPLAY = source("replay")
-SCHEDULE = source("schedule")
-PROMOTE = source("promote")

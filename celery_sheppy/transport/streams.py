@@ -60,3 +60,49 @@ class QueueStreams:
         return list(dict.fromkeys([keys.pending_stream(queue),
                                    *(keys.priority_stream(queue, step) for step in self.steps
                                      if step)]))
+
+
+class Queues:
+    """The queues a channel declared (which expire, their message TTL, which go with their
+    last consumer) and, from those, their streams."""
+
+    def __init__(self, streams):
+        self.streams_of = streams  # the QueueStreams of the channel's priority steps
+        self.expires = {}  # queue -> x-expires (ms)
+        self.message_ttl = {}  # queue -> x-message-ttl (ms)
+        self.auto_delete = set()
+
+    def declare(self, queue, arguments=None, auto_delete=False):
+        arguments = arguments or {}
+        for name, table in (("x-expires", self.expires), ("x-message-ttl", self.message_ttl)):
+            value = arguments.get(name)
+            if value is None:
+                table.pop(queue, None)
+            else:
+                table[queue] = int(value)
+        if auto_delete:
+            self.auto_delete.add(queue)
+
+    def forget(self, queue):
+        self.auto_delete.discard(queue)
+
+    def expiring(self, queue):
+        return queue in self.expires
+
+    def streams(self, queue):
+        """The queue's streams, highest priority (lowest step) first."""
+        return self.streams_of.of(queue, expiring=queue in self.expires)
+
+    def stream_for(self, queue, priority, expires=None):
+        """The stream a message of ``priority`` goes to; ``expires``: the queue's expiry as
+        its binding says (None: as declared here)."""
+        expiring = bool(expires) if expires is not None else queue in self.expires
+        return self.streams_of.for_message(queue, priority, expiring=expiring)
+
+    def all_known(self, queue):
+        return self.streams_of.all_known(queue)
+
+    def leased(self, queues):
+        """Those of ``queues`` whose messages are leased (expiring queues' are not: their
+        messages are broadcasts for one consumer)."""
+        return [queue for queue in queues if queue not in self.expires]

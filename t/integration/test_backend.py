@@ -15,7 +15,7 @@ from celery.exceptions import ChordError, TimeoutError as CeleryTimeoutError
 from celery.result import GroupResult
 
 from celery_sheppy import keys, records
-from conftest import RedisServer, Worker, client_app
+from conftest import Worker, client_app
 
 TASKS = "t.integration.tasks"
 

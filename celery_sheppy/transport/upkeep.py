@@ -1,0 +1,275 @@
+"""A channel's upkeep: named periodic jobs, run in order by :meth:`Upkeep.run`.
+
+The transport's poller runs the upkeep of every channel once a second (Celery's hub
+timer, or ``drain_events``); each job keeps its own interval, so a run is cheap when
+idle. In order:
+
+``expiring_queues``  renew expiring queues (their streams' TTL) and their bindings
+``orphans``          acks, leases and put-backs of a lost connection (``orphans.py``),
+                     before the reclaim: leases of what this worker still runs first
+``reap_consumers``   remove consumers idle past ``consumer_reap_after`` holding nothing
+``discover_streams`` find priority streams publishers made (``groups.py``)
+``renew_leases``     reset the idle time of every entry this channel holds
+``reclaim``          take over entries whose lease expired (XAUTOCLAIM, ``reclaim.lua``)
+``promote``          move due messages from sheppy's scheduled set to their streams
+``read_revokes``     read revokes published while this worker did not listen
+"""
+
+from time import monotonic, time
+
+import redis
+from kombu.log import get_logger
+from kombu.utils.encoding import bytes_to_str
+
+from .. import keys, scripts
+from . import orphans
+
+logger = get_logger(__name__)
+
+GROUP = keys.CONSUMER_GROUP
+
+#: Most entry ids one lease renewal call carries (Lua's unpack has a limit).
+RENEW_CHUNK = 1000
+
+#: Seconds between looks for due messages in the scheduled set, and most moved per look.
+PROMOTE_INTERVAL = 1.0
+PROMOTE_BATCH = 500
+
+#: With nothing due, the next look is at the earliest due time, or after this many
+#: seconds, or delay_threshold if shorter (a producer may schedule a message due
+#: sooner than anything seen, but never sooner than delay_threshold).
+PROMOTE_IDLE_LOOK = 30.0
+
+
+class Upkeep:
+    def __init__(self, jobs):
+        self.jobs = list(jobs)
+
+    def run(self):
+        """Run every job that is due, in order (a connection error stops the run)."""
+        for job in self.jobs:
+            job.run()
+
+
+class ExpiringQueues:
+    """Keep consumed expiring queues (and their bindings) alive: every third of the
+    shortest expiry among them."""
+
+    name = "expiring_queues"
+
+    def __init__(self, conns, queues, router, consumed, bindings_of):
+        self.conns = conns
+        self.queues = queues
+        self.router = router
+        self.consumed = consumed  # () -> the queues the channel consumes
+        self.bindings_of = bindings_of  # queue -> kombu's [(exchange, routing_key, arguments)]
+        self._renewed_at = monotonic()
+
+    def run(self):
+        expires = self.queues.expires
+        consumed = [queue for queue in self.consumed() if queue in expires]
+        if not consumed:
+            return
+        now = monotonic()
+        if now - self._renewed_at < min(expires[queue] for queue in consumed) / 1000 / 3:
+            return
+        self._renewed_at = now
+        calls = []
+        with self.conns.client.pipeline(transaction=False) as pipe:
+            for queue in consumed:
+                for stream in self.queues.streams(queue):
+                    pipe.pexpire(stream, expires[queue])
+                calls.extend(self.router.renewals(queue, self.bindings_of(queue)))
+            pipe.execute()
+        scripts.registry()["bind"].many(self.conns.client, calls)
+
+
+class OrphanUpkeep:
+    name = "orphans"
+
+    def run(self):
+        orphans.upkeep()
+
+
+class ConsumerReaper:
+    """Remove consumers of the group idle past ``consumer_reap_after`` with nothing pending
+    (every half of it); on close, this channel's own consumer."""
+
+    name = "reap_consumers"
+
+    def __init__(self, conns, queues, consumed, consumer_name, reap_after):
+        self.conns = conns
+        self.queues = queues
+        self.consumed = consumed
+        self.consumer_name = consumer_name
+        self.reap_after = reap_after  # seconds
+        self.read_from = set()  # queues this channel's consumer may appear in
+        self._reaped_at = 0.0
+
+    def run(self, force=False, own=False):
+        now = monotonic()
+        if not force and not own and now - self._reaped_at < self.reap_after / 2:
+            return
+        self._reaped_at = now
+        queues = sorted(self.read_from) if own else self.consumed()
+        calls = [([stream], [GROUP, int(self.reap_after * 1000), self.consumer_name if own else ""])
+                 for queue in queues for stream in self.queues.streams(queue)]
+        scripts.registry()["reap_consumers"].many(self.conns.client, calls, raise_on_error=False)
+
+
+class StreamDiscovery:
+    name = "discover_streams"
+
+    def __init__(self, groups, leased, on_found):
+        self.groups = groups
+        self.leased = leased  # () -> the consumed queues whose messages are leased
+        self.on_found = on_found  # called when a new stream joins the read
+
+    def run(self):
+        if self.groups.discover(self.leased()):
+            self.on_found()
+
+
+class LeaseRenewal:
+    """Reset the idle time of the entries this channel holds, every quarter of the lease."""
+
+    name = "renew_leases"
+
+    def __init__(self, conns, held, consumer_name, lease_seconds):
+        self.conns = conns
+        self.held = held  # () -> [{stream: [entry id]}] of what the channel holds
+        self.consumer_name = consumer_name
+        self.lease_seconds = lease_seconds
+        self._renewed_at = monotonic()
+
+    def run(self, force=False):
+        now = monotonic()
+        if not force and now - self._renewed_at < self.lease_seconds / 4:
+            return
+        self._renewed_at = now
+        calls = []
+        for by_stream in self.held():
+            for stream, ids in by_stream.items():
+                for start in range(0, len(ids), RENEW_CHUNK):
+                    calls.append(([stream], [GROUP, self.consumer_name,
+                                             *ids[start:start + RENEW_CHUNK]]))
+        if not calls:
+            return
+        replies = scripts.registry()["renew"].many(self.conns.client, calls,
+                                                   raise_on_error=False)
+        lost = sum(len(reply) for reply in replies if isinstance(reply, list))
+        if lost:
+            logger.debug("sheppy: %d held message(s) were acked or taken over meanwhile", lost)
+
+
+class Reclaim:
+    """Take over entries of consumers that stopped renewing them (XAUTOCLAIM), every half
+    lease: a dead consumer's messages come back within 1.5 leases."""
+
+    name = "reclaim"
+
+    def __init__(self, conns, queues, reader, leased, lease_seconds):
+        self.conns = conns
+        self.queues = queues
+        self.reader = reader
+        self.leased = leased
+        self.lease_seconds = lease_seconds
+        self._reclaimed_at = monotonic()
+
+    def run(self):
+        now = monotonic()
+        if now - self._reclaimed_at < max(self.lease_seconds / 2, 1.0):
+            return
+        self._reclaimed_at = now
+        queues = self.leased()
+        budget = self.reader.room()
+        if not queues or budget <= 0:
+            return
+        script = scripts.registry()["reclaim"]
+        consumer = self.reader.consumer_name
+        lease_ms = max(int(self.lease_seconds * 1000), 1)
+        taken = 0
+        for queue in queues:  # one call at a time: each call's budget is what is left
+            if budget <= 0:
+                break
+            streams = self.queues.streams(queue)
+            try:
+                reply = script(self.conns.client, keys=streams,
+                               args=[GROUP, consumer, lease_ms, budget])
+            except redis.ResponseError as exc:  # e.g. NOGROUP: a stream was deleted
+                logger.debug("sheppy: reclaim on %s failed: %r", queue, exc)
+                continue
+            for index, entry_id, data, counter in zip(*[iter(reply)] * 4):
+                stream, entry_id = streams[int(index) - 1], bytes_to_str(entry_id)
+                if orphans.still_held(keys.delivery_tag(stream, entry_id), consumer):
+                    continue  # this worker still runs it since a lost connection: not stolen
+                self.reader.claim(queue, stream, entry_id, data, counter)
+                taken += 1
+                budget -= 1
+        if taken:
+            logger.warning("sheppy: took over %d message(s) whose lease of %ss expired",
+                           taken, self.lease_seconds)
+
+
+class Promotion:
+    """Move due messages of the consumed queues from the scheduled set to their streams."""
+
+    name = "promote"
+
+    def __init__(self, conns, queues, leased, delay_threshold):
+        self.conns = conns
+        self.queues = queues
+        self.leased = leased
+        self.delay_threshold = delay_threshold
+        self._promoted_at = monotonic()
+        self._next_look = 0.0  # epoch seconds
+
+    def run(self):
+        now = monotonic()
+        if now - self._promoted_at < PROMOTE_INTERVAL or time() < self._next_look:
+            return
+        self._promoted_at = now
+        queues = self.leased()
+        if not queues:
+            return
+        client = self.conns.client
+        # One ZRANGE per queue while nothing is due (the idle case), then the due batch.
+        with client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zrange(keys.scheduled_set(queue), 0, 0, withscores=True)
+            firsts = pipe.execute(raise_on_error=False)
+        earliest = {queue: rows[0][1] for queue, rows in zip(queues, firsts)
+                    if isinstance(rows, list) and rows}
+        due_queues = [queue for queue, at in earliest.items() if at <= time()]
+        if not due_queues:
+            # Anything scheduled later is due more than delay_threshold after it is sent.
+            look = time() + min(PROMOTE_IDLE_LOOK, self.delay_threshold)
+            self._next_look = min([*earliest.values(), look])
+            return
+        self._next_look = 0.0  # more may be due: look again after PROMOTE_INTERVAL
+        with client.pipeline(transaction=False) as pipe:
+            for queue in due_queues:
+                pipe.zrangebyscore(keys.scheduled_set(queue), "-inf", time(), start=0,
+                                   num=PROMOTE_BATCH)
+            due = pipe.execute(raise_on_error=False)
+        calls = []
+        for queue, members in zip(due_queues, due):
+            if not isinstance(members, list):
+                continue
+            for member in members:
+                sid = bytes_to_str(member)
+                calls.append(([keys.scheduled_set(queue), keys.delayed_message(queue, sid),
+                               keys.task_record(queue, sid), *self.queues.streams(queue)],
+                              [sid, GROUP]))
+        scripts.registry()["promote"].many(client, calls, raise_on_error=False)
+
+
+class RevokeReading:
+    name = "read_revokes"
+
+    def __init__(self, revokes, leased):
+        self.revokes = revokes
+        self.leased = leased
+
+    def run(self):
+        self.revokes.read(leased=bool(self.leased()))

@@ -70,10 +70,11 @@ def drain(side, server, pool, concurrency, tasks, timeout):
       ``INFO commandstats`` calls of the whole run, enqueue to worker stop, per task.
     - ``memory_per_result``: ``MEMORY USAGE`` summed over every key left right after
       the run (a burst), per task: result records plus whatever else a result leaves
-      (streams, counters, bindings); :class:`RetentionWindow` reads it again later. ``result_key_bytes``: mean ``MEMORY USAGE`` of sampled
-      result keys alone. ``used_memory_per_result``: ``used_memory`` after the run
-      (worker stopped, every connection closed) minus before it, per task; it also
-      counts the growth of Redis's own hash tables (keys, expiries, pub/sub channels).
+      (streams, counters, bindings); :class:`RetentionWindow` reads it again later.
+      ``result_key_bytes``: mean ``MEMORY USAGE`` of sampled result keys alone.
+      ``used_memory_per_result``: ``used_memory`` after the run (worker stopped, every
+      connection closed) minus before it, per task; it also counts the growth of
+      Redis's own hash tables (keys, expiries, pub/sub channels).
     """
     app = _app(side, server)
     memory_before = server.used_memory() if side.on_redis else None

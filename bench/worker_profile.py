@@ -6,8 +6,9 @@ bench) starts under cProfile and drains them while the bench waits on the result
 in the drain scenario. Printed per side: the drain rate, the CPU seconds of the main
 process and of the pool children against the drain's wall time (a process near 100 %
 is the bottleneck), and the own time by layer (Celery, kombu, redis-py, celery-sheppy,
-...) of the main process and of the pool children, with the most expensive functions. The profiler slows Python down,
-so its rates are lower than the bench's; the shares are what it is for.
+...) of the main process and of the pool children, with the most expensive functions.
+The profiler slows Python down, so its rates are lower than the bench's; the shares are
+what it is for.
 """
 
 import argparse

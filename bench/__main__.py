@@ -1,11 +1,13 @@
 """python -m bench: the same Celery workload on stock ``redis://`` and on ``sheppy://``.
 
-Starts its own redis-server, runs every scenario (scenarios.py) for each side,
-interleaved (stock, sheppy, stock, sheppy, ...) so that both see the same load on
-the machine, repeats that ``--reps`` times, then prints medians and the ratios
-sheppy/stock against the targets of the performance issue, writes
+Starts its own redis-server, measures this machine's ceilings (ceilings.py), runs
+every scenario (scenarios.py) for each side, interleaved (stock, sheppy, stock,
+sheppy, ...) so that both see the same load on the machine, repeats that ``--reps``
+times, then prints medians, the ratios sheppy/stock and sheppy's fraction of each
+ceiling against the targets of the performance issues, writes
 bench/results/<time>.json and PNG plots. RabbitMQ (``amqp://`` with ``rpc://``)
-joins as a third side when one listens on localhost:5672.
+joins as a third side when one listens on localhost:5672; otherwise its row says
+"not measured".
 
 Exit status: 0 when every scenario ran, 1 when one crashed (or, with ``--check``,
 missed its target).
@@ -14,6 +16,7 @@ missed its target).
 import argparse
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,17 +25,27 @@ import time
 import traceback
 from datetime import datetime, timezone
 from functools import partial
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from . import report, scenarios
+from . import ceilings
 from .procs import ROOT, BenchServer
-from .scenarios import Side
+from .scenarios import RetentionWindow, Side
 
 RESULTS = ROOT / "bench" / "results"
 
 #: Sizes of a ``--smoke`` run: every scenario once, within a minute, to keep the bench working.
-SMOKE = dict(reps=1, tasks=40, round_trips=20, canvas=20, idle_seconds=1.0)
+#: The retention window is not waited for (its row then shows the burst again).
+SMOKE = dict(reps=1, tasks=40, round_trips=20, canvas=20, idle_seconds=1.0, window=False)
+
+
+def installed(name):
+    """The version of an installed distribution, None when it is not installed."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def parse_args(argv):
@@ -46,6 +59,9 @@ def parse_args(argv):
     parser.add_argument("--idle-seconds", type=float, default=30.0,
                         help="how long the idle worker's commands are counted (30: whole "
                         "periods of the transport's upkeep)")
+    parser.add_argument("--no-window", dest="window", action="store_false",
+                        help="measure the steady-state memory without waiting for the finished "
+                        "stream's retention window (its row then shows the burst again)")
     parser.add_argument("--smoke", action="store_true",
                         help=f"tiny sizes, targets not checked: {SMOKE}")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
@@ -79,6 +95,12 @@ def rabbitmq_listens():
         return False
 
 
+def rabbitmq_absent_why():
+    if shutil.which("rabbitmq-server"):
+        return "rabbitmq-server is installed but nothing listens on localhost:5672"
+    return "no RabbitMQ server installed"
+
+
 def choose_sides(server):
     notes = []
     sides = [Side("stock", server.url_for("redis"), server.url_for("redis"))]
@@ -89,11 +111,13 @@ def choose_sides(server):
         sides.append(Side("sheppy", server.url_for("redis"), server.url_for("sheppy")))
         notes.append(f"sheppy:// does not resolve as a broker here ({why}): the sheppy side "
                      "runs the stock redis:// broker with the sheppy:// result backend")
+    rabbitmq = None
     if rabbitmq_listens():
         sides.append(Side("rabbitmq", "amqp://guest:guest@127.0.0.1:5672//", "rpc://", on_redis=False))
     else:
-        notes.append("no RabbitMQ on localhost:5672: amqp:// + rpc:// skipped")
-    return sides, notes
+        rabbitmq = rabbitmq_absent_why()
+        notes.append(f"{rabbitmq}: amqp:// + rpc:// not measured")
+    return sides, notes, rabbitmq
 
 
 def scenario_plan(args):
@@ -110,6 +134,21 @@ def scenario_plan(args):
     ]
 
 
+def run_one(errors, what, fun, *args):
+    """``fun(*args)``, or None with the error noted (the run goes on)."""
+    try:
+        return fun(*args)
+    except Exception as exc:
+        traceback.print_exc()
+        errors.append(f"{what}: {exc!r}")
+        return None
+
+
+def record(samples, side, out):
+    for metric, value in out.items():
+        samples.setdefault(side, {}).setdefault(metric, []).append(value)
+
+
 def progress(rep, args, name, side, out, seconds):
     shown = {k: v for k, v in out.items() if isinstance(v, (int, float))}
     values = ", ".join(f"{k} {report.fmt(v)}" for k, v in shown.items())
@@ -123,25 +162,43 @@ def main(argv=None):
     started = datetime.now(timezone.utc)
     server = BenchServer()
     try:
-        sides, notes = choose_sides(server)
+        sides, notes, rabbitmq = choose_sides(server)
         for note in notes:
             print(f"note: {note}")
         samples = {side.name: {} for side in sides}
         errors = []
+        timeout = 120 + args.tasks / 20
         load_before = os.getloadavg()
         for rep in range(args.reps):
+            began = time.perf_counter()
+            out = run_one(errors, f"ceilings (repetition {rep + 1})", ceilings.measure, server,
+                          args.tasks, timeout)
+            if out is not None:
+                record(samples, report.CEILING, out)
+                progress(rep, args, "ceilings", Side("-", "", ""), out, time.perf_counter() - began)
+            windows = []  # their wait overlaps the scenarios below
+            for side in sides:
+                if side.on_redis:
+                    window = RetentionWindow(side, args.tasks, timeout, wait=args.window)
+                    if run_one(errors, f"retention window on {side.name} (repetition {rep + 1})",
+                               window.begin) is not None:
+                        windows.append(window)
             for name, run in scenario_plan(args):
                 for side in sides:
                     began = time.perf_counter()
-                    try:
-                        out = run(side, server)
-                    except Exception as exc:
-                        traceback.print_exc()
-                        errors.append(f"{name} on {side.name} (repetition {rep + 1}): {exc!r}")
-                        continue
-                    progress(rep, args, name, side, out, time.perf_counter() - began)
-                    for metric, value in out.items():
-                        samples[side.name].setdefault(metric, []).append(value)
+                    out = run_one(errors, f"{name} on {side.name} (repetition {rep + 1})",
+                                  run, side, server)
+                    if out is not None:
+                        progress(rep, args, name, side, out, time.perf_counter() - began)
+                        record(samples, side.name, out)
+            for window in windows:
+                began = time.perf_counter()
+                out = run_one(errors, f"retention window on {window.side.name} "
+                              f"(repetition {rep + 1})", window.end)
+                if out is not None:
+                    progress(rep, args, "retention window", window.side, out,
+                             time.perf_counter() - began)
+                    record(samples, window.side.name, out)
         load_after = os.getloadavg()
         redis_version = server.version
     finally:
@@ -149,6 +206,9 @@ def main(argv=None):
 
     side_names = [side.name for side in sides]
     rows = report.summarize(samples, args.canvas)
+    limits = report.ceiling_rows(samples, rabbitmq)
+    print()
+    print(report.ceilings_table(limits))
     print()
     print(report.table(rows, side_names, checked=not args.smoke))
     for side in side_names:
@@ -174,12 +234,15 @@ def main(argv=None):
                     "python": platform.python_version(), "load_before": load_before,
                     "load_after": load_after},
         "versions": {"redis-server": redis_version,
-                     **{name: version(name) for name in ("celery", "kombu", "redis", "celery-sheppy")}},
+                     **{name: installed(name) for name in ("celery", "kombu", "redis", "hiredis",
+                                                            "celery-sheppy")}},
         "sides": {side.name: {"broker": side.broker, "backend": side.backend} for side in sides},
         "notes": notes,
         "errors": errors,
         "table": rows,
+        "ceilings": limits,
         "markdown_table": report.markdown_table(rows, side_names),
+        "markdown_ceilings": report.markdown_ceilings(limits),
         "samples": samples,
     }
     path = RESULTS / f"{started:%Y%m%dT%H%M%SZ}{'-smoke' if args.smoke else ''}.json"

@@ -87,14 +87,18 @@ class BenchServer(RedisServer):
 class Worker:
     """``celery -A bench.app worker`` in its own process group; use it as a context manager."""
 
-    def __init__(self, broker, backend, pool, concurrency):
+    def __init__(self, broker, backend, pool, concurrency, profile_to=None):
+        """``profile_to``: a path where the worker's main process writes its cProfile
+        stats when it exits; its pool children write theirs beside it (bench/app.py)."""
         self.ready_file = Path(tempfile.mkdtemp(prefix="celery-sheppy-bench-worker-"), "ready")
         self.log = self.ready_file.with_name("worker.log")
         env = dict(os.environ, BENCH_BROKER=broker, BENCH_BACKEND=backend,
                    BENCH_READY_FILE=str(self.ready_file),
+                   **({"BENCH_PROFILE_CHILDREN": str(Path(profile_to).parent)} if profile_to else {}),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         # Celery's defaults (mingle, gossip, heartbeat on), as users run workers.
-        cmd = [sys.executable, "-m", "celery", "-A", "bench.app", "worker", "-P", pool,
+        profile = ["-m", "cProfile", "-o", str(profile_to)] if profile_to else []
+        cmd = [sys.executable, *profile, "-m", "celery", "-A", "bench.app", "worker", "-P", pool,
                "-c", str(concurrency), "-Q", "celery", "-l", "WARNING", "-n", f"bench{free_port()}@%h"]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -115,6 +119,22 @@ class Worker:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("worker did not start")
             time.sleep(0.05)
+
+    def cpu_seconds(self):
+        """``(main process, pool children)`` CPU seconds (user + system) so far; Linux only."""
+        tick = os.sysconf("SC_CLK_TCK")
+        main, children = 0.0, 0.0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid, ppid, used = int(stat.parent.name), int(fields[1]), int(fields[11]) + int(fields[12])
+            if pid == self.process.pid:
+                main += used / tick
+            elif ppid == self.process.pid:
+                children += used / tick
+        return main, children
 
     def check(self):
         """Raise when the worker has exited: waiting for its results would be in vain."""

@@ -4,52 +4,104 @@ import json
 import re
 from statistics import median
 
-#: (metric, label, better, target): ``target`` is the ratio sheppy/stock to reach,
-#: or ("abs", limit) for a limit on sheppy's own median. Targets from the performance issue.
+#: (metric, label, better, target, ceiling): ``target`` is the ratio sheppy/stock to
+#: reach, ("abs", limit) for a limit on sheppy's own median, or ("ceiling", fraction) for
+#: the least fraction of the row's ceiling; ``ceiling`` names the measurement of
+#: ceilings.py that bounds the row (shown as sheppy's fraction of it). Targets from the
+#: performance issues.
 ROWS = [
-    ("enqueue_rate", "enqueue rate, tasks/s", "higher", 2.0),
-    ("drain_rate_prefork", "drain -P prefork -c 2, tasks/s", "higher", 1.8),
-    ("drain_rate_threads", "drain -P threads -c 8, tasks/s", "higher", 1.8),
-    ("rtt_p50_ms", "round trip p50, ms", "lower", 0.8),
-    ("rtt_p99_ms", "round trip p99, ms", "lower", 0.8),
-    ("group_s", "group of {canvas} (generator) .get(), s", "lower", 0.5),
-    ("group_list_s", "group of {canvas} (list) .get(), s", "lower", 0.5),
-    ("chord_s", "chord of {canvas}, s", "lower", 0.4),
-    ("commands_per_task_prefork", "Redis commands/task (prefork run)", "lower", 0.5),
-    ("commands_per_task_threads", "Redis commands/task (threads run)", "lower", 0.5),
-    ("memory_per_result", "Redis memory/result: all keys, bytes", "lower", 1.2),
-    ("result_key_bytes", "Redis memory/result: result key, bytes", "lower", None),
-    ("used_memory_per_result", "Redis memory/result: used_memory, bytes", "lower", None),
-    ("idle_per_s", "idle worker, Redis commands/s/queue", "lower", ("abs", 1.0)),
+    ("enqueue_rate", "enqueue rate, tasks/s", "higher", ("ceiling", 0.75), "enqueue_ceiling"),
+    ("drain_rate_prefork", "drain -P prefork -c 2, tasks/s", "higher", 1.8, "pipeline_ceiling"),
+    ("drain_rate_threads", "drain -P threads -c 8, tasks/s", "higher", 1.8, "pipeline_ceiling"),
+    ("rtt_p50_ms", "round trip p50, ms", "lower", 0.8, None),
+    ("rtt_p99_ms", "round trip p99, ms", "lower", 0.8, None),
+    ("group_s", "group of {canvas} (generator) .get(), s", "lower", 0.5, None),
+    ("group_list_s", "group of {canvas} (list) .get(), s", "lower", 0.5, None),
+    ("chord_s", "chord of {canvas}, s", "lower", 0.4, None),
+    ("commands_per_task_prefork", "Redis commands/task (prefork run)", "lower", 0.5, None),
+    ("commands_per_task_threads", "Redis commands/task (threads run)", "lower", 0.5, None),
+    ("memory_per_result_window", "Redis memory/result, steady state: all keys, bytes", "lower",
+     1.2, None),
+    ("memory_per_result", "Redis memory/result, right after a burst: all keys, bytes", "lower",
+     None, None),
+    ("result_key_bytes", "Redis memory/result: result key, bytes", "lower", None, None),
+    ("used_memory_per_result", "Redis memory/result: used_memory, bytes", "lower", None, None),
+    ("idle_per_s", "idle worker, Redis commands/s/queue", "lower", ("abs", 1.0), None),
+]
+
+#: The ceilings table: (metric of ceilings.py, label).
+CEILINGS = [
+    ("memory_enqueue_rate", "enqueue through memory:// (same result backend), tasks/s"),
+    ("memory_enqueue_us", "  = Celery + kombu + result backend per call, µs"),
+    ("xadd_rtt_us", "one XADD round trip (redis-py, sheppy:// connection settings), µs"),
+    ("enqueue_ceiling", "enqueue ceiling 1 / (memory:// per call + XADD), tasks/s"),
+    ("pipeline_xadd_rate", "Redis pipeline: XADD, messages/s"),
+    ("pipeline_read_rate", "Redis pipeline: XREADGROUP COUNT 100, messages/s"),
+    ("pipeline_ack_rate", "Redis pipeline: XACK + XDEL, messages/s"),
+    ("pipeline_ceiling", "Redis pipeline ceiling, XADD + XREADGROUP + XACK, messages/s"),
 ]
 
 #: Scenarios where sheppy must also beat RabbitMQ, when one was measured.
-AHEAD_OF_RABBITMQ = {"drain_rate_prefork", "drain_rate_threads"}
+AHEAD_OF_RABBITMQ = {"drain_rate_prefork"}
+
+#: Side name of the ceilings' samples.
+CEILING = "ceiling"
 
 
-def summarize(samples, canvas):
-    """Rows of the table: medians per side, ratio sheppy/stock, target, whether met."""
+def _median(samples, side, metric):
+    values = samples.get(side, {}).get(metric)
+    return median(values) if values else None
+
+
+def summarize(samples, canvas, rabbitmq_note=None):
+    """Rows of the table: medians per side, ratio sheppy/stock, ceiling and sheppy's
+    fraction of it, target, whether met."""
+    sides = [side for side in samples if side != CEILING]
     rows = []
-    for metric, label, better, target in ROWS:
-        medians = {side: (median(values[metric]) if values.get(metric) else None)
-                   for side, values in samples.items()}
+    for metric, label, better, target, ceiling_metric in ROWS:
+        medians = {side: _median(samples, side, metric) for side in sides}
         stock, sheppy = medians.get("stock"), medians.get("sheppy")
         ratio = sheppy / stock if stock and sheppy is not None else None
+        ceiling = _median(samples, CEILING, ceiling_metric) if ceiling_metric else None
+        fraction = sheppy / ceiling if ceiling and sheppy is not None else None
         met = None
-        if isinstance(target, tuple):
+        if isinstance(target, tuple) and target[0] == "abs":
             met = sheppy is not None and sheppy <= target[1]
             target_text = f"<= {target[1]:g}"
+        elif isinstance(target, tuple):  # ("ceiling", fraction)
+            met = fraction is not None and fraction >= target[1]
+            target_text = f">= {target[1]:g} of ceiling"
         elif target is not None:
             met = ratio is not None and (ratio >= target if better == "higher" else ratio <= target)
             target_text = f"{'>=' if better == 'higher' else '<='} {target:g}x"
-            rabbit = medians.get("rabbitmq")
-            if metric in AHEAD_OF_RABBITMQ and rabbit is not None:
-                met = met and sheppy is not None and sheppy > rabbit
-                target_text += ", > rabbitmq"
+            if metric in AHEAD_OF_RABBITMQ:
+                rabbit = medians.get("rabbitmq")
+                if rabbit is not None:
+                    met = met and sheppy is not None and sheppy >= rabbit
+                    target_text += ", >= rabbitmq"
+                else:
+                    target_text += ", rabbitmq not measured"
         else:
             target_text = ""
         rows.append({"metric": metric, "label": label.format(canvas=canvas), "medians": medians,
-                     "ratio": ratio, "target": target_text, "met": met})
+                     "ratio": ratio, "ceiling": ceiling, "fraction": fraction,
+                     "target": target_text, "met": met})
+    return rows
+
+
+def ceiling_rows(samples, rabbitmq=None):
+    """``[(label, value or text)]``: medians of the ceilings, then RabbitMQ's drain."""
+    rows = []
+    for metric, label in CEILINGS:
+        if metric == "memory_enqueue_us":
+            rate = _median(samples, CEILING, "memory_enqueue_rate")
+            value = 1e6 / rate if rate else None
+        else:
+            value = _median(samples, CEILING, metric)
+        rows.append((label, value))
+    rabbit = _median(samples, "rabbitmq", "drain_rate_prefork")
+    rows.append(("RabbitMQ amqp:// + rpc://, drain -P prefork -c 2, tasks/s",
+                 rabbit if rabbit is not None else f"not measured ({rabbitmq or 'no server'})"))
     return rows
 
 
@@ -69,15 +121,30 @@ def fmt(value):
     return f"{value:.2f}"
 
 
+def _cells(row, sides, typeset=lambda text: text, times="x"):
+    fraction = "-" if row["fraction"] is None else f"{row['fraction']:.2f}"
+    return [*(fmt(row["medians"].get(side)) for side in sides),
+            "-" if row["ratio"] is None else f"{row['ratio']:.2f}{times}",
+            fmt(row["ceiling"]), fraction, typeset(row["target"])]
+
+
 def table(rows, sides, checked=True):
     """The table as text; ``checked=False`` (smoke runs) leaves the verdicts out."""
-    head = ["scenario", *sides, "sheppy/stock", "target", "met"]
+    head = ["scenario", *sides, "sheppy/stock", "ceiling", "sheppy/ceiling", "target", "met"]
     body = []
     for row in rows:
-        met = "" if row["met"] is None else ("yes" if row["met"] else "NO")
-        body.append([row["label"], *(fmt(row["medians"].get(side)) for side in sides),
-                     "-" if row["ratio"] is None else f"{row['ratio']:.2f}x", row["target"],
-                     met if checked else "(not checked)"])
+        met = "" if row["met"] is None else ("met" if row["met"] else "NOT MET")
+        body.append([row["label"], *_cells(row, sides), met if checked else "(not checked)"])
+    return _columns(head, body)
+
+
+def ceilings_table(rows):
+    return _columns(["ceiling (same run)", "median"],
+                    [[label, value if isinstance(value, str) else fmt(value)]
+                     for label, value in rows])
+
+
+def _columns(head, body):
     widths = [max(len(str(line[i])) for line in [head, *body]) for i in range(len(head))]
 
     def line(cells):
@@ -88,14 +155,21 @@ def table(rows, sides, checked=True):
 
 
 def markdown_table(rows, sides):
-    """The same table for docs/performance.md."""
-    lines = ["| scenario | " + " | ".join(sides) + " | sheppy/stock | target | met |",
-             "|---|" + "---:|" * (len(sides) + 1) + "---|---|"]
+    """The same table for docs/performance.md and the README."""
+    lines = ["| scenario | " + " | ".join(sides) + " | sheppy/stock | ceiling | sheppy/ceiling "
+             "| target | met |",
+             "|---|" + "---:|" * (len(sides) + 3) + "---|---|"]
     for row in rows:
-        met = "" if row["met"] is None else ("yes" if row["met"] else "**no**")
-        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}×"
-        lines.append(f"| {row['label']} | " + " | ".join(fmt(row["medians"].get(s)) for s in sides)
-                     + f" | {ratio} | {_typeset(row['target'])} | {met} |")
+        met = "" if row["met"] is None else ("met" if row["met"] else "**not met**")
+        lines.append(f"| {row['label']} | "
+                     + " | ".join(_cells(row, sides, _typeset, "×")) + f" | {met} |")
+    return "\n".join(lines)
+
+
+def markdown_ceilings(rows):
+    lines = ["| ceiling (same run) | median |", "|---|---:|"]
+    for label, value in rows:
+        lines.append(f"| {label.strip()} | {value if isinstance(value, str) else fmt(value)} |")
     return "\n".join(lines)
 
 

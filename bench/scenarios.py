@@ -6,14 +6,18 @@ except drain rates, which come from the workers' own completion times.
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import mean
+from urllib.parse import urlsplit
 
-from celery import chord, group
+from celery import chord, group, states
 from celery.result import ResultSet
+from celery.utils import uuid
+
+from celery_sheppy.backend import STREAM_KEEP_SECONDS
 
 from .app import COUNT, NOOP, make_app
-from .procs import Worker
+from .procs import BenchServer, Worker
 
 #: Calls before the round-trip samples: connections opened, pool children warm.
 WARM_UP_CALLS = 20
@@ -29,6 +33,14 @@ class Side:
     broker: str
     backend: str
     on_redis: bool = True  # False for RabbitMQ + rpc://: no Redis counters, no chords
+
+    def on(self, server):
+        """The same side on another of our redis-servers (its URLs' port changed)."""
+        def moved(url):
+            parts = urlsplit(url)
+            return parts._replace(netloc=f"{parts.hostname}:{server.port}").geturl()
+
+        return replace(self, broker=moved(self.broker), backend=moved(self.backend))
 
 
 def _app(side, server):
@@ -56,22 +68,18 @@ def drain(side, server, pool, concurrency, tasks, timeout):
       bench waits on ``ResultSet.get()``, as an application would.
     - ``commands_per_task_<pool>`` (and by command, ``commands_<pool>``): the
       ``INFO commandstats`` calls of the whole run, enqueue to worker stop, per task.
-    - ``memory_per_result``: ``MEMORY USAGE`` summed over every key left after the
-      run, per task: result records plus whatever else a result leaves (streams,
-      counters, bindings). ``result_key_bytes``: mean ``MEMORY USAGE`` of sampled
-      result keys alone. ``used_memory_per_result``: ``used_memory`` after the run
-      (worker stopped, every connection closed) minus before it, per task; it also
-      counts the growth of Redis's own hash tables (keys, expiries, pub/sub channels).
+    - ``memory_per_result``: ``MEMORY USAGE`` summed over every key left right after
+      the run (a burst), per task: result records plus whatever else a result leaves
+      (streams, counters, bindings); :class:`RetentionWindow` reads it again later.
+      ``result_key_bytes``: mean ``MEMORY USAGE`` of sampled result keys alone.
+      ``used_memory_per_result``: ``used_memory`` after the run (worker stopped, every
+      connection closed) minus before it, per task; it also counts the growth of
+      Redis's own hash tables (keys, expiries, pub/sub channels).
     """
     app = _app(side, server)
-    noop = app.tasks[NOOP]
     memory_before = server.used_memory() if side.on_redis else None
-    results = [noop.delay()]
-    start = time.perf_counter()
-    results += [noop.delay() for _ in range(tasks)]
-    enqueued = time.perf_counter() - start
-    with Worker(side.broker, side.backend, pool, concurrency) as worker:
-        ResultSet(results, app=app).get(timeout=timeout, on_interval=worker.check)
+    results, enqueued = enqueue(app, tasks)
+    _drain(side, app, results, pool, concurrency, timeout)
     done = sorted(result.date_done for result in results)
     out = {"enqueue_rate": tasks / enqueued,
            f"drain_rate_{pool}": (len(done) - 1) / (done[-1] - done[0]).total_seconds()}
@@ -90,6 +98,73 @@ def drain(side, server, pool, concurrency, tasks, timeout):
             "used_memory_per_result": (server.used_memory() - memory_before) / len(results),
         })
     return out
+
+
+def enqueue(app, tasks):
+    """``(results, seconds)``: one ``delay()`` to open the connections, then ``tasks`` timed."""
+    noop = app.tasks[NOOP]
+    results = [noop.delay()]
+    start = time.perf_counter()
+    results += [noop.delay() for _ in range(tasks)]
+    return results, time.perf_counter() - start
+
+
+def _drain(side, app, results, pool, concurrency, timeout):
+    with Worker(side.broker, side.backend, pool, concurrency) as worker:
+        ResultSet(results, app=app).get(timeout=timeout, on_interval=worker.check)
+
+
+class RetentionWindow:
+    """Memory per stored result once the finished stream's retention window has passed.
+
+    :meth:`begin` stores a burst of results on a redis-server of its own (enqueue,
+    drain with ``-P prefork -c 2``, worker stopped); the other scenarios of the
+    repetition run meanwhile. :meth:`end` waits until the window (sheppy's
+    ``STREAM_KEEP_SECONDS``, plus a second) has passed since the last result, stores one
+    more result through the backend (a terminal result trims the finished stream, as it
+    does in production), and reads ``MEMORY USAGE`` over every key per stored result:
+    ``memory_per_result_window``, the steady state of a queue that keeps working.
+    ``wait=False`` (smoke runs) skips the wait: the figure is then the burst's.
+    """
+
+    def __init__(self, side, tasks, timeout, wait=True):
+        self.side, self.tasks, self.timeout, self.wait = side, tasks, timeout, wait
+        self.server = self.app = self.results = self.last_done = None
+
+    def begin(self):
+        self.server = BenchServer()
+        try:
+            side = self.side.on(self.server)
+            self.app = make_app(side.broker, side.backend, current=False)
+            self.results, _ = enqueue(self.app, self.tasks)
+            _drain(side, self.app, self.results, "prefork", 2, self.timeout)
+            self.last_done = time.monotonic()
+            self.server.drop_clients()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def end(self):
+        try:
+            if self.wait:  # else (smoke runs) only the code is exercised
+                time.sleep(max(0.0, self.last_done + STREAM_KEEP_SECONDS + 1 - time.monotonic()))
+            self.app.backend.store_result(uuid(), None, states.SUCCESS)
+            self.app.close()
+            self.app = None
+            self.server.drop_clients()
+            return {"memory_per_result_window":
+                    self.server.keyspace_bytes() / (len(self.results) + 1)}
+        finally:
+            self.close()
+
+    def close(self):
+        if self.app is not None:
+            self.app.close()
+            self.app = None
+        if self.server is not None:
+            self.server.close()
+            self.server = None
 
 
 def warm_worker(side, server, round_trips, canvas, idle_seconds, timeout):

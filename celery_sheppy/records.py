@@ -21,6 +21,7 @@ whole meta in base64; sheppy's fields are still filled in for its tools.
 """
 
 import base64
+import json
 import re
 from datetime import datetime, timezone
 from uuid import UUID, uuid4, uuid5
@@ -81,16 +82,17 @@ def celery_task(*args, **kwargs):
     )
 
 
+# What str(UUID(...)) writes: a Celery task id of this form is its own sheppy id.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def sheppy_id(task_id):
     """The sheppy record id for a Celery task (or group) id."""
     if isinstance(task_id, bytes):
         task_id = task_id.decode()
     task_id = str(task_id)
-    try:
-        if str(UUID(task_id)) == task_id:
-            return task_id
-    except ValueError:
-        pass
+    if _CANONICAL_UUID.fullmatch(task_id):
+        return task_id
     return str(uuid5(CELERY_ID_NAMESPACE, task_id))
 
 
@@ -232,9 +234,14 @@ def _compact_meta(meta, rid, task_id, finished_at, spec):
     return extras
 
 
+#: kombu's encoder (datetimes, UUIDs, Decimals survive), made once: a publish encodes
+#: its record with it, the only JSON encoding of the publish after Celery's own.
+_ENCODER = kombu_json.JSONEncoder(separators=(",", ":"))
+
+
 def dumps(record):
-    """A record as compact JSON text (kombu's encoder: datetimes, UUIDs, Decimals survive)."""
-    return kombu_json.dumps(record, separators=(",", ":"))
+    """A record as compact JSON text."""
+    return _ENCODER.encode(record)
 
 
 def loads(raw):
@@ -347,7 +354,10 @@ def _task_body(message, headers):
             or headers.get("compression") or message["properties"].get("body_encoding")):
         return None
     try:
-        parts = kombu_json.loads(body)
+        # The standard decoder, without kombu's object hook: the parts go back into JSON
+        # as they came (a {"__type__": ...} stays that dict and is written the same way),
+        # and the worker's kombu decodes them from the rebuilt body.
+        parts = json.loads(body)
     except ValueError:
         return None
     if (isinstance(parts, list) and len(parts) == 3 and isinstance(parts[0], list)

@@ -1,5 +1,6 @@
 """records.py: Celery meta <-> sheppy task records, without Redis."""
 
+import json
 import pickle
 import uuid
 from datetime import datetime, timezone
@@ -109,6 +110,34 @@ def test_upper_case_uuid_is_not_canonical_and_is_mapped():
     lower = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
     assert records.sheppy_id(lower) == lower
     assert records.sheppy_id(lower.upper()) != lower.upper()
+
+
+@pytest.mark.parametrize("form", ["{%s}", "urn:uuid:%s", "%s\n"])
+def test_other_spellings_of_a_uuid_are_not_canonical_either(form):
+    lower = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+    assert records.sheppy_id(form % lower) == str(uuid.uuid5(records.CELERY_ID_NAMESPACE, form % lower))
+    assert records.sheppy_id(lower.replace("-", "")) != lower.replace("-", "")
+
+
+def test_task_arguments_of_kombu_types_reach_the_worker_as_the_producer_sent_them():
+    # Given a protocol 2 task whose arguments kombu's JSON encodes with type markers
+    args = [datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), uuid.UUID(int=3)]
+    kwargs = {"at": datetime(2020, 1, 1), "tag": {"__type__": "mine", "v": 1}}
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    _, _, body = kombu_dumps([args, kwargs, embed], serializer="json")
+    message = {"body": body, "content-encoding": "utf-8", "content-type": "application/json",
+               "headers": {"task": "app.t", "id": TASK_ID},
+               "properties": {"delivery_info": {"exchange": "", "routing_key": "celery"},
+                              "delivery_tag": "tag-1", "body_encoding": None}}
+    # When it goes through a pending record and back
+    text = records.dumps(records.pending_record(message, now=NOW))
+    _, back = records.record_to_message(text)
+    # Then sheppy sees the arguments as JSON and the worker decodes the producer's values
+    spec = json.loads(text)["spec"]
+    assert spec["args"][1]["__type__"] == "uuid"
+    assert spec["kwargs"]["tag"] == {"__type__": "mine", "v": 1}
+    assert kombu_loads(back["body"], "application/json", "utf-8") == [args, kwargs, embed]
+    assert "delivery_tag" not in back["properties"] and message["properties"]["delivery_tag"] == "tag-1"
 
 
 def test_pickled_meta_is_kept_as_celerys_payload_and_round_trips():

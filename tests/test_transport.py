@@ -525,6 +525,36 @@ def test_declared_queue_has_only_sheppys_pending_stream_until_a_priority_is_used
     assert [body for body, _ in drain(connection, [queue])] == ["urgent"]
 
 
+def test_a_producer_declares_a_queue_once_and_a_transient_queue_every_time(
+        connection, redis_client):
+    # Given a producer on a sheppy:// channel
+    durable = Queue("once", routing_key="once")
+    transient = Queue("every", routing_key="every", auto_delete=True)
+    with connection.channel() as channel:
+        producer = Producer(channel)
+        # When it is asked twice to make sure of each queue
+        first = [producer.maybe_declare(queue, retry=True) for queue in (durable, transient)]
+        redis_client.delete(keys.pending_stream("every"))
+        second = [producer.maybe_declare(queue, retry=True) for queue in (durable, transient)]
+    # Then the durable one is declared once (kombu's cache), the transient one again
+    assert first == [True, True] and second == [False, True]
+    assert redis_client.exists(keys.pending_stream("once"), keys.pending_stream("every")) == 2
+
+
+def test_publish_after_the_server_closed_the_publish_connection_arrives_once(
+        connection, redis_client):
+    # Given a producer whose publish connection the server has closed since its last publish
+    queue = Queue("dropped", routing_key="dropped")
+    with connection.channel() as channel:
+        producer = Producer(channel)
+        producer.publish("before", routing_key="dropped", declare=[queue])
+        redis_client.client_kill_filter(_type="normal", skipme=True)
+        # When it publishes again
+        producer.publish("after", routing_key="dropped", declare=[queue])
+    # Then the message is in the stream once, after the first
+    assert [body for body, _ in drain(connection, [queue])] == ["before", "after"]
+
+
 def test_priority_stream_made_while_a_consumer_reads_joins_its_read(url, redis_client):
     # Given a consumer already reading a queue that has no priority stream yet
     from celery_sheppy import transport

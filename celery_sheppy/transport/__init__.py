@@ -57,7 +57,7 @@ import redis
 from kombu.transport import virtual
 
 from .. import __version__ as celery_sheppy_version
-from .. import connection, group_publish, kombu_aliases
+from .. import connection, declare_cache, group_publish, kombu_aliases
 from . import options
 from .channel import Channel
 from .dead_letters import dead_letters, purge_dead_letters, replay_dead_letters
@@ -97,6 +97,7 @@ class Transport(virtual.Transport):
         options.check_names(client.transport_options or {})
         super().__init__(client, **kwargs)
         group_publish.install()
+        declare_cache.install()
         self.cycle = Poller()
         self._upkeep_tref = None
 

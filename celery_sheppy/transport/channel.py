@@ -254,6 +254,14 @@ class Channel(virtual.Channel):
     def basic_publish(self, message, exchange, routing_key, **kwargs):
         return self.publisher.publish(message, exchange, routing_key, **kwargs)
 
+    def _inplace_augment_message(self, message, exchange, routing_key):
+        # kombu's, less the delivery tag (a uuid4 per publish): the record leaves it out,
+        # and a delivery's tag comes from its stream entry (reading.py).
+        message["body"], body_encoding = self.encode_body(message["body"], self.body_encoding)
+        properties = message["properties"]
+        properties["body_encoding"] = body_encoding
+        properties["delivery_info"].update(exchange=exchange, routing_key=routing_key)
+
     def _put(self, queue, message, **kwargs):
         self.publisher.put(queue, self.publisher.outgoing(message), kwargs.get("_publish_batch"))
 

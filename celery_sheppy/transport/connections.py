@@ -3,10 +3,14 @@
 * ``client``: a pool for every command but the blocking read;
 * ``blocking_conn``: the connection the blocking XREADGROUP is sent on, outside the pool's
   rotation, with a socket timeout that outlasts the block;
-* ``ack_conn``: the connection acks are sent on without waiting for their replies.
+* ``ack_conn``: the connection acks are sent on without waiting for their replies;
+* ``publish_conn``: a pooled connection kept for lone publish commands (:meth:`send`).
 
 Each is made on first use and made again after :meth:`Connections.disconnect`.
 """
+
+import os
+import threading
 
 import redis
 from kombu.exceptions import ChannelError
@@ -46,6 +50,8 @@ class Connections:
     def __init__(self, params, block_seconds):
         self.params = params
         self.block_seconds = block_seconds  # longest block of one read
+        self._pid = os.getpid()  # a forked child must not share publish_conn's socket
+        self._publish_lock = threading.Lock()  # publish_conn: one command at a time
 
     @property
     def where(self):
@@ -76,6 +82,42 @@ class Connections:
         """The connection acks are sent on without waiting (see ``acks.Acker.flush``)."""
         return self._blocking_pool.get_connection()
 
+    @cached_property
+    def publish_conn(self):
+        """The connection a lone publish command goes on, kept out of the pool's rotation:
+        taking a connection from the pool and giving it back (a lock, a poll of its socket
+        for unread data, redis-py's retry wrapper) costs ~20 µs of a ~250 µs publish."""
+        return self.pool.get_connection()
+
+    def send(self, commands):
+        """Send publish ``commands`` (``(name, args, kwargs)``, as PublishBatch.add takes
+        them) in one round trip; their replies.
+
+        A lone raw command (``execute_command``) goes on :attr:`publish_conn`; when that
+        connection fails it is dropped and the command sent through the pool, with
+        redis-py's retry, as every other command is. Several go in one pipeline, where a
+        BUSYGROUP reply (the group existed) is no error.
+        """
+        if len(commands) > 1:
+            with self.client.pipeline(transaction=False) as pipe:
+                for name, args, kwargs in commands:
+                    getattr(pipe, name)(*args, **kwargs)
+                replies = pipe.execute(raise_on_error=False)
+            for reply in replies:
+                if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+                    raise reply
+            return replies
+        (name, args, kwargs), = commands
+        if name == "execute_command" and not kwargs and os.getpid() == self._pid:
+            with self._publish_lock:
+                conn = self.publish_conn
+                try:
+                    conn.send_command(*args)
+                    return [conn.read_response()]
+                except (redis.ConnectionError, redis.TimeoutError):
+                    conn.disconnect()  # connects again on its next command
+        return [getattr(self.client, name)(*args, **kwargs)]
+
     @property
     def has_ack_conn(self):
         return "ack_conn" in self.__dict__
@@ -85,7 +127,7 @@ class Connections:
             pool = self.__dict__.pop(name, None)
             if pool is not None:
                 pool.disconnect()
-        for name in ("client", "blocking_conn", "ack_conn"):
+        for name in ("client", "blocking_conn", "ack_conn", "publish_conn"):
             self.__dict__.pop(name, None)
 
 

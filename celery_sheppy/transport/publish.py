@@ -144,9 +144,10 @@ class Publisher:
         expires = self.queues.expires.get(queue, 0)
         if batch is not None:
             return self._add_put(batch.add, queue, out, expires)
-        with self.conns.client.pipeline(transaction=False) as pipe:
-            self._add_put(_adder(pipe), queue, out, expires)
-            _execute(pipe)
+        commands = _Commands()
+        self._add_put(commands.add, queue, out, expires)
+        self.conns.send(commands)
+        return None
 
     def _publish_routed(self, exchange, routing_key, out):
         """XADD to the queues bound to ``exchange``; the binding table's version is
@@ -184,7 +185,9 @@ class Publisher:
             # The first message of a priority makes its stream: with the group, from id 0
             # (BUSYGROUP when it exists is ignored, see _execute).
             add("xgroup_create", stream, GROUP, id="0", mkstream=True)
-        add("xadd", stream, {"data": out.text}, nomkstream=bool(expires))
+        # Raw XADD: redis-py's xadd() builds the same arguments, a few µs later.
+        add("execute_command", "XADD", stream, *(("NOMKSTREAM",) if expires else ()), "*",
+            "data", out.text)
         return stream
 
     def _publish_delayed(self, exchange, routing_key, out):
@@ -193,9 +196,9 @@ class Publisher:
         routed = self.router.route(exchange, routing_key, self.router.load(exchange)[1])
         for queue, expires in routed.items():
             if expires:
-                with self.conns.client.pipeline(transaction=False) as pipe:
-                    self._add_put(_adder(pipe), queue, out, expires)
-                    _execute(pipe)
+                commands = _Commands()
+                self._add_put(commands.add, queue, out, expires)
+                self.conns.send(commands)
             else:
                 self._schedule(queue, out)
         return None
@@ -269,6 +272,14 @@ def _execute(pipe):
         if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
             raise reply
     return replies
+
+
+class _Commands(list):
+    """Publish commands, collected as ``add(name, *args, **kwargs)`` (as PublishBatch.add),
+    for ``Connections.send``."""
+
+    def add(self, name, *args, **kwargs):
+        self.append((name, args, kwargs))
 
 
 def _adder(pipe):

@@ -86,6 +86,7 @@ from kombu.utils.objects import cached_property
 from kombu.utils.scheduling import cycle_by_name
 
 from .. import connection as options_mod
+from .. import endpoints
 from .. import __version__ as celery_sheppy_version
 from .. import group_publish, keys, kombu_aliases, records, scripts
 from . import orphans
@@ -154,11 +155,9 @@ STOCK_NOOP_OPTIONS = frozenset({
     "ack_emulation", "unacked_key", "unacked_index_key", "unacked_mutex_key",
     "unacked_mutex_expire", "unacked_restore_limit", "unacked_restore_interval",
     "unacked_restore_throttle", "fanout_prefix", "fanout_patterns", "socket_keepalive_options",
+    *endpoints.SENTINEL_NOOP_OPTIONS,
 })
 
-#: The stock sentinel:// transport's options.
-SENTINEL_OPTIONS = frozenset({"master_name", "min_other_sentinels", "sentinel_kwargs",
-                              "sentinel_fanout_compat"})
 
 #: Options passed to redis-py (names as in ``connection.OPTION_PARSERS``).
 CONNECTION_OPTIONS = (
@@ -246,8 +245,14 @@ class Channel(virtual.Channel):
     client_name = None
     username = None
     password = None
+    #: Sentinel (sheppy+sentinel:// URLs, endpoints.py): the monitored primary's name,
+    #: connection options for the Sentinels, and how many peers a Sentinel must see.
+    master_name = None
+    sentinel_kwargs = None
+    min_other_sentinels = None
 
     from_transport_options = virtual.Channel.from_transport_options + (
+        *endpoints.SENTINEL_OPTIONS,
         "visibility_timeout", "polling_interval", "priority_steps", "queue_order_strategy",
         "max_batch", "consumer_reap_after", "global_keyprefix", "sep", *CONNECTION_OPTIONS,
         "max_deliveries", "delay_threshold", "dead_letter_maxlen", "revoke_expires",
@@ -314,7 +319,10 @@ class Channel(virtual.Channel):
         self._read_sent_at = None
         try:
             hello = options_mod.server_hello(self.client) or {"ping": self.client.ping()}
-            options_mod.check_standalone(hello, f"the sheppy:// broker at {self._where}")
+            options_mod.check_standalone(
+                hello, f"the sheppy:// broker at {self._where}",
+                (self.connparams.get("host"), self.connparams.get("port")),
+                self.connection.client.transport_cls == "sheppys")
         except ValueError as exc:
             self._disconnect()
             raise ChannelError(str(exc)) from None
@@ -325,8 +333,7 @@ class Channel(virtual.Channel):
 
     @property
     def _where(self):
-        params = self.connparams
-        return f"{params.get('host')}:{params.get('port')}"
+        return endpoints.describe(self.connparams)
 
     # -- connections -------------------------------------------------------------------
 
@@ -344,10 +351,9 @@ class Channel(virtual.Channel):
             settings.update(conninfo.ssl)
         # kombu parsed the URL (as for redis://): rebuild it for our parser.
         host = conninfo.hostname or "localhost"
-        if "://" in host:  # sheppy+<kind>://: kombu leaves "<kind>://..." as the host
-            raise ChannelError(
-                f"sheppy:// broker: {host.split('://')[0]!r} URLs (sheppy+"
-                f"{host.split('://')[0]}://) are not supported yet; use sheppy://host:port/db")
+        if "://" in host or self.master_name:  # sheppy+sentinel:// (endpoints.py)
+            url = endpoints.kombu_url(conninfo) if "://" in host else "sheppy://"
+            return self._topology_params(url, settings)
         host = f"[{host}]" if ":" in host else host
         scheme = conninfo.transport_cls if conninfo.transport_cls in options_mod.SCHEMES else "sheppy"
         db = str(conninfo.virtual_host or "").strip("/")
@@ -359,9 +365,22 @@ class Channel(virtual.Channel):
         except ValueError as exc:
             raise ChannelError(f"sheppy:// broker: {exc}") from None
 
+    def _topology_params(self, url, settings):
+        options = {name: getattr(self, name) for name in endpoints.SENTINEL_OPTIONS
+                   if getattr(self, name) is not None}
+        try:
+            params = endpoints.connection_kwargs(url, settings, options)
+        except (ValueError, KeyError) as exc:
+            raise ChannelError(f"sheppy:// broker: {exc}") from None
+        if endpoints.is_cluster(params):
+            raise ChannelError(
+                "sheppy:// broker: Redis Cluster (sheppy+cluster://) is supported by the "
+                "result backend only, not yet by the broker; see docs/deployment.md")
+        return params
+
     @cached_property
     def pool(self):
-        return redis.ConnectionPool(**self.connparams)
+        return endpoints.make_pool(self.connparams)
 
     @cached_property
     def client(self):
@@ -372,7 +391,7 @@ class Channel(virtual.Channel):
     def _blocking_pool(self):
         params = options_mod.blocking_kwargs(self.connparams, self.polling_interval)
         params.pop("max_connections", None)
-        return redis.ConnectionPool(**params)
+        return endpoints.make_pool(params)
 
     @cached_property
     def _blocking_conn(self):
@@ -1574,11 +1593,6 @@ def _check_transport_options(options):
     """Refuse ``broker_transport_options`` this transport does not know, by name."""
     known = set(Channel.from_transport_options) | STOCK_NOOP_OPTIONS
     unknown = sorted(set(options) - known)
-    sentinel = [name for name in unknown if name in SENTINEL_OPTIONS]
-    if sentinel:
-        raise ChannelError(
-            f"broker_transport_options {sentinel} are Redis Sentinel options: sheppy:// "
-            "does not support Sentinel yet; point it at the Redis primary itself")
     if unknown:
         raise ChannelError(
             f"unknown broker_transport_options for sheppy://: {unknown}; accepted: "

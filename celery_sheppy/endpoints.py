@@ -187,12 +187,19 @@ def _sentinels(nodes, options):
 
 
 def kombu_url(conninfo):
-    """The URL a kombu connection was made with, for a Sentinel or Cluster URL: kombu
-    keeps the ``;``-separated parts in ``alt`` and ``<kind>://...`` of the first as its
-    host (it reads ``sheppy+sentinel`` as transport ``sheppy`` of a URL ``sentinel://``)."""
-    if conninfo.alt:
+    """The Sentinel or Cluster URL a kombu connection was made with, else None. kombu keeps
+    the ``;``-separated parts in ``alt``, takes ``sheppy+sentinel`` as transport ``sheppy``
+    of a URL ``sentinel://...`` (its host), and after a failover to the next part parses
+    that part alone."""
+    if any("+sentinel://" in part or "+cluster://" in part for part in conninfo.alt or ()):
         return ";".join(conninfo.alt)
-    return f"{conninfo.transport_cls}+{conninfo.hostname}"
+    host = conninfo.hostname or ""
+    if "+" in conninfo.transport_cls:
+        return (f"{conninfo.transport_cls}://{host}:{conninfo.port or ''}/"
+                f"{str(conninfo.virtual_host or '').strip('/')}")
+    if "://" in host:
+        return f"{conninfo.transport_cls}+{host}"
+    return None
 
 
 def redact(url):

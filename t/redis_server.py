@@ -308,12 +308,17 @@ class SentinelSet:
                 raise RuntimeError("the local Sentinel set did not become ready")
             time.sleep(0.1)
 
-    def failover(self, timeout=30):
-        """``SENTINEL FAILOVER``: the replica becomes primary; returns its port once every
-        Sentinel names it."""
+    def failover(self, timeout=30, crash=False):
+        """The replica becomes primary: ``SENTINEL FAILOVER`` (a drill: the old primary
+        serves until the Sentinels make it a replica), or with ``crash`` the primary is
+        SIGKILLed and the Sentinels fail it over once it is down. Returns the new
+        primary's port once every Sentinel names it."""
         old = self.primary_port()
-        self.sentinels[0].client(socket_timeout=5).execute_command(
-            "SENTINEL", "FAILOVER", self.master_name)
+        if crash:
+            self.server_by_port(old).kill()
+        else:
+            self.sentinels[0].client(socket_timeout=5).execute_command(
+                "SENTINEL", "FAILOVER", self.master_name)
         deadline = time.monotonic() + timeout
         while True:
             ports = set()

@@ -322,7 +322,7 @@ class Channel(virtual.Channel):
             options_mod.check_standalone(
                 hello, f"the sheppy:// broker at {self._where}",
                 (self.connparams.get("host"), self.connparams.get("port")),
-                self.connection.client.transport_cls == "sheppys")
+                self.connection.client.transport_cls.startswith("sheppys"))
         except ValueError as exc:
             self._disconnect()
             raise ChannelError(str(exc)) from None
@@ -351,9 +351,9 @@ class Channel(virtual.Channel):
             settings.update(conninfo.ssl)
         # kombu parsed the URL (as for redis://): rebuild it for our parser.
         host = conninfo.hostname or "localhost"
-        if "://" in host or self.master_name:  # sheppy+sentinel:// (endpoints.py)
-            url = endpoints.kombu_url(conninfo) if "://" in host else "sheppy://"
-            return self._topology_params(url, settings)
+        topology_url = endpoints.kombu_url(conninfo)  # sheppy+sentinel://...
+        if topology_url or self.master_name:
+            return self._topology_params(topology_url or "sheppy://", settings)
         host = f"[{host}]" if ":" in host else host
         scheme = conninfo.transport_cls if conninfo.transport_cls in options_mod.SCHEMES else "sheppy"
         db = str(conninfo.virtual_host or "").strip("/")
@@ -917,6 +917,8 @@ class Channel(virtual.Channel):
             if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
                 self._grouped.clear()  # a stream expired or was deleted: declare again
                 self._publish_grouped.clear()
+                if "UNBLOCKED" in str(exc):  # also: the primary became a replica
+                    conn.disconnect()  # the next read connects anew (Sentinel: to the new one)
                 return 0
             raise
         except self.connection_errors:

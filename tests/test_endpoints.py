@@ -97,3 +97,25 @@ def test_results_of_3000_ids_spread_over_three_masters_slot_ranges():
 def test_a_hash_tagged_backend_queue_gets_shards_with_one_tag_each():
     shards = keys.result_shards("{celery}")
     assert all(shard.count("{") == 1 and shard.startswith("{celery.") for shard in shards)
+
+
+@pytest.mark.parametrize("url", [
+    "sheppy+sentinel://h1:1;sheppy+sentinel://h2:2/0",
+    "sheppy+sentinel://h1:1;h2:2/0",
+])
+def test_kombu_keeps_every_sentinel_also_after_failing_over_to_the_next_url_part(url):
+    import kombu
+
+    import celery_sheppy  # noqa: F401  (registers the schemes with kombu)
+
+    conn = kombu.Connection(url)
+    for _ in range(3):
+        params = endpoints.connection_kwargs(endpoints.kombu_url(conn), topology_options=SENTINEL)
+        assert params["sentinel"].nodes == (("h1", 1), ("h2", 2))
+        conn.maybe_switch_next()  # what kombu does after a failed connect
+    assert endpoints.kombu_url(kombu.Connection("sheppy://h:1/0")) is None
+
+
+def test_redact_masks_the_password_of_every_part():
+    assert endpoints.redact("sheppy+sentinel://u:pw@h1:1;u:pw@h2:2/0") == (
+        "sheppy+sentinel://u:**@h1:1;u:**@h2:2/0")

@@ -8,6 +8,7 @@ figures are in docs/deployment.md.
 """
 
 import json
+import subprocess
 import time
 from collections import Counter
 
@@ -45,12 +46,12 @@ def wait_until(predicate, timeout, interval=0.2):
     return True
 
 
-def drain_through(fault, app, counter, timeout=120):
-    """Send DRAIN_TASKS acks_late tasks and a chord, call ``fault()`` once a quarter ran;
-    returns {lost, twice, chord_bodies, stall (s: the longest pause between two runs
-    after the fault), done (s: fault to the last first run)}."""
-    for i in range(DRAIN_TASKS):
-        sig(app, "tracked", "drain", i, 0.005).apply_async(ignore_result=True)
+def drain_through(fault, app, counter, timeout=120, results=False):
+    """Send DRAIN_TASKS acks_late tasks (storing their ``results`` or not) and a chord, call
+    ``fault()`` once a quarter ran; returns {lost, twice, chord_bodies, stall (s: the longest
+    pause between two runs after the fault), done (s: fault to the last first run), ids}."""
+    ids = [sig(app, "tracked", "drain", i, 0.005).apply_async(ignore_result=not results).id
+           for i in range(DRAIN_TASKS)]
     chord([sig(app, "tracked", "parts", i) for i in range(CHORD_PARTS)],
                  sig(app, "record_run", "chord-body"))()
     assert wait_until(lambda: counter.llen("drain") >= DRAIN_TASKS // 4, 120, 0.05)
@@ -72,6 +73,7 @@ def drain_through(fault, app, counter, timeout=120):
         "chord_bodies": counter.llen("chord-body"),
         "stall": max((b - a for a, b in zip(after, after[1:])), default=None),
         "done": (after[-1] - faulted) if len(after) > 1 else None,
+        "ids": ids,
     }
 
 
@@ -93,6 +95,7 @@ def sentinel_run(side_redis, counter, stock):
             # the stock worker may exit after a failover: then do not wait long for it
             figures = drain_through(lambda: sentinels.failover(crash=True), app, counter,
                                     timeout=60 if stock else 120)
+            del figures["ids"]
             figures["worker_alive"] = worker.process.poll() is None
             # the worker goes on by itself: a task sent now runs
             try:
@@ -125,7 +128,8 @@ def test_sentinel_failover_while_2000_acks_late_tasks_drain_loses_none_and_runs_
 
 def test_cluster_failover_while_results_are_stored_loses_none_and_fires_chords_once(
         side_redis, counter):
-    # Given a worker whose results go to a 3+3 Redis Cluster (broker: one server)
+    # Given a worker whose 2 000 acks_late tasks store their results on a 3+3 Redis Cluster
+    # (broker: one server)
     cluster = RedisCluster()
     broker = RedisServer()
     try:
@@ -138,12 +142,52 @@ def test_cluster_failover_while_results_are_stored_loses_none_and_fires_chords_o
                 replica = next(node for node in cluster.nodes
                                if node.client().execute_command("ROLE")[0] == b"slave")
                 replica.client().execute_command("CLUSTER", "FAILOVER")
-            results = [sig(app, "add", i, i).delay() for i in range(500)]
-            figures = drain_through(failover, app, counter)
+            figures = drain_through(failover, app, counter, results=True)
             cluster.wait_until_ok()
             # Then every result is there and the chord body ran once
-            assert [r.get(timeout=60) for r in results] == [2 * i for i in range(500)]
+            ids = figures.pop("ids")
+            assert app.GroupResult("drain", [app.AsyncResult(i) for i in ids]).get(
+                timeout=60) == list(range(DRAIN_TASKS))
             print(f"\ncluster failover (results): {figures}")
+            assert (figures["lost"], figures["twice"], figures["chord_bodies"]) == (0, 0, 1)
+            assert worker.process.poll() is None
+        finally:
+            worker.stop()
+            app.close()
+    finally:
+        broker.close()
+        cluster.close()
+
+
+def test_resharding_while_results_are_stored_loses_none_and_fires_chords_once(
+        side_redis, counter):
+    # Given a worker whose 2 000 acks_late tasks store their results on a 3+3 Redis Cluster
+    cluster = RedisCluster()
+    broker = RedisServer()
+    try:
+        worker = Worker(broker.sheppy_url(), cluster.sheppy_url(), pool="threads",
+                        concurrency=4, extra_env={"CELERY_SHEPPY_COUNTER_URL": side_redis.url})
+        app = client_app(broker.sheppy_url(), cluster.sheppy_url())
+        try:
+            # When 2 000 slots (holding result shards) move to another master mid-drain
+            # (MOVED and ASK replies while their keys migrate)
+            def reshard():
+                nodes = {line.split()[1].split("@")[0].split(":")[1]: line.split()[0]
+                         for line in cluster.nodes[0].client(decode_responses=True)
+                         .execute_command("CLUSTER", "NODES").splitlines()
+                         if "master" in line.split()[2]}
+                source, target = sorted(nodes)[:2]
+                subprocess.run(["redis-cli", "--cluster", "reshard", f"127.0.0.1:{source}",
+                                "--cluster-from", nodes[source], "--cluster-to", nodes[target],
+                                "--cluster-slots", "2000", "--cluster-yes"],
+                               check=True, capture_output=True, timeout=120)
+            figures = drain_through(reshard, app, counter, results=True)
+            cluster.wait_until_ok()
+            # Then every result is there, the chord body ran once, nothing ran twice
+            ids = figures.pop("ids")
+            assert app.GroupResult("drain", [app.AsyncResult(i) for i in ids]).get(
+                timeout=60) == list(range(DRAIN_TASKS))
+            print(f"\nresharding (results): {figures}")
             assert (figures["lost"], figures["twice"], figures["chord_bodies"]) == (0, 0, 1)
             assert worker.process.poll() is None
         finally:

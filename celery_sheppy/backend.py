@@ -330,8 +330,7 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         tls = _backend_tls(conf.get("result_backend"), url)
         #: The URL as configured (Celery's loader cut "sheppy+" off a Sentinel or Cluster URL).
         self._configured_url = conf.get("result_backend") if tls is not None else url
-        topology = {name: options[name] for name in options if name in endpoints.SENTINEL_OPTIONS
-                    or name in endpoints.SENTINEL_NOOP_OPTIONS}
+        topology = endpoints.split_options(options)[1]
         try:
             self.connparams = endpoints.connection_kwargs(
                 url, settings, topology, tls=tls)

@@ -84,7 +84,7 @@ def kind_of(url):
     try:
         return SCHEMES[scheme][0]
     except KeyError:
-        raise ValueError(f"not a sheppy URL: {connection.redact(url)!r} (schemes: "
+        raise ValueError(f"not a sheppy URL: {redact(url)!r} (schemes: "
                          f"{', '.join(s + '://' for s in SCHEMES if s.startswith('sheppy'))})"
                          ) from None
 
@@ -104,17 +104,17 @@ def parse_nodes(url):
         scheme, sep, rest = part.partition("://")
         if sep:
             if SCHEMES.get(scheme, (None,))[0] != kind:
-                raise ValueError(f"a {kind} URL cannot mix in {scheme}:// ({connection.redact(url)!r})")
+                raise ValueError(f"a {kind} URL cannot mix in {scheme}:// ({redact(url)!r})")
         else:
             rest = scheme
         split = urlsplit("//" + rest)
         if split.query:
             raise ValueError(f"{kind} URLs take options from the transport options, not "
-                             f"from the URL's query ({connection.redact(url)!r})")
+                             f"from the URL's query ({redact(url)!r})")
         try:
             nodes.append((split.hostname or "localhost", split.port or default_port))
         except ValueError:
-            raise ValueError(f"bad port in {connection.redact(url)!r}") from None
+            raise ValueError(f"bad port in {redact(url)!r}") from None
         if split.username:
             kwargs.setdefault("username", unquote(split.username))
         if split.password:
@@ -122,7 +122,7 @@ def parse_nodes(url):
         db = split.path.strip("/")
         if db:
             if not db.isdigit():
-                raise ValueError(f"database in {connection.redact(url)!r} must be a number, got {db!r}")
+                raise ValueError(f"database in {redact(url)!r} must be a number, got {db!r}")
             kwargs["db"] = int(db)
     return kind, tls, tuple(nodes), kwargs
 
@@ -164,7 +164,7 @@ def connection_kwargs(url, options=None, topology_options=None, tls=None):
                          "not for a Redis Cluster")
     if kwargs.get("db"):
         raise ValueError("a Redis Cluster has database 0 only: drop the /db from the "
-                         f"sheppy+cluster:// URL {connection.redact(url)!r}")
+                         f"sheppy+cluster:// URL {redact(url)!r}")
     kwargs.pop("db", None)
     kwargs["cluster"] = ClusterSeeds(nodes)
     return kwargs

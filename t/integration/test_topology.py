@@ -230,3 +230,9 @@ def test_plain_sheppy_url_at_a_cluster_node_names_the_cluster_url(redis_cluster)
     app.close()
     with pytest.raises(Exception, match=rf"use sheppy\+cluster://127.0.0.1:{port}/"):
         kombu.Connection(f"sheppy://127.0.0.1:{port}/0").default_channel
+
+
+def test_cluster_url_as_broker_says_the_broker_does_not_run_on_a_cluster_yet(redis_cluster):
+    with pytest.raises(Exception, match=r"Redis Cluster \(sheppy\+cluster://\) is supported by "
+                                        "the result backend only"):
+        kombu.Connection(redis_cluster.sheppy_url()).default_channel

@@ -96,6 +96,26 @@ def restricted_acl_server():
     server.close()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A local Redis Cluster: 3 masters + 3 replicas (t/redis_server.py)."""
+    from t.redis_server import RedisCluster
+
+    cluster = RedisCluster()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="session")
+def sentinel_set():
+    """A primary, its replica and 3 Sentinels watching it as ``mymaster``."""
+    from t.redis_server import SentinelSet
+
+    sentinels = SentinelSet()
+    yield sentinels
+    sentinels.close()
+
+
 @pytest.fixture
 def redis_client(redis_server):
     client = redis_server.client()

@@ -35,7 +35,7 @@ from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.functional import retry_over_time
 from kombu.utils.objects import cached_property
 
-from . import connection, group_publish, keys, records, scripts
+from . import connection, endpoints, group_publish, keys, records, scripts
 
 logger = get_logger(__name__)
 
@@ -49,6 +49,10 @@ STREAM_KEEP_SECONDS = 60
 
 #: Longest single XREAD BLOCK of a result waiter, in seconds.
 MAX_BLOCK_SECONDS = 1.0
+
+#: On a Redis Cluster, longest wait (s) for a result whose shard is not the one blocked on
+#: while several shards are waited for (ResultConsumer._read_shards).
+CLUSTER_POLL_SECONDS = 0.05
 
 #: A read position unused for this long (seconds) is renewed before the next wait,
 #: so a waiter does not first read a backlog it has no interest in.
@@ -88,7 +92,8 @@ class ResultConsumer(BaseResultConsumer):
         super().__init__(*args, **kwargs)
         backend = self.backend
         self._connection_errors = backend.connection_errors
-        self._streams = (keys.finished_stream(backend.queue), keys.state_stream(backend.queue))
+        self._streams = tuple(stream for queue in backend.result_queues
+                              for stream in (keys.finished_stream(queue), keys.state_stream(queue)))
         self._reset_state()
 
     def _reset_state(self):
@@ -177,8 +182,11 @@ class ResultConsumer(BaseResultConsumer):
         block = MAX_BLOCK_SECONDS if timeout is None else min(timeout, MAX_BLOCK_SECONDS)
         with self._lock:
             positions = dict(self._positions)
-        reply = self.backend.blocking_client.xread(
-            positions, count=1000, block=max(int(block * 1000), 1) if block > 0 else None)
+        if self.backend._shards is None:
+            reply = self.backend.blocking_client.xread(
+                positions, count=1000, block=max(int(block * 1000), 1) if block > 0 else None)
+        else:
+            reply = self._read_shards(positions, block)
         wanted = []
         for stream, entries in reply or ():
             stream = bytes_to_str(stream)
@@ -193,9 +201,44 @@ class ResultConsumer(BaseResultConsumer):
         if wanted:
             self._deliver(list(dict.fromkeys(wanted)))
 
+    def _read_shards(self, positions, block):
+        """On a Redis Cluster: read the streams of the result shards holding watched ids.
+
+        One XREAD may name keys of one slot only, so one shard blocks (its two streams);
+        several are read without blocking, one pipelined round trip per node, and when
+        nothing came the read blocks on the shard with the most waiters for at most
+        :data:`CLUSTER_POLL_SECONDS` (the others' results wait that long at most)."""
+        backend = self.backend
+        with self._lock:
+            counts = {}
+            for sid in self._watched:
+                queue = backend.queue_for(sid)
+                counts[queue] = counts.get(queue, 0) + 1
+        if not counts:
+            if block > 0:
+                time.sleep(min(block, CLUSTER_POLL_SECONDS))
+            return []
+        client = backend.blocking_client
+
+        def streams_of(queue):
+            return {stream: positions[stream]
+                    for stream in (keys.finished_stream(queue), keys.state_stream(queue))}
+
+        busiest = max(counts, key=counts.get)
+        if len(counts) > 1:
+            with client.pipeline(transaction=False) as pipe:
+                for queue in counts:
+                    pipe.xread(streams_of(queue), count=1000)
+                reply = [item for part in pipe.execute() for item in part or ()]
+            if reply or block <= 0:
+                return reply
+            block = min(block, CLUSTER_POLL_SECONDS)
+        return client.xread(streams_of(busiest), count=1000,
+                            block=max(int(block * 1000), 1) if block > 0 else None) or []
+
     def _deliver(self, sids):
         backend = self.backend
-        values = backend.client.mget([keys.task_record(backend.queue, sid) for sid in sids])
+        values = backend.mget([keys.task_record(backend.queue_for(sid), sid) for sid in sids])
         for sid, value in zip(sids, values):
             if not value:
                 continue
@@ -268,7 +311,8 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
             else self.prepare_expires(failure_expires, type=int))
         options = self._transport_options
         unknown = set(options) - _OWN_TRANSPORT_OPTIONS - _IGNORED_TRANSPORT_OPTIONS - set(
-            connection.OPTION_PARSERS)
+            connection.OPTION_PARSERS) - set(endpoints.SENTINEL_OPTIONS) - set(
+            endpoints.SENTINEL_NOOP_OPTIONS)
         if unknown:
             raise ImproperlyConfigured(
                 f"unknown result_backend_transport_options for sheppy://: {sorted(unknown)}")
@@ -282,10 +326,19 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
                 settings[name] = value
         if max_connections:
             settings["max_connections"] = max_connections
+        url = url or "sheppy://"
+        tls = _backend_tls(conf.get("result_backend"), url)
+        #: The URL as configured (Celery's loader cut "sheppy+" off a Sentinel or Cluster URL).
+        self._configured_url = conf.get("result_backend") if tls is not None else url
+        topology = endpoints.split_options(options)[1]
         try:
-            self.connparams = connection.connection_kwargs(url or "sheppy://", settings)
-        except ValueError as exc:
+            self.connparams = endpoints.connection_kwargs(
+                url, settings, topology, tls=tls)
+        except (ValueError, KeyError) as exc:
             raise ImproperlyConfigured(f"sheppy result backend: {exc}") from None
+        #: Result shards (hash-tagged queue names) on a Redis Cluster, else None (keys.py).
+        self._shards = (keys.result_shards(self.queue) if endpoints.is_cluster(self.connparams)
+                        else None)
         self.max_connections = self.connparams.get("max_connections")
         self._ConnectionPool = connection_pool
         self._native_json = self.serializer == "json" and not self.compression
@@ -294,12 +347,17 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         self.channel_errors = connection.CHANNEL_ERRORS
         extra_errors = options.get("additional_connection_errors") or ()
         self.connection_errors += tuple(extra_errors)
-        self._registered_at = 0.0
+        self._registered_at = {}  # queue -> when it was last put in sheppy's queue registry
         self._same_server = None  # broker on this server and db? (_broker_is_here)
         self.result_consumer = self.ResultConsumer(
             self, self.app, self.accept, self._pending_results, self._pending_messages)
 
     # -- connections -------------------------------------------------------------
+
+    def as_uri(self, include_password=False):
+        if endpoints.kind_of(self._configured_url) == "server":
+            return super().as_uri(include_password)
+        return self._configured_url if include_password else endpoints.redact(self._configured_url)
 
     @cached_property
     def _transport_options(self):
@@ -314,21 +372,27 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
                 self.redis.BlockingConnectionPool, timeout=connection.POOL_WAIT_SECONDS)
         return self._ConnectionPool
 
-    def _pool(self, params):
-        return self.ConnectionPool(**dict(params, max_connections=self.max_connections
-                                          or connection.DEFAULT_MAX_CONNECTIONS))
+    def _make_client(self, params):
+        params = dict(params, max_connections=self.max_connections
+                      or connection.DEFAULT_MAX_CONNECTIONS)
+        if "sentinel" not in params and not endpoints.is_cluster(params):
+            return self.redis.Redis(connection_pool=self.ConnectionPool(**params))
+        return endpoints.make_client(params, blocking_timeout=connection.POOL_WAIT_SECONDS)
 
     @cached_property
     def client(self):
-        client = self.redis.Redis(connection_pool=self._pool(self.connparams))
+        client = self._make_client(self.connparams)
+        if self._shards is not None:
+            return client  # RedisCluster found the cluster's nodes already
         try:
             hello = connection.server_hello(client)
         except self.connection_errors:
             return client  # not reachable now: its first command says so
         try:
             connection.check_standalone(
-                hello, f"the sheppy:// result backend at {self.connparams.get('host')}:"
-                       f"{self.connparams.get('port')}")
+                hello, f"the sheppy:// result backend at {endpoints.describe(self.connparams)}",
+                (self.connparams.get("host"), self.connparams.get("port")),
+                self.connparams.get("connection_class") is self.connection_class_ssl)
         except ValueError as exc:
             raise ImproperlyConfigured(str(exc)) from None
         return client
@@ -336,8 +400,19 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
     @cached_property
     def blocking_client(self):
         """A client for XREAD BLOCK, whose socket timeout outlasts the block."""
-        return self.redis.Redis(connection_pool=self._pool(
-            connection.blocking_kwargs(self.connparams, MAX_BLOCK_SECONDS)))
+        return self._make_client(connection.blocking_kwargs(self.connparams, MAX_BLOCK_SECONDS))
+
+    @property
+    def result_queues(self):
+        """The queues whose namespaces hold this backend's results: its queue, or on a
+        Redis Cluster its result shards (keys.result_shards)."""
+        return self._shards or (self.queue,)
+
+    def queue_for(self, sheppy_id):
+        """The queue whose namespace holds the result, group or chord of ``sheppy_id``."""
+        if self._shards is None:
+            return self.queue
+        return keys.result_shard(self._shards, sheppy_id)
 
     def reset_connections(self):
         self._same_server = None
@@ -376,17 +451,20 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
     def get_key_for_task(self, task_id, key=""):
         if not task_id:
             raise ValueError(f"task_id must not be empty. Got {task_id} instead.")
-        return keys.task_record(self.queue, records.sheppy_id(task_id))
+        sid = records.sheppy_id(task_id)
+        return keys.task_record(self.queue_for(sid), sid)
 
     def get_key_for_group(self, group_id, key=""):
         if not group_id:
             raise ValueError(f"group_id must not be empty. Got {group_id} instead.")
-        return keys.group_record(self.queue, records.sheppy_id(group_id))
+        sid = records.sheppy_id(group_id)
+        return keys.group_record(self.queue_for(sid), sid)
 
     def get_key_for_chord(self, group_id, key=""):
         if not group_id:
             raise ValueError(f"group_id must not be empty. Got {group_id} instead.")
-        return keys.chord_pending_set(self.queue, records.sheppy_id(group_id))
+        sid = records.sheppy_id(group_id)
+        return keys.chord_pending_set(self.queue_for(sid), sid)
 
     # -- key/value primitives (the stock backend's public surface) ------------------
 
@@ -394,6 +472,8 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         return self.client.get(key)
 
     def mget(self, keys):
+        if self._shards is not None:
+            return self.client.mget_nonatomic(keys)  # one MGET per slot
         return self.client.mget(keys)
 
     def set(self, key, value, expires=None, **retry_policy):
@@ -486,7 +566,7 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         entry = keys.entry_of_tag(tag)
         if entry is None or not self._broker_is_here:
             return None
-        if keys.queue_of_stream(entry[0]) != self.queue:
+        if keys.queue_of_stream(entry[0]) != self.queue_for(records.sheppy_id(request.id)):
             return None  # another queue may live in another cluster slot
         return entry
 
@@ -520,7 +600,7 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         return bytes_to_str(seen or b"") == token
 
     def _write_record(self, sid, text, terminal, expires, ack=None, failed=False):
-        queue = self.queue
+        queue = self.queue_for(sid)
         min_id = f"{int((time.time() - STREAM_KEEP_SECONDS) * 1000)}-0"
         # ack: (stream, entry id) of the task's message, acked in the same script, so a
         # stored result's message is never redelivered (the worker's own ack is a no-op)
@@ -537,9 +617,9 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         # sheppy's tools list queues from the registry; it lives in another cluster
         # slot, so it is kept apart from the script, and renewed once a minute.
         now = time.monotonic()
-        if now - self._registered_at > 60:
+        if now - self._registered_at.get(queue, 0.0) > 60:
             self.client.hsetnx(keys.queue_registry(), queue, "{}")
-            self._registered_at = now
+            self._registered_at[queue] = now
 
     def decode_result(self, payload):
         record = records.loads(payload)
@@ -567,7 +647,7 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
 
         def record_chord():
             # A re-applied frozen chord reuses its group id: start from an empty set.
-            with self.client.pipeline() as pipe:
+            with self.client.pipeline(transaction=True) as pipe:
                 pipe.delete(chord_key, added_key)
                 pipe.sadd(chord_key, *ids)
                 if ttl:
@@ -582,29 +662,32 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         time (celery#3021), so its ids are unknown now; parts are counted as they finish
         against the size :meth:`set_chord_size` stores before the last task is sent."""
         sid, ttl = records.sheppy_id(group_id), self._chord_ttl
+        queue = self.queue_for(sid)
 
         def record_chord():
-            with self.client.pipeline() as pipe:
+            with self.client.pipeline(transaction=True) as pipe:
                 pipe.delete(self.get_key_for_chord(group_id), self._chord_added_key(group_id),
-                            self.get_key_for_group(group_id), keys.lazy_chord_done(self.queue, sid))
-                pipe.set(keys.lazy_chord_size(self.queue, sid), -1, ex=ttl or None)
+                            self.get_key_for_group(group_id), keys.lazy_chord_done(queue, sid))
+                pipe.set(keys.lazy_chord_size(queue, sid), -1, ex=ttl or None)
                 pipe.execute()
 
         self.ensure(record_chord, ())
 
     def set_chord_size(self, group_id, chord_size):
         """Store the size of a generator-header chord; other chords count their pending set."""
-        key = keys.lazy_chord_size(self.queue, records.sheppy_id(group_id))
+        sid = records.sheppy_id(group_id)
+        key = keys.lazy_chord_size(self.queue_for(sid), sid)
         # xx: only a chord _apply_lazy_chord started, keepttl: its expiry stays.
         self.ensure(lambda: self.client.set(key, chord_size, xx=True, keepttl=True), ())
 
     def _chord_added_key(self, group_id):
-        return keys.chord_added_list(self.queue, records.sheppy_id(group_id))
+        sid = records.sheppy_id(group_id)
+        return keys.chord_added_list(self.queue_for(sid), sid)
 
     def add_to_chord(self, group_id, result):
         chord_key = self.get_key_for_chord(group_id)
         added_key = self._chord_added_key(group_id)
-        with self.client.pipeline() as pipe:
+        with self.client.pipeline(transaction=True) as pipe:
             pipe.sadd(chord_key, result.id)
             # The body gets the added tasks' results too, after the header's (as with redis://).
             pipe.rpush(added_key, result.id)
@@ -619,8 +702,9 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
             return
         sid = records.sheppy_id(group_id)
         index = "+inf" if request.group_index is None else request.group_index
-        chord_keys = [self.get_key_for_chord(group_id), keys.lazy_chord_done(self.queue, sid),
-                      keys.lazy_chord_size(self.queue, sid), self._chord_added_key(group_id)]
+        queue = self.queue_for(sid)
+        chord_keys = [self.get_key_for_chord(group_id), keys.lazy_chord_done(queue, sid),
+                      keys.lazy_chord_size(queue, sid), self._chord_added_key(group_id)]
         last = self.ensure(lambda: scripts.registry()["chord_part_return"](
             self.client, keys=chord_keys, args=[task_id, index, self._chord_ttl]), ())
         if last == 1:
@@ -636,7 +720,8 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
                 app.AsyncResult(bytes_to_str(task_id), backend=self) for task_id in added])
         else:
             # A generator header saved no GroupResult: its parts, in header order.
-            done_key = keys.lazy_chord_done(self.queue, records.sheppy_id(group_id))
+            sid = records.sheppy_id(group_id)
+            done_key = keys.lazy_chord_done(self.queue_for(sid), sid)
             done = self.client.zrange(done_key, 0, -1)
             if done:
                 header = app.GroupResult(group_id, [
@@ -676,6 +761,14 @@ def _is_reject(result):
         return True
     return (isinstance(result, dict) and result.get("exc_type") == Reject.__name__
             and result.get("exc_module") == Reject.__module__)
+
+
+def _backend_tls(configured, url):
+    """TLS for a ``sentinel://``/``cluster://`` URL Celery's loader cut from the configured
+    ``sheppys+sentinel://...`` (the ``sheppys`` was taken as the backend's name); else None."""
+    if isinstance(configured, str) and configured.partition("+")[2] == url:
+        return endpoints.is_tls(configured)
+    return None
 
 
 def _acks_on_failure(task):

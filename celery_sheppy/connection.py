@@ -187,18 +187,21 @@ def _text(value):
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def check_standalone(hello, where):
+def check_standalone(hello, where, address=None, tls=False):
     """Raise ValueError when ``hello`` is a Sentinel's or a Cluster node's: a plain
-    ``sheppy://`` URL needs a Redis server (or primary) it can use directly."""
+    ``sheppy://`` URL needs a Redis server (or primary) it can use directly. The error
+    names the URL to use instead (``address``: the ``(host, port)`` asked)."""
+    host, port = address or ("host", "port")
+    prefix = "sheppys" if tls else "sheppy"
     mode = hello.get("mode")
     if mode == "sentinel":
         raise ValueError(
-            f"{where} is a Redis Sentinel, not a Redis server: point sheppy:// at the primary "
-            "itself (Sentinel discovery is not supported by sheppy:// yet)")
+            f"{where} is a Redis Sentinel, not a Redis server: use "
+            f"{prefix}+sentinel://{host}:{port}/0 with the transport option master_name")
     if mode == "cluster":
         raise ValueError(
-            f"{where} is a Redis Cluster node: sheppy:// needs a standalone server "
-            "(Redis Cluster is not supported by sheppy:// yet)")
+            f"{where} is a Redis Cluster node: use {prefix}+cluster://{host}:{port}/ "
+            "(sheppy:// needs a standalone server or a Sentinel-watched primary)")
 
 
 def blocking_kwargs(kwargs, block_seconds):

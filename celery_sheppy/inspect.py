@@ -149,10 +149,20 @@ class Inspector:
         backend = self.app.backend
         return backend.client if isinstance(backend, SheppyBackend) else None
 
+    @property
+    def result_namespaces(self):
+        """{queue: the queues its result counters are kept in}: on a Redis Cluster the
+        backend's queue counts in each of its result shards (keys.result_shards)."""
+        backend = self.app.backend
+        if isinstance(backend, SheppyBackend) and backend.result_queues != (backend.queue,):
+            return {backend.queue: backend.result_queues}
+        return {}
+
     def stats(self, queues=None):
         """[QueueStats] of ``queues`` (default: :meth:`queues`), in that order."""
         try:
-            return collect(self.client, self.queues(queues), self.settings, self.results_client)
+            return collect(self.client, self.queues(queues), self.settings, self.results_client,
+                           self.result_namespaces)
         except ResultsUnreachable as exc:
             raise ResultsUnreachable(
                 f"cannot reach the sheppy:// result backend {self.app.backend.as_uri()} "
@@ -195,9 +205,10 @@ def is_sheppy(app):
         conn.release()
 
 
-def collect(client, queues, settings, results_client=None):
+def collect(client, queues, settings, results_client=None, result_namespaces=None):
     """[QueueStats] of ``queues`` in three round trips: the streams, the result counters
-    (from ``results_client`` when given, else from ``client``), the first ready entries."""
+    (from ``results_client`` when given, else from ``client``; summed over
+    ``result_namespaces[queue]`` when given), the first ready entries."""
     streams = {queue: settings.streams.of(queue) for queue in queues}
     with client.pipeline(transaction=False) as pipe:
         pipe.time()
@@ -211,7 +222,7 @@ def collect(client, queues, settings, results_client=None):
         replies = iter(pipe.execute(raise_on_error=False))
     seconds, micros = _value(next(replies))
     now_ms = seconds * 1000 + micros // 1000
-    results = iter(_counters(results_client or client, queues))
+    results = iter(_counters(results_client or client, queues, result_namespaces or {}))
     parts = []
     for queue in queues:
         per_stream = [_stream_part(stream, _value(next(replies)), _value(next(replies), []),
@@ -224,17 +235,27 @@ def collect(client, queues, settings, results_client=None):
             for queue, per_stream, counters in parts]
 
 
-def _counters(client, queues):
+def _counters(client, queues, namespaces):
     """completed, failed of each queue (None: never written), in one round trip (GETs:
-    no multi-key command mixes queues, which may live in different cluster slots)."""
+    no multi-key command mixes queues, which may live in different cluster slots; on a
+    Redis Cluster one per node). A queue with ``namespaces`` sums theirs."""
     try:
         with client.pipeline(transaction=False) as pipe:
             for queue in queues:
-                pipe.get(keys.completed_counter(queue))
-                pipe.get(keys.failed_counter(queue))
-            return [_value(reply) for reply in pipe.execute(raise_on_error=False)]
+                for name in namespaces.get(queue, (queue,)):
+                    pipe.get(keys.completed_counter(name))
+                    pipe.get(keys.failed_counter(name))
+            replies = iter(pipe.execute(raise_on_error=False))
     except CONNECTION_ERRORS as exc:
         raise ResultsUnreachable(str(exc)) from exc
+    counts = []
+    for queue in queues:
+        parts = [(_value(next(replies)), _value(next(replies)))
+                 for _ in namespaces.get(queue, (queue,))]
+        for column in (0, 1):
+            written = [int(part[column]) for part in parts if part[column] is not None]
+            counts.append(sum(written) if written else None)
+    return counts
 
 
 def _stream_part(stream, length, groups, consumers):

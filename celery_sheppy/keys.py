@@ -52,7 +52,32 @@ segment, so it can never collide with a queue's keys):
 Every key of one queue contains the queue name, and no multi-key command mixes
 queues: a hash-tagged queue name such as ``{celery}`` puts a queue's keys in one
 Redis Cluster slot.
+
+Redis Cluster slots (``sheppy+cluster://``, docs/deployment.md):
+
+=============================================  ==============================================
+key family                                      slot
+=============================================  ==============================================
+results of backend queue ``q``: records,        one of :data:`RESULT_SHARDS` result shards,
+finished and states streams, counters           queue ``{q.<k>}`` (:func:`result_shards`),
+                                                chosen by the task id (:func:`result_shard`):
+                                                a record, its stream entry and its counters
+                                                share a slot, so storing one stays one script
+group and chord keys of group ``g``             the result shard of ``g``'s id (the same
+                                                function), so a chord part's count is one
+                                                script
+``sheppy:_queues``                              its own slot (written apart from any script)
+``sheppy:celery::probe:<token>``                its own slot (one key per command)
+=============================================  ==============================================
+
+The shards' tags are picked so their slots lie evenly over the 16 384 slots: with
+the slots split evenly among the masters, as ``redis-cli --cluster create`` does,
+every master holds a similar part of the results.
 """
+
+import zlib
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 PREFIX = "sheppy"
 
@@ -241,3 +266,39 @@ def entry_of_tag(tag):
         return None
     entry_id, stream = tag.split(" ", 1)
     return stream, entry_id
+
+# -- Redis Cluster: result shards ---------------------------------------------------------
+
+#: Result shards of a backend on a Redis Cluster: enough to spread the records over
+#: a few masters (with 16 shards on 3 masters each holds 5 or 6 of them).
+RESULT_SHARDS = 16
+
+_shard_cache = {}
+
+
+def result_shards(queue, count=RESULT_SHARDS):
+    """The hash-tagged queue names ``{<q>.<k>}`` of ``queue``'s result shards: shard ``i``
+    has the smallest ``k`` whose slot lies in the ``i``-th of ``count`` equal slot ranges.
+    Braces already in ``queue`` are dropped from the tag (a tag cannot nest)."""
+    cached = _shard_cache.get((queue, count))
+    if cached is None:
+        base = queue.replace("{", "").replace("}", "")
+        width = REDIS_CLUSTER_HASH_SLOTS / count
+        cached, k = [], 0
+        for index in range(count):
+            while int(key_slot(f"{base}.{k}".encode()) // width) != index:
+                k += 1
+            cached.append(f"{{{base}.{k}}}")
+            k = 0
+        cached = _shard_cache[(queue, count)] = tuple(cached)
+    return cached
+
+
+def result_shard(shards, sheppy_id):
+    """The shard (of :func:`result_shards`) holding the results of ``sheppy_id``."""
+    return shards[zlib.crc32(sheppy_id.encode()) % len(shards)]
+
+
+def slot_of(key):
+    """The Redis Cluster slot of ``key``."""
+    return key_slot(key.encode() if isinstance(key, str) else key)

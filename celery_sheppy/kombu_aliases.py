@@ -15,7 +15,10 @@ installed (entry points come from its metadata), not merely on ``sys.path``.
 from kombu.transport import TRANSPORT_ALIASES
 
 TRANSPORT = "celery_sheppy.transport:Transport"
-SCHEMES = ("sheppy", "sheppys")
+#: kombu reads ``sheppy+sentinel://h1;sheppy+sentinel://h2`` as transport ``sheppy``, but
+#: when it fails over to the next ``;`` part it parses that alone: its scheme is the name.
+SCHEMES = ("sheppy", "sheppys", "sheppy+sentinel", "sheppys+sentinel", "sheppy+cluster",
+           "sheppys+cluster")
 
 
 def register():

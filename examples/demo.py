@@ -2,6 +2,8 @@
 
     python -m examples.demo            # starts a private redis-server on a free loopback port
     python -m examples.demo URL        # uses the Redis server at URL (redis://, sheppy://, ...)
+    python -m examples.demo --topology sentinel   # behind a local Sentinel set (sheppy+sentinel://)
+    python -m examples.demo --topology cluster    # results on a local Redis Cluster (sheppy+cluster://)
 
 It starts ``celery worker -P prefork -c 2`` on ``examples/tasks.py``, runs a
 task, a failing task, a group, a chord and a task that reports progress,
@@ -22,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from t.redis_server import MissingRedisServer, RedisServer
+from t.redis_server import MissingRedisServer, RedisCluster, RedisServer, SentinelSet
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30  # seconds, for every wait on a result or a process
@@ -135,38 +137,66 @@ def run_tasks():
     return first_id
 
 
-def show_keys(display_url, task_id):
-    """The keys the demo left in Sheppy's layout, grouped by shape, and one task record."""
+def show_keys(display_urls, task_id):
+    """The keys the demo left in Sheppy's layout (on every server of ``display_urls``),
+    grouped by shape, and one task record."""
     import redis
 
-    from celery_sheppy import keys, records
+    from examples.tasks import app
 
-    client = redis.Redis.from_url(display_url, decode_responses=True)
+    clients = [redis.Redis.from_url(url, decode_responses=True) for url in display_urls]
     try:
         shapes = Counter()
-        for key in client.scan_iter("sheppy:*", count=1000):
-            shape = re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "<id>", key)
-            shapes[(shape, client.type(key))] += 1
+        for client in clients:
+            for key in client.scan_iter("sheppy:*", count=1000):
+                shape = re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+                               "<id>", key)
+                shapes[(shape, client.type(key))] += 1
         print("\nRedis keys in Sheppy's layout:")
         for (shape, kind), count in sorted(shapes.items()):
             print(f"  {shape:<48}{kind:<8}x {count}")
-        record = client.get(keys.task_record("celery", records.sheppy_id(task_id)))
-        print(f"\nthe record of add(2, 3), {keys.task_record('celery', '<id>')}:")
+        key = app.backend.get_key_for_task(task_id)
+        record = app.backend.get(key)
+        print(f"\nthe record of add(2, 3), {key}:")
         print("  " + json.dumps(json.loads(record), indent=2).replace("\n", "\n  "))
     finally:
-        client.close()
+        for client in clients:
+            client.close()
+
+
+def start_topology(topology):
+    """``(servers, broker URL, backend URL, redis:// URLs to show keys from)``."""
+    if topology == "sentinel":
+        sentinels = SentinelSet()
+        os.environ["DEMO_MASTER_NAME"] = sentinels.master_name
+        print(f"Redis: a primary, a replica and 3 Sentinels (primary 127.0.0.1:"
+              f"{sentinels.primary_port()}, master_name {sentinels.master_name!r})")
+        return ([sentinels], sentinels.sheppy_url(), sentinels.sheppy_url(short=True),
+                [sentinels.primary().url])
+    broker = RedisServer()
+    cluster = RedisCluster()
+    print(f"Redis: broker on 127.0.0.1:{broker.port}; results on a Redis Cluster of 3 masters "
+          f"+ 3 replicas ({', '.join(str(port) for port in cluster.ports)})")
+    return ([broker, cluster], broker.sheppy_url(), cluster.sheppy_url(),
+            [broker.url] + [node.url for node in cluster.masters()])
 
 
 def main(argv):
-    if len(argv) > 1 or (argv and argv[0] in ("-h", "--help")):
+    topology = None
+    if argv[:1] == ["--topology"] and len(argv) == 2 and argv[1] in ("sentinel", "cluster"):
+        topology, argv = argv[1], []
+    if len(argv) > 1 or (argv and argv[0].startswith("-")):
         print(__doc__)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     # A plain SIGTERM should clean up like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     server = worker = None
+    servers = []
     try:
-        if argv:
+        if topology:
+            servers, broker, backend, display_urls = start_topology(topology)
+        elif argv:
             server_url = argv[0]
             print(f"Redis: {redact(server_url)} (given)")
         else:
@@ -176,7 +206,9 @@ def main(argv):
                 sys.exit(f"{exc}, or pass the URL of a Redis server")
             server_url = server.url
             print(f"Redis: redis-server started on 127.0.0.1:{server.port} (pid {server.process.pid})")
-        broker, backend, display_url = urls(server_url)
+        if not topology:
+            broker, backend, display_url = urls(server_url)
+            display_urls = [display_url]
         os.environ.update(DEMO_BROKER_URL=broker, DEMO_RESULT_BACKEND=backend)
         print(f"broker_url     = {redact(broker)!r}")
         print(f"result_backend = {redact(backend)!r}")
@@ -184,7 +216,7 @@ def main(argv):
         worker = Worker(broker, backend)
         print(f"worker: celery worker -P prefork -c 2 (pid {worker.process.pid}) is ready\n")
         task_id = run_tasks()
-        show_keys(display_url, task_id)
+        show_keys(display_urls, task_id)
     finally:
         # Stopping takes at most a few seconds; a second Ctrl-C must not leave processes behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -195,6 +227,10 @@ def main(argv):
         if server:
             server.close()
             print(f"redis-server (pid {server.process.pid}) stopped")
+        for started in servers:
+            started.close()
+        if servers:
+            print("redis-servers stopped")
     return 0
 
 

@@ -24,6 +24,9 @@ app.conf.update(
     task_track_started=True,
     broker_connection_retry_on_startup=True,
 )
+if os.environ.get("DEMO_MASTER_NAME"):  # sheppy+sentinel:// URLs (scripts/demo --topology sentinel)
+    sentinel = {"master_name": os.environ["DEMO_MASTER_NAME"]}
+    app.conf.update(broker_transport_options=sentinel, result_backend_transport_options=sentinel)
 
 
 @app.task

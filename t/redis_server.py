@@ -175,3 +175,172 @@ class SentinelServer:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisCluster:
+    """A local Redis Cluster of our own: ``masters`` primaries with ``replicas`` replicas
+    each (``redis-server --cluster-enabled yes`` + ``redis-cli --cluster create``), every
+    node a :class:`RedisServer` on free loopback ports, stopped by PID."""
+
+    def __init__(self, masters=3, replicas=1, node_timeout_ms=2000):
+        if not shutil.which("redis-cli"):
+            raise MissingRedisServer("redis-cli is not installed (it comes with redis-server)")
+        self.nodes = []
+        try:
+            for _ in range(masters * (1 + replicas)):
+                self.nodes.append(RedisServer(
+                    "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-port", str(free_port()),  # port + 10000 may be out of range
+                    "--cluster-node-timeout", str(node_timeout_ms)))
+            subprocess.run(
+                ["redis-cli", "--cluster", "create",
+                 *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                 "--cluster-replicas", str(replicas), "--cluster-yes"],
+                check=True, capture_output=True, timeout=60)
+            self.wait_until_ok()
+        except Exception:
+            self.close()
+            raise
+
+    @property
+    def ports(self):
+        return [node.port for node in self.nodes]
+
+    def sheppy_url(self, tls=False):
+        return f"{'sheppys' if tls else 'sheppy'}+cluster://" + ";".join(
+            f"127.0.0.1:{port}" for port in self.ports[:2]) + "/"
+
+    def client(self, **kwargs):
+        from redis.cluster import ClusterNode, RedisCluster as Client
+        return Client(startup_nodes=[ClusterNode("127.0.0.1", port) for port in self.ports],
+                      **kwargs)
+
+    def node_by_port(self, port):
+        return next(node for node in self.nodes if node.port == int(port))
+
+    def masters(self):
+        """The nodes that are primaries now."""
+        return [node for node in self.nodes if node.process.poll() is None
+                and node.client(socket_timeout=2).execute_command("ROLE")[0] == b"master"]
+
+    def wait_until_ok(self, timeout=30):
+        """Until every running node says ``cluster_state:ok`` and knows all slots served."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                infos = [_info(node.client(socket_timeout=2, decode_responses=True).execute_command("CLUSTER", "INFO"))
+                         for node in self.nodes if node.process.poll() is None]
+                if all(info.get("cluster_state") == "ok"
+                       and int(info.get("cluster_slots_ok", 0)) == 16384 for info in infos):
+                    return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the local Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+
+    def close(self):
+        for node in self.nodes:
+            node.close()
+
+
+class SentinelSet:
+    """A primary, a replica and ``sentinels`` Sentinels watching it as ``master_name``,
+    all processes of our own on free loopback ports, stopped by PID."""
+
+    def __init__(self, sentinels=3, master_name="mymaster", down_after_ms=1000):
+        self.master_name = master_name
+        self.servers, self.sentinels = [], []
+        try:
+            primary = RedisServer()
+            self.servers.append(primary)
+            self.servers.append(RedisServer("--replicaof", "127.0.0.1", str(primary.port)))
+            quorum = sentinels // 2 + 1
+            for _ in range(sentinels):
+                self.sentinels.append(SentinelServer(
+                    (master_name, "127.0.0.1", primary.port, quorum), down_after_ms=down_after_ms))
+            self.wait_until_ready()
+        except Exception:
+            self.close()
+            raise
+
+    def sheppy_url(self, db=0, tls=False, short=False):
+        scheme = f"{'sheppys' if tls else 'sheppy'}+sentinel"
+        if short:
+            return f"{scheme}://" + ";".join(f"127.0.0.1:{s.port}" for s in self.sentinels) + f"/{db}"
+        return ";".join(f"{scheme}://127.0.0.1:{s.port}" for s in self.sentinels) + f"/{db}"
+
+    def stock_url(self, db=0):
+        return ";".join(f"sentinel://127.0.0.1:{s.port}" for s in self.sentinels) + f"/{db}"
+
+    def primary_port(self):
+        host, port = self.sentinels[0].client(socket_timeout=2).execute_command(
+            "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)
+        return int(port)
+
+    def server_by_port(self, port):
+        return next(server for server in self.servers if server.port == int(port))
+
+    def primary(self):
+        return self.server_by_port(self.primary_port())
+
+    def wait_until_ready(self, timeout=30):
+        """Until every Sentinel knows the replica and the other Sentinels, and the replica
+        is in sync."""
+        deadline = time.monotonic() + timeout
+        want_peers = len(self.sentinels) - 1
+        while True:
+            try:
+                ready = True
+                for sentinel in self.sentinels:
+                    client = sentinel.client(socket_timeout=2, decode_responses=True)
+                    master = client.sentinel_master(self.master_name)
+                    ready &= (master.get("num-slaves", 0) >= 1
+                              and master.get("num-other-sentinels", 0) >= want_peers)
+                    replicas = client.sentinel_slaves(self.master_name)
+                    ready &= any(r.get("master-link-status") == "ok"
+                                 and "s_down" not in r.get("flags", "") for r in replicas)
+                if ready:
+                    return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the local Sentinel set did not become ready")
+            time.sleep(0.1)
+
+    def failover(self, timeout=30, crash=False):
+        """The replica becomes primary: ``SENTINEL FAILOVER`` (a drill: the old primary
+        serves until the Sentinels make it a replica), or with ``crash`` the primary is
+        SIGKILLed and the Sentinels fail it over once it is down. Returns the new
+        primary's port once every Sentinel names it."""
+        old = self.primary_port()
+        if crash:
+            self.server_by_port(old).kill()
+        else:
+            self.sentinels[0].client(socket_timeout=5).execute_command(
+                "SENTINEL", "FAILOVER", self.master_name)
+        deadline = time.monotonic() + timeout
+        while True:
+            ports = set()
+            for sentinel in self.sentinels:
+                try:
+                    ports.add(int(sentinel.client(socket_timeout=2).execute_command(
+                        "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name)[1]))
+                except redis.RedisError:
+                    ports.add(None)
+            if len(ports) == 1 and old not in ports and None not in ports:
+                return ports.pop()
+            if time.monotonic() > deadline:
+                raise RuntimeError("Sentinel failover did not complete")
+            time.sleep(0.05)
+
+    def close(self):
+        for process in [*self.sentinels, *self.servers]:
+            process.close()
+
+
+def _info(reply):
+    """``CLUSTER INFO``'s reply as a dict, whether redis-py parsed it or not."""
+    if isinstance(reply, dict):
+        return reply
+    return dict(line.split(":", 1) for line in reply.splitlines() if ":" in line)

@@ -601,18 +601,20 @@ def test_stock_redis_options_that_mean_nothing_here_are_accepted(url):
         assert conn.default_channel.client.ping()
 
 
-def test_sentinel_options_urls_and_ports_are_refused_with_a_clear_error(url):
+def test_sentinel_options_urls_and_ports_that_do_not_fit_are_refused_with_a_clear_error(url):
     from t.redis_server import SentinelServer
 
-    with pytest.raises(Exception, match="master_name.*Sentinel"):
+    with pytest.raises(Exception, match="master_name.*Sentinel options: use a sheppy"):
         kombu.Connection(url, transport_options={"master_name": "mymaster"}).default_channel
-    with pytest.raises(Exception, match=r"sheppy\+sentinel://\) are not supported"):
+    with pytest.raises(Exception, match="needs the transport option 'master_name'"):
         kombu.Connection("sheppy+sentinel://127.0.0.1:26379;sheppy+sentinel://127.0.0.1:26380/0"
                          ).default_channel
 
     sentinel = SentinelServer()
     try:
-        with pytest.raises(Exception, match="is a Redis Sentinel"):
+        with pytest.raises(Exception, match=rf"is a Redis Sentinel.*use sheppy\+sentinel://"
+                                            rf"127.0.0.1:{sentinel.port}/0 with the transport "
+                                            "option master_name"):
             kombu.Connection(f"sheppy://127.0.0.1:{sentinel.port}/0").default_channel
     finally:
         sentinel.close()

@@ -118,7 +118,10 @@ class Channel(virtual.Channel):
         self.upkeep = self._upkeep_jobs()
         try:
             hello = connection.server_hello(self.client) or {"ping": self.client.ping()}
-            connection.check_standalone(hello, f"the sheppy:// broker at {conns.where}")
+            connection.check_standalone(
+                hello, f"the sheppy:// broker at {conns.where}",
+                (conns.params.get("host"), conns.params.get("port")),
+                self.connection.client.transport_cls.startswith("sheppys"))
         except ValueError as exc:
             self._disconnect()
             raise ChannelError(str(exc)) from None

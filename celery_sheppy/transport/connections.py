@@ -16,7 +16,7 @@ import redis
 from kombu.exceptions import ChannelError
 from kombu.utils.objects import cached_property
 
-from .. import connection
+from .. import connection, endpoints
 
 
 def connparams(conninfo, settings):
@@ -32,10 +32,10 @@ def connparams(conninfo, settings):
         options.update(conninfo.ssl)
     # kombu parsed the URL (as for redis://): rebuild it for our parser.
     host = conninfo.hostname or connection.DEFAULT_HOST
-    if "://" in host:  # sheppy+<kind>://: kombu leaves "<kind>://..." as the host
-        kind = host.split("://")[0]
-        raise ChannelError(f"sheppy:// broker: {kind!r} URLs (sheppy+{kind}://) are not "
-                           "supported yet; use sheppy://host:port/db")
+    topology_url = endpoints.kombu_url(conninfo)  # sheppy+sentinel://...
+    sentinel = settings.sentinel_options()
+    if topology_url or sentinel.get("master_name"):
+        return _topology_params(topology_url or "sheppy://", options, sentinel)
     host = f"[{host}]" if ":" in host else host
     scheme = conninfo.transport_cls if conninfo.transport_cls in connection.SCHEMES else "sheppy"
     db = str(conninfo.virtual_host or "").strip("/")
@@ -44,6 +44,18 @@ def connparams(conninfo, settings):
         return connection.connection_kwargs(url, options)
     except ValueError as exc:
         raise ChannelError(f"sheppy:// broker: {exc}") from None
+
+
+def _topology_params(url, options, sentinel):
+    try:
+        params = endpoints.connection_kwargs(url, options, sentinel)
+    except (ValueError, KeyError) as exc:
+        raise ChannelError(f"sheppy:// broker: {exc}") from None
+    if endpoints.is_cluster(params):
+        raise ChannelError(
+            "sheppy:// broker: Redis Cluster (sheppy+cluster://) is supported by the "
+            "result backend only, not yet by the broker; see docs/deployment.md")
+    return params
 
 
 class Connections:
@@ -55,11 +67,11 @@ class Connections:
 
     @property
     def where(self):
-        return f"{self.params.get('host')}:{self.params.get('port')}"
+        return endpoints.describe(self.params)
 
     @cached_property
     def pool(self):
-        return redis.ConnectionPool(**self.params)
+        return endpoints.make_pool(self.params)
 
     @cached_property
     def client(self):
@@ -70,7 +82,7 @@ class Connections:
     def _blocking_pool(self):
         params = connection.blocking_kwargs(self.params, self.block_seconds)
         params.pop("max_connections", None)
-        return redis.ConnectionPool(**params)
+        return endpoints.make_pool(params)
 
     @cached_property
     def blocking_conn(self):

@@ -11,7 +11,7 @@ from collections import namedtuple
 
 from kombu.exceptions import ChannelError
 
-from .. import connection
+from .. import connection, endpoints
 from .streams import PRIORITY_STEPS, parse_steps
 
 Option = namedtuple("Option", "name parser default doc")
@@ -93,6 +93,11 @@ OPTIONS = (
     _connection_option("client_name", "redis-py's: CLIENT SETNAME"),
     _connection_option("username", "ACL user (the URL's wins)"),
     _connection_option("password", "password (the URL's wins)"),
+    Option("master_name", _as_is, None,
+           "Sentinel (sheppy+sentinel:// URLs): the monitored primary's name"),
+    Option("sentinel_kwargs", _as_is, None, "Sentinel: connection options for the Sentinels"),
+    Option("min_other_sentinels", _int_or_none, None,
+           "Sentinel: how many peers a Sentinel must see to be trusted"),
     Option("global_keyprefix", _Fixed(""), "", "refused: sheppy's key layout is fixed"),
     Option("sep", _Fixed(SEP), SEP, "refused: sheppy's key layout is fixed"),
 )
@@ -109,11 +114,8 @@ STOCK_NOOP_OPTIONS = frozenset({
     "ack_emulation", "unacked_key", "unacked_index_key", "unacked_mutex_key",
     "unacked_mutex_expire", "unacked_restore_limit", "unacked_restore_interval",
     "unacked_restore_throttle", "fanout_prefix", "fanout_patterns", "socket_keepalive_options",
+    *endpoints.SENTINEL_NOOP_OPTIONS,
 })
-
-#: The stock sentinel:// transport's options.
-SENTINEL_OPTIONS = frozenset({"master_name", "min_other_sentinels", "sentinel_kwargs",
-                              "sentinel_fanout_compat"})
 
 
 class Settings:
@@ -123,6 +125,11 @@ class Settings:
         values = values or {}
         for option in OPTIONS:
             setattr(self, option.name, values.get(option.name, option.default))
+
+    def sentinel_options(self):
+        """``{name: value}`` of the Sentinel options that are set."""
+        return {name: getattr(self, name) for name in endpoints.SENTINEL_OPTIONS
+                if getattr(self, name) is not None}
 
     def connection_options(self):
         """``{name: value}`` of the connection options that are set."""
@@ -138,11 +145,6 @@ class Settings:
 def check_names(options):
     """Refuse ``broker_transport_options`` this transport does not know, by name."""
     unknown = sorted(set(options) - set(BY_NAME) - STOCK_NOOP_OPTIONS)
-    sentinel = [name for name in unknown if name in SENTINEL_OPTIONS]
-    if sentinel:
-        raise ChannelError(
-            f"broker_transport_options {sentinel} are Redis Sentinel options: sheppy:// "
-            "does not support Sentinel yet; point it at the Redis primary itself")
     if unknown:
         raise ChannelError(
             f"unknown broker_transport_options for sheppy://: {unknown}; accepted: "

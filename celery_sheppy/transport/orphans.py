@@ -29,7 +29,7 @@ from time import monotonic
 import redis
 from kombu.log import get_logger
 
-from .. import keys, records, scripts
+from .. import endpoints, keys, records, scripts
 
 logger = get_logger(__name__)
 
@@ -158,7 +158,7 @@ class OrphanLedger:
     @property
     def client(self):
         if self._client is None:
-            self._client = redis.Redis(connection_pool=redis.ConnectionPool(**self.connparams))
+            self._client = redis.Redis(connection_pool=endpoints.make_pool(self.connparams))
         return self._client
 
     def flush(self, upkeep=False):

@@ -220,6 +220,8 @@ class Reader:
         except redis.ResponseError as exc:
             if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
                 self.groups.reset()  # a stream expired or was deleted: declare again
+                if "UNBLOCKED" in str(exc):  # also: the primary became a replica
+                    conn.disconnect()  # the next read connects anew (Sentinel: to the new one)
                 return 0
             raise
         except self.channel.connection_errors:

@@ -12,12 +12,22 @@ private ``redis-server`` this script starts on a free loopback port and stops by
     python t/celery_suite/run.py --backend redis     # same tests on stock redis://
     python t/celery_suite/run.py --broker sheppy     # the broker on sheppy:// too (CI)
     python t/celery_suite/run.py --full -- -k chord -x   # after --: passed to pytest
+    python t/celery_suite/run.py --topology sentinel --broker sheppy   # behind Sentinel
+    python t/celery_suite/run.py --topology cluster --broker sheppy    # results on a Cluster
+
+``--topology sentinel`` puts broker and backend behind a local Sentinel set (a primary,
+a replica, 3 Sentinels: ``sheppy+sentinel://``, or the stock ``sentinel://`` broker with
+``--broker redis``); ``--topology cluster`` puts the results on a local Redis Cluster (3
+masters + 3 replicas, ``sheppy+cluster://``) and the broker on a server of its own (the
+broker does not run on a cluster yet). Transport options reach the suite's app through
+its ``integration-tests-config.json``.
 
 Exit status is pytest's. See docs/celery-suite.md for the counts and for the
 tests that cannot apply to sheppy://.
 """
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -34,7 +44,7 @@ ROOT = HERE.parents[1]
 CACHE = ROOT / ".cache" / "celery-suite"
 
 sys.path.insert(0, str(ROOT))
-from t.redis_server import RedisServer  # noqa: E402  (the project's private test server)
+from t.redis_server import RedisCluster, RedisServer, SentinelSet  # noqa: E402  (our servers)
 
 #: The suite files this runner covers (all exist in celery 5.7.0).
 FILES = ["test_backend.py", "test_tasks.py", "test_canvas.py", "test_group_chains.py",
@@ -133,6 +143,28 @@ def prepare(celery_version):
     return suite, changed
 
 
+def start_servers(args):
+    """``(servers, broker URL, backend URL, extra config)`` for ``args.topology``; the
+    first server is the one the suite's redis_echo tasks write to (a Sentinel set: its
+    primary)."""
+    if args.topology == "sentinel":
+        sentinels = SentinelSet()
+        options = {"master_name": sentinels.master_name}
+        urls = {"sheppy": sentinels.sheppy_url(), "redis": sentinels.stock_url()}
+        backends = {"sheppy": sentinels.sheppy_url(short=True), "redis": sentinels.stock_url(db=1)}
+        return ([sentinels], urls[args.broker], backends[args.backend],
+                {"broker_transport_options": options,
+                 "result_backend_transport_options": options})
+    server = RedisServer()
+    url = f"127.0.0.1:{server.port}/0"
+    if args.topology == "cluster":
+        if args.backend != "sheppy":
+            sys.exit("--topology cluster needs --backend sheppy (the stock backend has no cluster)")
+        cluster = RedisCluster()
+        return [server, cluster], f"{args.broker}://{url}", cluster.sheppy_url(), {}
+    return [server], f"{args.broker}://{url}", f"{args.backend}://{url}", {}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=["sheppy", "redis"], default="sheppy",
@@ -144,6 +176,9 @@ def main(argv=None):
                        help="the CI subset (default): the five files without the slow tests "
                        "listed in suite_conftest.py")
     scope.add_argument("--full", action="store_true", help="all tests of the five files")
+    parser.add_argument("--topology", choices=["server", "sentinel", "cluster"], default="server",
+                        help="one server (default), Sentinel (broker and backend), or a "
+                        "Redis Cluster for the results")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args(argv)
 
@@ -154,15 +189,16 @@ def main(argv=None):
     if missing:
         print(f"not in celery {celery_version}, skipped: {', '.join(missing)}")
     tests = [f"t/integration/{name}" for name in changed]
+    if any(arg.startswith("t/integration/") for arg in args.pytest_args):
+        tests = []  # the tests named after -- instead of the five files
     if not args.full:
         tests.append("--ci-subset")  # suite_conftest.py deselects its SLOW tests
 
-    server = RedisServer()
-    url = f"127.0.0.1:{server.port}/0"
-    env = dict(os.environ,
-               TEST_BROKER=f"{args.broker}://{url}",
-               TEST_BACKEND=f"{args.backend}://{url}",
-               REDIS_HOST="127.0.0.1", REDIS_PORT=str(server.port),
+    servers, broker, backend, config = start_servers(args)
+    (suite / "integration-tests-config.json").write_text(json.dumps(config))
+    redis_port = servers[0].port if args.topology != "sentinel" else servers[0].primary_port()
+    env = dict(os.environ, TEST_BROKER=broker, TEST_BACKEND=backend,
+               REDIS_HOST="127.0.0.1", REDIS_PORT=str(redis_port),  # the redis_echo tasks'
                WORKER_LOGLEVEL="INFO")
     cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rfEsxX",
            *tests, *args.pytest_args]
@@ -185,8 +221,10 @@ def main(argv=None):
             os.killpg(pytest_run.pid, signal.SIGKILL)  # stray pool children
         except ProcessLookupError:
             pass
-        server.close()
+        for server in servers:
+            server.close()
     print(f"celery suite (broker {args.broker}://, backend {args.backend}://, "
+          f"{args.topology}, "
           f"{'full' if args.full else 'subset'}): "
           f"exit {returncode} in {time.monotonic() - started:.0f} s")
     return returncode

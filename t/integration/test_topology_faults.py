@@ -1,0 +1,198 @@
+"""Failovers while tasks drain: Sentinel (broker and backend), Redis Cluster (results).
+
+Tasks count their runs in a side Redis the system under test never touches, so a
+failover cannot lose a count. Workers run with Celery's defaults and the transport's
+defaults (no short lease): the figures are the ones a project would see. The stock
+``sentinel://`` broker and backend run the same drain in the same test. Measured
+figures are in docs/deployment.md.
+"""
+
+import json
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+from celery import chord
+
+from conftest import RedisServer, Worker, client_app
+from t.redis_server import RedisCluster, SentinelSet
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+TASKS = "t.integration.tasks"
+DRAIN_TASKS = 2000
+CHORD_PARTS = 50
+
+
+def sig(app, name, *args, **options):
+    return app.signature(f"{TASKS}.{name}", args=args, **options)
+
+
+@pytest.fixture
+def counter(side_redis):
+    client = side_redis.client()
+    client.flushdb()
+    yield client
+    client.close()
+
+
+def wait_until(predicate, timeout, interval=0.2):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def drain_through(fault, app, counter, timeout=120, results=False):
+    """Send DRAIN_TASKS acks_late tasks (storing their ``results`` or not) and a chord, call
+    ``fault()`` once a quarter ran; returns {lost, twice, chord_bodies, stall (s: the longest
+    pause between two runs after the fault), done (s: fault to the last first run), ids}."""
+    ids = [sig(app, "tracked", "drain", i, 0.005).apply_async(ignore_result=not results).id
+           for i in range(DRAIN_TASKS)]
+    chord([sig(app, "tracked", "parts", i) for i in range(CHORD_PARTS)],
+                 sig(app, "record_run", "chord-body"))()
+    assert wait_until(lambda: counter.llen("drain") >= DRAIN_TASKS // 4, 120, 0.05)
+    faulted = time.time()
+    fault()
+
+    def ran():
+        return {json.loads(item)[0] for item in counter.lrange("drain", 0, -1)}
+
+    wait_until(lambda: len(ran()) == DRAIN_TASKS and counter.llen("chord-body") >= 1, timeout, 0.5)
+    time.sleep(5)  # a second run of anything held at the fault comes within this
+    runs = [json.loads(item) for item in counter.lrange("drain", 0, -1)]
+    counts = Counter(value for value, _, _ in runs)
+    first_runs = sorted(t for t in {v: t for v, _, t in reversed(runs)}.values())
+    after = [faulted] + [t for t in first_runs if t >= faulted]
+    return {
+        "lost": DRAIN_TASKS - len(counts),
+        "twice": sum(1 for n in counts.values() if n > 1),
+        "chord_bodies": counter.llen("chord-body"),
+        "stall": max((b - a for a, b in zip(after, after[1:])), default=None),
+        "done": (after[-1] - faulted) if len(after) > 1 else None,
+        "ids": ids,
+    }
+
+
+def sentinel_run(side_redis, counter, stock):
+    sentinels = SentinelSet()
+    try:
+        options = {"master_name": sentinels.master_name}
+        if stock:
+            broker, backend = sentinels.stock_url(), sentinels.stock_url(db=1)
+        else:
+            broker, backend = sentinels.sheppy_url(), sentinels.sheppy_url(short=True)
+        conf = {"broker_transport_options": options,
+                "result_backend_transport_options": options}
+        worker = Worker(broker, backend, pool="threads", concurrency=4,
+                        extra_env={"CELERY_SHEPPY_CONF": json.dumps(conf),
+                                   "CELERY_SHEPPY_COUNTER_URL": side_redis.url})
+        app = client_app(broker, backend, **conf)
+        try:
+            # the stock worker may exit after a failover: then do not wait long for it
+            figures = drain_through(lambda: sentinels.failover(crash=True), app, counter,
+                                    timeout=60 if stock else 120)
+            del figures["ids"]
+            figures["worker_alive"] = worker.process.poll() is None
+            # the worker goes on by itself: a task sent now runs
+            try:
+                figures["after"] = sig(app, "add", 1, 2).delay().get(timeout=20 if stock else 60)
+            except Exception as exc:  # pylint: disable=broad-except  (recorded, for stock)
+                figures["after"] = repr(exc)
+        finally:
+            worker.stop()
+            app.close()
+        return figures
+    finally:
+        sentinels.close()
+
+
+def test_sentinel_failover_while_2000_acks_late_tasks_drain_loses_none_and_runs_none_twice(
+        side_redis, counter):
+    # Given the stock sentinel:// broker and backend, then sheppy+sentinel://, each draining
+    # 2 000 acks_late tasks and a chord; When Sentinel fails the primary over mid-drain
+    stock = sentinel_run(side_redis, counter, stock=True)
+    print(f"\nsentinel failover, stock sentinel://: {stock}")
+    counter.flushdb()
+    ours = sentinel_run(side_redis, counter, stock=False)
+    print(f"\nsentinel failover, sheppy+sentinel://: {ours}")
+
+    # Then with sheppy+sentinel:// every task ran exactly once and the chord body once,
+    # and the worker went on by itself
+    assert (ours["lost"], ours["twice"], ours["chord_bodies"]) == (0, 0, 1), ours
+    assert ours["worker_alive"] and ours["after"] == 3
+
+
+def test_cluster_failover_while_results_are_stored_loses_none_and_fires_chords_once(
+        side_redis, counter):
+    # Given a worker whose 2 000 acks_late tasks store their results on a 3+3 Redis Cluster
+    # (broker: one server)
+    cluster = RedisCluster()
+    broker = RedisServer()
+    try:
+        worker = Worker(broker.sheppy_url(), cluster.sheppy_url(), pool="threads",
+                        concurrency=4, extra_env={"CELERY_SHEPPY_COUNTER_URL": side_redis.url})
+        app = client_app(broker.sheppy_url(), cluster.sheppy_url())
+        try:
+            # When a replica takes over its master (CLUSTER FAILOVER) while results flow
+            def failover():
+                replica = next(node for node in cluster.nodes
+                               if node.client().execute_command("ROLE")[0] == b"slave")
+                replica.client().execute_command("CLUSTER", "FAILOVER")
+            figures = drain_through(failover, app, counter, results=True)
+            cluster.wait_until_ok()
+            # Then every result is there and the chord body ran once
+            ids = figures.pop("ids")
+            assert app.GroupResult("drain", [app.AsyncResult(i) for i in ids]).get(
+                timeout=60) == list(range(DRAIN_TASKS))
+            print(f"\ncluster failover (results): {figures}")
+            assert (figures["lost"], figures["twice"], figures["chord_bodies"]) == (0, 0, 1)
+            assert worker.process.poll() is None
+        finally:
+            worker.stop()
+            app.close()
+    finally:
+        broker.close()
+        cluster.close()
+
+
+def test_resharding_while_results_are_stored_loses_none_and_fires_chords_once(
+        side_redis, counter):
+    # Given a worker whose 2 000 acks_late tasks store their results on a 3+3 Redis Cluster
+    cluster = RedisCluster()
+    broker = RedisServer()
+    try:
+        worker = Worker(broker.sheppy_url(), cluster.sheppy_url(), pool="threads",
+                        concurrency=4, extra_env={"CELERY_SHEPPY_COUNTER_URL": side_redis.url})
+        app = client_app(broker.sheppy_url(), cluster.sheppy_url())
+        try:
+            # When 2 000 slots (holding result shards) move to another master mid-drain
+            # (MOVED and ASK replies while their keys migrate)
+            def reshard():
+                nodes = {line.split()[1].split("@")[0].split(":")[1]: line.split()[0]
+                         for line in cluster.nodes[0].client(decode_responses=True)
+                         .execute_command("CLUSTER", "NODES").splitlines()
+                         if "master" in line.split()[2]}
+                source, target = sorted(nodes)[:2]
+                subprocess.run(["redis-cli", "--cluster", "reshard", f"127.0.0.1:{source}",
+                                "--cluster-from", nodes[source], "--cluster-to", nodes[target],
+                                "--cluster-slots", "2000", "--cluster-yes"],
+                               check=True, capture_output=True, timeout=120)
+            figures = drain_through(reshard, app, counter, results=True)
+            cluster.wait_until_ok()
+            # Then every result is there, the chord body ran once, nothing ran twice
+            ids = figures.pop("ids")
+            assert app.GroupResult("drain", [app.AsyncResult(i) for i in ids]).get(
+                timeout=60) == list(range(DRAIN_TASKS))
+            print(f"\nresharding (results): {figures}")
+            assert (figures["lost"], figures["twice"], figures["chord_bodies"]) == (0, 0, 1)
+            assert worker.process.poll() is None
+        finally:
+            worker.stop()
+            app.close()
+    finally:
+        broker.close()
+        cluster.close()

@@ -46,9 +46,12 @@ def test_layout_options_are_refused_unless_they_keep_their_default():
 def test_unknown_names_are_refused_and_stock_redis_ones_accepted():
     with pytest.raises(ChannelError, match="visibilty_timeout.*accepted: .*visibility_timeout"):
         options.check_names({"visibilty_timeout": 1})
-    with pytest.raises(ChannelError, match="master_name.*Sentinel"):
-        options.check_names({"master_name": "mymaster"})
     options.check_names({"fanout_prefix": True, "unacked_restore_limit": 10})
+    # the stock sentinel:// transport's options (sheppy+sentinel:// URLs, endpoints.py)
+    options.check_names({"master_name": "mymaster", "sentinel_kwargs": {},
+                         "min_other_sentinels": 1, "sentinel_fanout_compat": True})
+    assert options.parse({"master_name": "mymaster"}).sentinel_options() == {
+        "master_name": "mymaster"}
 
 
 def test_connection_options_are_exactly_those_redis_py_gets():

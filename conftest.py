@@ -179,6 +179,27 @@ class Worker:
 
 
 @pytest.fixture
+def counter(side_redis, monkeypatch):
+    """A client of the side Redis, emptied for the test: workers started during the test
+    count their runs there (``CELERY_SHEPPY_COUNTER_URL``), never in the server under test,
+    which tests kill and restart."""
+    client = side_redis.client()
+    client.flushdb()
+    monkeypatch.setenv("CELERY_SHEPPY_COUNTER_URL", side_redis.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def workers():
+    """The workers a test starts (append them); stopped when it ends."""
+    started = []
+    yield started
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
 def start_worker():
     workers = []
 

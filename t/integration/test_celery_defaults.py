@@ -130,8 +130,11 @@ def test_result_acks_its_message_when_broker_and_backend_urls_name_the_server_di
     try:
         # When an acks_late task stores its own result
         sig(app, "pending_after_own_result", key).delay().get(timeout=20)
-        # Then its message was acked by the store itself (one atomic script)
-        value, _, _ = json.loads(side_redis.client().lrange(key, 0, -1)[0])
+        # Then its message was acked by the store itself (one atomic script); get() returns
+        # once the result is stored, which is before the task records what it saw
+        reply = side_redis.client().blpop(key, timeout=10)
+        assert reply is not None, "the task recorded nothing"
+        value, _, _ = json.loads(reply[1])
         assert value is False
     finally:
         app.close()

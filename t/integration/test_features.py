@@ -25,32 +25,14 @@ from conftest import ROOT, Worker, client_app
 TASKS = "t.integration.tasks"
 QUEUE = "celery"
 
-#: The side Redis that tasks count their runs in (set by the ``counter`` fixture).
-COUNTER_URL = []
-
-
-@pytest.fixture(autouse=True)
-def counter(side_redis):
-    client = side_redis.client()
-    client.flushdb()
-    COUNTER_URL[:] = [side_redis.url]
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def workers():
-    started = []
-    yield started
-    for worker in started:
-        worker.stop()
+# Tasks count their runs in the side Redis (conftest's ``counter``).
+pytestmark = pytest.mark.usefixtures("counter")
 
 
 def start_worker(server, concurrency=4, pool="threads", conf=None):
     url = server.sheppy_url()
     return Worker(url, url, pool=pool, concurrency=concurrency,
-                  extra_env={"CELERY_SHEPPY_CONF": json.dumps(conf or {}),
-                             "CELERY_SHEPPY_COUNTER_URL": COUNTER_URL[0]})
+                  extra_env={"CELERY_SHEPPY_CONF": json.dumps(conf or {})})
 
 
 def sig(app, name, *args, **options):

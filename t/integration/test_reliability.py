@@ -26,7 +26,8 @@ from kombu.exceptions import OperationalError
 from celery_sheppy import keys, transport
 from conftest import ROOT, Worker, client_app
 
-pytestmark = pytest.mark.slow
+# Slow; tasks count their runs in the side Redis (conftest's ``counter``).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("counter")]
 
 TASKS = "t.integration.tasks"
 LEASE = 4  # seconds: the workers' visibility_timeout in these tests
@@ -37,37 +38,13 @@ def options(**extra):
     return dict({"visibility_timeout": LEASE}, **extra)
 
 
-#: The side Redis that tasks count their runs in (set by the ``counter`` fixture): never
-#: the server under test, which the tests kill and restart.
-COUNTER_URL = []
-
-
-@pytest.fixture(autouse=True)
-def counter(side_redis):
-    """A client of the side Redis, emptied for each test; workers count runs there."""
-    client = side_redis.client()
-    client.flushdb()
-    COUNTER_URL[:] = [side_redis.url]
-    yield client
-    client.close()
-
-
 def start(server, concurrency=4, pool="threads", conf=None, **transport_options):
     settings = {"broker_transport_options": options(**transport_options),
                 "worker_prefetch_multiplier": 4}
     settings.update(conf or {})
     url = server.sheppy_url()
     return Worker(url, url, pool=pool, concurrency=concurrency,
-                  extra_env={"CELERY_SHEPPY_CONF": json.dumps(settings),
-                             "CELERY_SHEPPY_COUNTER_URL": COUNTER_URL[0]})
-
-
-@pytest.fixture
-def workers():
-    started = []
-    yield started
-    for worker in started:
-        worker.stop()
+                  extra_env={"CELERY_SHEPPY_CONF": json.dumps(settings)})
 
 
 def app_for(server, **transport_options):

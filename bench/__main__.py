@@ -7,7 +7,8 @@ times, then prints medians, the ratios sheppy/stock and sheppy's fraction of eac
 ceiling against the targets of the performance issues, writes
 bench/results/<time>.json and PNG plots. RabbitMQ (``amqp://`` with ``rpc://``)
 joins as a third side when one listens on localhost:5672; otherwise its row says
-"not measured".
+"not measured". ``--cluster`` adds ``sheppy+cluster://`` (broker and backend) on a local
+3-master Redis Cluster as one more side, with its ratios to both others.
 
 Exit status: 0 when every scenario ran, 1 when one crashed (or, with ``--check``,
 missed its target).
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from . import report, scenarios
 from . import ceilings
-from .procs import ROOT, BenchServer
+from .procs import ROOT, BenchServer, ClusterBenchServer
 from .scenarios import RetentionWindow, Side
 
 RESULTS = ROOT / "bench" / "results"
@@ -62,6 +63,8 @@ def parse_args(argv):
     parser.add_argument("--no-window", dest="window", action="store_false",
                         help="measure the steady-state memory without waiting for the finished "
                         "stream's retention window (its row then shows the burst again)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="also run sheppy+cluster:// on a local 3-master Redis Cluster")
     parser.add_argument("--smoke", action="store_true",
                         help=f"tiny sizes, targets not checked: {SMOKE}")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
@@ -101,7 +104,7 @@ def rabbitmq_absent_why():
     return "no RabbitMQ server installed"
 
 
-def choose_sides(server):
+def choose_sides(server, cluster=None):
     notes = []
     sides = [Side("stock", server.url_for("redis"), server.url_for("redis"))]
     ok, why = sheppy_broker_resolves()
@@ -111,6 +114,9 @@ def choose_sides(server):
         sides.append(Side("sheppy", server.url_for("redis"), server.url_for("sheppy")))
         notes.append(f"sheppy:// does not resolve as a broker here ({why}): the sheppy side "
                      "runs the stock redis:// broker with the sheppy:// result backend")
+    if cluster is not None:
+        url = cluster.url_for("sheppy")
+        sides.append(Side("cluster", url, url, cluster=True))
     rabbitmq = None
     if rabbitmq_listens():
         sides.append(Side("rabbitmq", "amqp://guest:guest@127.0.0.1:5672//", "rpc://", on_redis=False))
@@ -161,8 +167,10 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = datetime.now(timezone.utc)
     server = BenchServer()
+    cluster = None
     try:
-        sides, notes, rabbitmq = choose_sides(server)
+        cluster = ClusterBenchServer() if args.cluster else None
+        sides, notes, rabbitmq = choose_sides(server, cluster)
         for note in notes:
             print(f"note: {note}")
         samples = {side.name: {} for side in sides}
@@ -178,7 +186,7 @@ def main(argv=None):
                 progress(rep, args, "ceilings", Side("-", "", ""), out, time.perf_counter() - began)
             windows = []  # their wait overlaps the scenarios below
             for side in sides:
-                if side.on_redis:
+                if side.on_redis and not side.cluster:  # the window starts a redis-server
                     window = RetentionWindow(side, args.tasks, timeout, wait=args.window)
                     if run_one(errors, f"retention window on {side.name} (repetition {rep + 1})",
                                window.begin) is not None:
@@ -187,7 +195,7 @@ def main(argv=None):
                 for side in sides:
                     began = time.perf_counter()
                     out = run_one(errors, f"{name} on {side.name} (repetition {rep + 1})",
-                                  run, side, server)
+                                  run, side, cluster if side.cluster else server)
                     if out is not None:
                         progress(rep, args, name, side, out, time.perf_counter() - began)
                         record(samples, side.name, out)
@@ -203,6 +211,8 @@ def main(argv=None):
         redis_version = server.version
     finally:
         server.close()
+        if cluster is not None:
+            cluster.close()
 
     side_names = [side.name for side in sides]
     rows = report.summarize(samples, args.canvas)
@@ -211,6 +221,9 @@ def main(argv=None):
     print(report.ceilings_table(limits))
     print()
     print(report.table(rows, side_names, checked=not args.smoke))
+    if cluster is not None:
+        print()
+        print(report.side_table(rows, "cluster", ["sheppy", "stock"]))
     for side in side_names:
         by_name = report.commands_by_name(samples, side, "commands_prefork")
         if by_name:
@@ -243,6 +256,7 @@ def main(argv=None):
         "ceilings": limits,
         "markdown_table": report.markdown_table(rows, side_names),
         "markdown_ceilings": report.markdown_ceilings(limits),
+        "cluster_table": report.side_table(rows, "cluster", ["sheppy", "stock"]) if cluster else None,
         "samples": samples,
     }
     path = RESULTS / f"{started:%Y%m%dT%H%M%SZ}{'-smoke' if args.smoke else ''}.json"

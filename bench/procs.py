@@ -1,4 +1,5 @@
-"""The processes a bench run starts: one redis-server and ``celery worker`` subprocesses.
+"""The processes a bench run starts: one redis-server (and, for the cluster side, a local
+Redis Cluster) and ``celery worker`` subprocesses.
 
 Both are stopped by their PID (a worker by its process group, which holds its pool
 children), also when the run fails half-way.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from t.redis_server import RedisServer, free_port
+from t.redis_server import RedisCluster, RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,6 +70,12 @@ class BenchServer(RedisServer):
         calls = {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
         return {name: n for name, n in calls.items() if name not in OWN_COMMANDS}
 
+    def reset_stats(self):
+        self.admin.config_resetstat()
+
+    def key_bytes(self, key):
+        return self.admin.memory_usage(key, samples=0)
+
     def used_memory(self):
         return self.admin.info("memory")["used_memory"]
 
@@ -82,6 +89,71 @@ class BenchServer(RedisServer):
     def stop(self):
         self.admin.close()  # reconnects by itself after a restart
         super().stop()
+
+
+class ClusterBenchServer(RedisCluster):
+    """The bench's local Redis Cluster: 3 masters, no replicas (the cost of spreading keys
+    over nodes, not of replication), with :class:`BenchServer`'s counters summed over the
+    masters. On one 2-CPU machine it shows what the cluster costs, not how it scales."""
+
+    def __init__(self):
+        super().__init__(masters=3, replicas=0)
+        self._admins = [redis.Redis(host="127.0.0.1", port=port, decode_responses=True)
+                        for port in self.ports]
+
+    def url_for(self, scheme="sheppy"):
+        return f"{scheme}+cluster://" + ";".join(f"127.0.0.1:{port}" for port in self.ports) + "/"
+
+    def reset(self):
+        """Every node emptied and its counters zeroed (a restart of the whole cluster would
+        cost seconds per measurement; the memory rows of this side are sums, for reading
+        beside the others, not targets)."""
+        for admin in self._admins:
+            admin.flushall()
+        self.reset_stats()
+
+    def reset_stats(self):
+        for admin in self._admins:
+            admin.config_resetstat()
+
+    def drop_clients(self):
+        for admin in self._admins:
+            admin.client_kill_filter(_type="normal", skipme=True)
+            admin.client_kill_filter(_type="pubsub", skipme=True)
+
+    def commandstats(self):
+        total = {}
+        for admin in self._admins:
+            for name, value in admin.info("commandstats").items():
+                name = name.removeprefix("cmdstat_")
+                if name not in OWN_COMMANDS:
+                    total[name] = total.get(name, 0) + value["calls"]
+        return total
+
+    def key_bytes(self, key):
+        for admin in self._admins:
+            try:
+                return admin.memory_usage(key, samples=0)
+            except redis.ResponseError:  # MOVED: another master owns the key's slot
+                continue
+        return None
+
+    def used_memory(self):
+        return sum(admin.info("memory")["used_memory"] for admin in self._admins)
+
+    def keyspace_bytes(self):
+        total = 0
+        for admin in self._admins:
+            with admin.pipeline(transaction=False) as pipe:
+                for key in admin.scan_iter(count=1000):
+                    pipe.memory_usage(key, samples=0)
+                total += sum(pipe.execute())
+        return total
+
+    def close(self):
+        for admin in self._admins:
+            admin.close()
+        super().close()
 
 
 class Worker:

@@ -89,6 +89,20 @@ def summarize(samples, canvas, rabbitmq_note=None):
     return rows
 
 
+def side_table(rows, side, bases):
+    """The medians of ``side`` as ratios to each of ``bases``' (cluster/sheppy, ...)."""
+    head = ["scenario", side, *(f"{side}/{base}" for base in bases)]
+    body = []
+    for row in rows:
+        value = row["medians"].get(side)
+        if value is None:
+            continue
+        ratios = [row["medians"].get(base) for base in bases]
+        body.append([row["label"], fmt(value),
+                     *("-" if not base else f"{value / base:.2f}x" for base in ratios)])
+    return _columns(head, body)
+
+
 def ceiling_rows(samples, rabbitmq=None):
     """``[(label, value or text)]``: medians of the ceilings, then RabbitMQ's drain."""
     rows = []

@@ -33,6 +33,7 @@ class Side:
     broker: str
     backend: str
     on_redis: bool = True  # False for RabbitMQ + rpc://: no Redis counters, no chords
+    cluster: bool = False  # runs on the local Redis Cluster, not the bench's redis-server
 
     def on(self, server):
         """The same side on another of our redis-servers (its URLs' port changed)."""
@@ -86,7 +87,7 @@ def drain(side, server, pool, concurrency, tasks, timeout):
     if side.on_redis:
         calls = server.commandstats()
         sample = random.sample(results, min(KEY_SAMPLE, len(results)))
-        key_bytes = [server.admin.memory_usage(app.backend.get_key_for_task(result.id), samples=0)
+        key_bytes = [server.key_bytes(app.backend.get_key_for_task(result.id))
                      for result in sample]
     _finish(side, server, app)  # before used_memory: open connections hold buffers
     if side.on_redis:
@@ -211,7 +212,7 @@ def warm_worker(side, server, round_trips, canvas, idle_seconds, timeout):
                 raise AssertionError(f"chord body saw {got} header results, not {canvas}")
 
             time.sleep(IDLE_SETTLE)
-            server.admin.config_resetstat()
+            server.reset_stats()
             time.sleep(idle_seconds)
             calls = server.commandstats()
             out.update(idle_per_s=sum(calls.values()) / idle_seconds,

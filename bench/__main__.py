@@ -35,6 +35,7 @@ from .procs import ROOT, BenchServer, ClusterBenchServer
 from .scenarios import RetentionWindow, Side
 
 RESULTS = ROOT / "bench" / "results"
+RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
 #: Sizes of a ``--smoke`` run: every scenario once, within a minute, to keep the bench working.
 #: The retention window is not waited for (its row then shows the burst again).
@@ -119,7 +120,7 @@ def choose_sides(server, cluster=None):
         sides.append(Side("cluster", url, url, cluster=True))
     rabbitmq = None
     if rabbitmq_listens():
-        sides.append(Side("rabbitmq", "amqp://guest:guest@127.0.0.1:5672//", "rpc://", on_redis=False))
+        sides.append(Side("rabbitmq", RABBITMQ_URL, "rpc://", on_redis=False))
     else:
         rabbitmq = rabbitmq_absent_why()
         notes.append(f"{rabbitmq}: amqp:// + rpc:// not measured")

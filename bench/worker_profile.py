@@ -1,6 +1,7 @@
 """python -m bench.worker_profile: where a draining worker's main process spends its time.
 
-For each side (stock ``redis://``, ``sheppy://``): ``--tasks`` noops are enqueued with no
+For each side (stock ``redis://``, ``sheppy://``, and RabbitMQ ``amqp://`` + ``rpc://`` when
+one listens on localhost:5672): ``--tasks`` noops are enqueued with no
 worker running, then ``celery worker -P prefork -c 2`` (Celery's defaults, as in the
 bench) starts under cProfile and drains them while the bench waits on the results, as
 in the drain scenario. Printed per side: the drain rate, the CPU seconds of the main
@@ -19,6 +20,7 @@ import time
 
 from celery.result import ResultSet
 
+from . import __main__ as bench
 from .app import make_app
 from .procs import BenchServer, Worker
 from .publish import show_profile
@@ -33,10 +35,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     server = BenchServer()
     try:
-        for name, scheme in (("stock", "redis"), ("sheppy", "sheppy")):
-            side = Side(name, server.url_for(scheme), server.url_for(scheme))
+        sides = [Side(name, server.url_for(scheme), server.url_for(scheme))
+                 for name, scheme in (("stock", "redis"), ("sheppy", "sheppy"))]
+        if bench.rabbitmq_listens():
+            sides.append(Side("rabbitmq", bench.RABBITMQ_URL, "rpc://", on_redis=False))
+        for side in sides:
+            name = side.name
             server.reset()
             app = make_app(side.broker, side.backend, current=False)
+            if not side.on_redis:
+                app.control.purge()  # RabbitMQ is not ours to flush: empty the bench's queue
             results, _ = enqueue(app, args.tasks)
             path = os.path.join(server.dir, f"{name}-worker.prof")
             with Worker(side.broker, side.backend, "prefork", 2, profile_to=path) as worker:

@@ -1,0 +1,250 @@
+"""The broker on a Redis Cluster (``sheppy+cluster://``): what must be split by slot.
+
+In cluster mode Celery queue ``q`` is sheppy queue ``{q}`` (``keys.broker_queue``): all
+of a queue's keys share one slot, so every script and MULTI of the transport names keys
+of one slot. What spans queues is split here:
+
+* reads: one XREADGROUP may name keys of one slot only (CROSSSLOT otherwise, even on one
+  node), so :class:`ClusterReader` keeps one blocking read per consumed slot, each on a
+  connection of its own to the master owning that slot. A read answered by ``MOVED``,
+  ``ASK``, ``READONLY``, ``UNBLOCKED``, ``CLUSTERDOWN`` or a lost connection (resharding,
+  failover) refreshes the slot map and is sent again, to the new owner, by the next
+  turn: the worker's connection is not given up for it;
+* batched publishes (``Producer.batch()``, a group's tasks): one MULTI per slot
+  (:func:`by_slot`);
+* acks, lease renewals, reclaims, requeues: single-stream commands and scripts, which
+  ``redis.cluster.RedisCluster`` routes (its non-transactional pipeline splits by node).
+"""
+
+from time import monotonic
+
+import redis
+from kombu.log import get_logger
+from kombu.utils.encoding import bytes_to_str
+
+from .. import connection, keys
+from .connections import probe_unblock
+from .reading import GROUP, Reader
+
+logger = get_logger(__name__)
+
+#: Replies of a blocking read that mean "ask the slot map again, then read again".
+REROUTE_REPLIES = ("MOVED", "ASK", "READONLY", "UNBLOCKED", "CLUSTERDOWN", "TRYAGAIN",
+                   "MASTERDOWN", "LOADING")
+
+#: Errors of a read's connection that a failover or resharding causes.
+LOST = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def command_key(name, args):
+    """The key of a publish command (``(name, args)`` as ``PublishBatch.add`` takes it)."""
+    return args[1] if name == "execute_command" else args[0]
+
+
+def by_slot(commands):
+    """``[[command, ...], ...]``: ``commands`` split by the slot of their key, in order."""
+    groups = {}
+    for command in commands:
+        name, args, _ = command
+        groups.setdefault(keys.slot_of(command_key(name, args)), []).append(command)
+    return list(groups.values())
+
+
+def node_connection(params, node, block_seconds):
+    """A connection to cluster ``node`` for blocking reads (outside any pool)."""
+    kwargs = connection.blocking_kwargs(params, block_seconds)
+    kwargs.pop("cluster", None)
+    kwargs.pop("max_connections", None)
+    cls = kwargs.pop("connection_class", None) or redis.Connection
+    return cls(host=node.host, port=node.port, **kwargs)
+
+
+class _Read:
+    """One outstanding blocking read: its connection, node and streams."""
+
+    __slots__ = ("conn", "node", "sent_at", "queue_of", "order")
+
+    def __init__(self, conn, node, queue_of, order):
+        self.conn = conn
+        self.node = node
+        self.sent_at = monotonic()
+        self.queue_of = queue_of  # stream -> queue
+        self.order = order  # stream -> (priority step, queue index)
+
+
+class ClusterReader(Reader):
+    """The channel's reads on a Redis Cluster: one blocking XREADGROUP per consumed slot."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._reads = {}  # slot -> _Read outstanding
+        self._conns = {}  # slot -> (node name, connection, client id)
+
+    @property
+    def reading(self):
+        return bool(self._reads)
+
+    @property
+    def fileno(self):
+        fds = self.filenos()
+        return fds[0] if fds else None
+
+    def filenos(self):
+        fds = []
+        for read in self._reads.values():
+            sock = getattr(read.conn, "_sock", None)
+            if sock is not None:
+                fds.append(sock.fileno())
+        return fds
+
+    def start(self):
+        """Send a blocking XREADGROUP for every consumed slot without one, if there is room."""
+        if self.closing or self.buffer:
+            return False
+        channel = self.channel
+        queues = channel.active_queues
+        if not queues or not channel.qos.can_consume():
+            return False
+        budget = self.budget()
+        if budget <= 0 or self._put_off(budget):
+            return False
+        ordered = self._cycle.consume(len(queues))
+        slots = {}  # slot -> [(queue index, queue, streams present)]
+        for index, queue in enumerate(ordered):
+            present = self.groups.ensure(queue)
+            if present:
+                slots.setdefault(keys.slot_of(present[0]), []).append((index, queue, present))
+        streams = [stream for members in slots.values() for _, _, present in members
+                   for stream in present]
+        hot = len(self._hot_streams.intersection(streams)) or len(streams)
+        per_stream = max(1, budget // hot)
+        started = False
+        for slot, members in slots.items():
+            if slot in self._reads:
+                continue
+            self._send(slot, members, per_stream)
+            started = True
+        return started
+
+    def _send(self, slot, members, per_stream):
+        streams = [stream for _, _, present in members for stream in present]
+        block_ms = max(int(self.block_seconds() * 1000), 1)
+        node, conn = self._connect(slot)
+        conn.send_command("XREADGROUP", "GROUP", GROUP, self.consumer_name, "COUNT", per_stream,
+                          "BLOCK", block_ms, "STREAMS", *streams, *([">"] * len(streams)))
+        order = {stream: (step, index) for index, queue, _ in members
+                 for step, stream in enumerate(self.queues.streams(queue))}
+        queue_of = {stream: queue for _, queue, present in members for stream in present}
+        self._reads[slot] = _Read(conn, node, queue_of, order)
+
+    def _connect(self, slot):
+        """``(node, connection)`` to the master of ``slot``, connected; a connection to a
+        node that no longer owns the slot is dropped for one to the owner."""
+        client = self.conns.client
+        node = client.nodes_manager.get_node_from_slot(slot)
+        known = self._conns.get(slot)
+        if known is not None and known[0] != node.name:
+            known[1].disconnect()
+            known = None
+        if known is None:
+            conn = node_connection(self.conns.params, node, self.polling_interval)
+            known = self._conns[slot] = [node.name, conn, None]
+        conn = known[1]
+        if conn._sock is None or known[2] is None:
+            conn.connect()
+            known[2], self._can_unblock = probe_unblock(conn)
+        return node, conn
+
+    def finish(self):
+        """Read the replies of every outstanding read (``drain_events``: they are ready)."""
+        return sum(self._finish(slot) for slot in list(self._reads))
+
+    def readable(self, fd):
+        for slot, read in list(self._reads.items()):
+            sock = getattr(read.conn, "_sock", None)
+            if sock is not None and sock.fileno() == fd:
+                self._finish(slot)
+                return True
+        for known in self._conns.values():  # an idle connection the server closed
+            sock = getattr(known[1], "_sock", None)
+            if sock is not None and sock.fileno() == fd:
+                known[1].disconnect()
+        return False
+
+    def _finish(self, slot):
+        read = self._reads.pop(slot, None)
+        if read is None:
+            return 0
+        try:
+            reply = self.conns.client.get_redis_connection(read.node).parse_response(
+                read.conn, "XREADGROUP")
+        except redis.ResponseError as exc:
+            text = str(exc)
+            if "NOGROUP" in text:
+                self.groups.reset()  # a stream expired or was deleted: declare again
+                return 0
+            if any(word in text for word in REROUTE_REPLIES):
+                self._reroute(slot, exc)
+                return 0
+            raise
+        except LOST as exc:
+            self._reroute(slot, exc)
+            return 0
+        entries = []
+        for stream, items in reply or ():
+            stream = bytes_to_str(stream)
+            queue = read.queue_of[stream]
+            for entry_id, fields in items:
+                entries.append((read.order[stream], queue, stream,
+                                bytes_to_str(entry_id), (fields or {}).get(b"data")))
+        entries.sort(key=lambda entry: entry[0])
+        if entries:
+            self._hot_streams = self._hot_streams | {entry[2] for entry in entries}
+            self._cycle.rotate(entries[0][1])
+        self.buffer.extend(entry[1:] for entry in entries)
+        return len(entries)
+
+    def _reroute(self, slot, exc):
+        """The slot moved or its node failed: drop the connection, learn the slot map."""
+        logger.warning("sheppy: read of slot %d on the Redis Cluster failed (%r): asking the "
+                       "cluster for its slot map and reading again", slot, exc)
+        known = self._conns.pop(slot, None)
+        if known is not None:
+            known[1].disconnect()
+        try:
+            self.conns.client.nodes_manager.initialize()
+        except redis.RedisError as error:  # the next read tries again
+            logger.debug("sheppy: slot map refresh failed: %r", error)
+
+    def interrupt(self):
+        if not self._can_unblock:
+            return
+        client = self.conns.client
+        for slot, read in list(self._reads.items()):
+            known = self._conns.get(slot)
+            if known is None or known[2] is None:
+                continue
+            try:
+                client.get_redis_connection(read.node).client_unblock(known[2])
+            except LOST:
+                pass
+            except redis.ResponseError as exc:  # NOPERM, or MOVED: its read returns anyway
+                logger.debug("sheppy: CLIENT UNBLOCK on %s: %r", read.node.name, exc)
+
+    def drop_if_overdue(self, health_check_interval):
+        limit = self.block_seconds() + health_check_interval
+        for slot, read in list(self._reads.items()):
+            if monotonic() - read.sent_at > limit:
+                sock = getattr(read.conn, "_sock", None)
+                fd = sock.fileno() if sock is not None else None
+                del self._reads[slot]
+                self._reroute(slot, TimeoutError("no reply in time"))
+                return True, fd
+        return False, None
+
+    def reset(self):
+        self._reads.clear()
+        for known in self._conns.values():
+            known[1].disconnect()
+        self._conns.clear()
+

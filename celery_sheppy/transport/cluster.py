@@ -35,6 +35,10 @@ REROUTE_REPLIES = ("MOVED", "ASK", "READONLY", "UNBLOCKED", "CLUSTERDOWN", "TRYA
 #: Errors of a read's connection that a failover or resharding causes.
 LOST = (redis.ConnectionError, redis.TimeoutError, OSError)
 
+#: Seconds before a slot whose read failed is read again (its node may be failing over:
+#: the slot map changes once the cluster has promoted a replica).
+REROUTE_PAUSE = 0.5
+
 
 def command_key(name, args):
     """The key of a publish command (``(name, args)`` as ``PublishBatch.add`` takes it)."""
@@ -78,7 +82,8 @@ class ClusterReader(Reader):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._reads = {}  # slot -> _Read outstanding
-        self._conns = {}  # slot -> (node name, connection, client id)
+        self._conns = {}  # slot -> [node name, connection, client id]
+        self._paused = {}  # slot -> monotonic time before which it is not read (rerouted)
 
     @property
     def reading(self):
@@ -119,10 +124,15 @@ class ClusterReader(Reader):
         hot = len(self._hot_streams.intersection(streams)) or len(streams)
         per_stream = max(1, budget // hot)
         started = False
+        now = monotonic()
         for slot, members in slots.items():
-            if slot in self._reads:
+            if slot in self._reads or self._paused.get(slot, 0.0) > now:
                 continue
-            self._send(slot, members, per_stream)
+            try:
+                self._send(slot, members, per_stream)
+            except LOST as exc:  # its master is gone: the slot map will say who took over
+                self._reroute(slot, exc)
+                continue
             started = True
         return started
 
@@ -160,11 +170,13 @@ class ClusterReader(Reader):
         return sum(self._finish(slot) for slot in list(self._reads))
 
     def readable(self, fd):
+        """Read the reply on ``fd``; False when nothing is to be read there any more (the
+        read was rerouted and its connection closed: the poller forgets ``fd``)."""
         for slot, read in list(self._reads.items()):
             sock = getattr(read.conn, "_sock", None)
             if sock is not None and sock.fileno() == fd:
                 self._finish(slot)
-                return True
+                return slot in self._conns
         for known in self._conns.values():  # an idle connection the server closed
             sock = getattr(known[1], "_sock", None)
             if sock is not None and sock.fileno() == fd:
@@ -211,6 +223,7 @@ class ClusterReader(Reader):
         known = self._conns.pop(slot, None)
         if known is not None:
             known[1].disconnect()
+        self._paused[slot] = monotonic() + REROUTE_PAUSE
         try:
             self.conns.client.nodes_manager.initialize()
         except redis.RedisError as error:  # the next read tries again

@@ -126,3 +126,13 @@ def test_acks_late_tasks_of_a_killed_worker_run_on_another_none_lost(
     finally:
         doomed.kill()
         app.close()
+
+
+def test_status_reads_the_hash_tagged_queue_and_its_result_shards(worker, app):
+    from celery_sheppy.inspect import queue_stats
+
+    group(sig(app, "add", i, i) for i in range(20))().get(timeout=30)
+    stats = {s.queue: s for s in queue_stats(app)}
+    assert "{celery}" in stats and not any(name.startswith("{celery.") for name in stats), stats
+    assert stats["{celery}"].completed >= 20
+    assert [s.queue for s in queue_stats(app, ["celery"])] == ["{celery}"]

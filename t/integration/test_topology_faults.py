@@ -1,4 +1,5 @@
-"""Failovers while tasks drain: Sentinel (broker and backend), Redis Cluster (results).
+"""Failovers while tasks drain: Sentinel (broker and backend), Redis Cluster (results; and
+broker and results both on the cluster).
 
 Tasks count their runs in a side Redis the system under test never touches, so a
 failover cannot lose a count. Workers run with Celery's defaults and the transport's
@@ -46,29 +47,29 @@ def wait_until(predicate, timeout, interval=0.2):
     return True
 
 
-def drain_through(fault, app, counter, timeout=120, results=False):
-    """Send DRAIN_TASKS acks_late tasks (storing their ``results`` or not) and a chord, call
+def drain_through(fault, app, counter, timeout=120, results=False, tasks=DRAIN_TASKS):
+    """Send ``tasks`` acks_late tasks (storing their ``results`` or not) and a chord, call
     ``fault()`` once a quarter ran; returns {lost, twice, chord_bodies, stall (s: the longest
     pause between two runs after the fault), done (s: fault to the last first run), ids}."""
     ids = [sig(app, "tracked", "drain", i, 0.005).apply_async(ignore_result=not results).id
-           for i in range(DRAIN_TASKS)]
+           for i in range(tasks)]
     chord([sig(app, "tracked", "parts", i) for i in range(CHORD_PARTS)],
                  sig(app, "record_run", "chord-body"))()
-    assert wait_until(lambda: counter.llen("drain") >= DRAIN_TASKS // 4, 120, 0.05)
+    assert wait_until(lambda: counter.llen("drain") >= tasks // 4, 120, 0.05)
     faulted = time.time()
     fault()
 
     def ran():
         return {json.loads(item)[0] for item in counter.lrange("drain", 0, -1)}
 
-    wait_until(lambda: len(ran()) == DRAIN_TASKS and counter.llen("chord-body") >= 1, timeout, 0.5)
+    wait_until(lambda: len(ran()) == tasks and counter.llen("chord-body") >= 1, timeout, 0.5)
     time.sleep(5)  # a second run of anything held at the fault comes within this
     runs = [json.loads(item) for item in counter.lrange("drain", 0, -1)]
     counts = Counter(value for value, _, _ in runs)
     first_runs = sorted(t for t in {v: t for v, _, t in reversed(runs)}.values())
     after = [faulted] + [t for t in first_runs if t >= faulted]
     return {
-        "lost": DRAIN_TASKS - len(counts),
+        "lost": tasks - len(counts),
         "twice": sum(1 for n in counts.values() if n > 1),
         "chord_bodies": counter.llen("chord-body"),
         "stall": max((b - a for a, b in zip(after, after[1:])), default=None),
@@ -195,4 +196,47 @@ def test_resharding_while_results_are_stored_loses_none_and_fires_chords_once(
             app.close()
     finally:
         broker.close()
+        cluster.close()
+
+
+BROKER_FAILOVER_TASKS = 500
+
+
+def test_cluster_failover_of_the_queues_master_while_500_acks_late_tasks_drain_loses_none(
+        side_redis, counter):
+    # Given broker and backend on a 3+3 Redis Cluster, a worker draining 500 acks_late
+    # tasks of queue celery (sheppy queue {celery}: one slot, one master)
+    from celery_sheppy import keys
+
+    cluster = RedisCluster()
+    try:
+        url = cluster.sheppy_url()
+        worker = Worker(url, url, pool="threads", concurrency=4,
+                        extra_env={"CELERY_SHEPPY_COUNTER_URL": side_redis.url})
+        app = client_app(url, url)
+        try:
+            # When the replica of the master holding {celery} takes over (CLUSTER FAILOVER)
+            def failover():
+                slot = keys.slot_of(keys.pending_stream("{celery}"))
+                master = cluster.client().nodes_manager.get_node_from_slot(slot)
+                replica = next(node for node in cluster.nodes
+                               if node.client().execute_command("ROLE")[0] == b"slave"
+                               and int(node.client().execute_command("ROLE")[2]) == master.port)
+                replica.client().execute_command("CLUSTER", "FAILOVER")
+            figures = drain_through(failover, app, counter, results=True,
+                                    tasks=BROKER_FAILOVER_TASKS)
+            cluster.wait_until_ok()
+            # Then every task ran, none twice, the chord body once, and the worker goes on
+            ids = figures.pop("ids")
+            assert app.GroupResult("drain", [app.AsyncResult(i) for i in ids]).get(
+                timeout=60) == list(range(BROKER_FAILOVER_TASKS))
+            print(f"\ncluster failover (broker and results): {figures}")
+            assert (figures["lost"], figures["chord_bodies"]) == (0, 1), figures
+            assert figures["twice"] == 0, figures
+            assert worker.process.poll() is None
+            assert sig(app, "add", 1, 2).delay().get(timeout=30) == 3
+        finally:
+            worker.stop()
+            app.close()
+    finally:
         cluster.close()

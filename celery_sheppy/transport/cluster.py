@@ -6,10 +6,10 @@ of one slot. What spans queues is split here:
 
 * reads: one XREADGROUP may name keys of one slot only (CROSSSLOT otherwise, even on one
   node), so :class:`ClusterReader` keeps one blocking read per consumed slot, each on a
-  connection of its own to the master owning that slot. A read answered by ``MOVED``,
-  ``ASK``, ``READONLY``, ``UNBLOCKED``, ``CLUSTERDOWN`` or a lost connection (resharding,
-  failover) refreshes the slot map and is sent again, to the new owner, by the next
-  turn: the worker's connection is not given up for it;
+  connection of its own to the master owning that slot. A read answered by an error
+  reply (``MOVED``, ``ASK``, ``READONLY``, ``UNBLOCKED``, ``CLUSTERDOWN``...; ``NOGROUP``
+  aside) or a lost connection (resharding, failover) refreshes the slot map and is sent
+  again, to the new owner, after :data:`REROUTE_PAUSE`: the worker keeps its connection;
 * batched publishes (``Producer.batch()``, a group's tasks): one MULTI per slot
   (:func:`by_slot`);
 * acks, lease renewals, reclaims, requeues: single-stream commands and scripts, which
@@ -28,9 +28,6 @@ from .reading import GROUP, Reader
 
 logger = get_logger(__name__)
 
-#: Replies of a blocking read that mean "ask the slot map again, then read again".
-REROUTE_REPLIES = ("MOVED", "ASK", "READONLY", "UNBLOCKED", "CLUSTERDOWN", "TRYAGAIN",
-                   "MASTERDOWN", "LOADING")
 
 #: Errors of a read's connection that a failover or resharding causes.
 LOST = (redis.ConnectionError, redis.TimeoutError, OSError)
@@ -191,14 +188,14 @@ class ClusterReader(Reader):
             reply = self.conns.client.get_redis_connection(read.node).parse_response(
                 read.conn, "XREADGROUP")
         except redis.ResponseError as exc:
-            text = str(exc)
-            if "NOGROUP" in text:
+            if "NOGROUP" in str(exc):
                 self.groups.reset()  # a stream expired or was deleted: declare again
                 return 0
-            if any(word in text for word in REROUTE_REPLIES):
-                self._reroute(slot, exc)
-                return 0
-            raise
+            # MOVED, ASK (redis-py's MovedError, AskError), READONLY, UNBLOCKED (the master
+            # became a replica), CLUSTERDOWN, TRYAGAIN, LOADING...: the slot changed hands
+            # or its node cannot serve it now. Ask the slot map again, read again.
+            self._reroute(slot, exc)
+            return 0
         except LOST as exc:
             self._reroute(slot, exc)
             return 0

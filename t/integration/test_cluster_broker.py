@@ -18,6 +18,8 @@ from conftest import Worker, client_app
 
 TASKS = "t.integration.tasks"
 LEASE = 4  # seconds: the kill test's visibility_timeout, so it finishes quickly
+#: ETA tasks due later than 1 s wait in sheppy's scheduled set (default 60 s: a slow test)
+CONF = {"broker_transport_options": {"delay_threshold": 1}}
 
 
 def sig(app, name, *args, **options):
@@ -32,7 +34,8 @@ def cluster_url(redis_cluster):
 @pytest.fixture(scope="module")
 def worker(cluster_url, side_redis):
     worker = Worker(cluster_url, cluster_url, pool="threads", concurrency=4,
-                    extra_env={"CELERY_SHEPPY_COUNTER_URL": side_redis.url})
+                    extra_env={"CELERY_SHEPPY_COUNTER_URL": side_redis.url,
+                               "CELERY_SHEPPY_CONF": json.dumps(CONF)})
     yield worker
     worker.stop()
     log = worker.output()
@@ -42,7 +45,7 @@ def worker(cluster_url, side_redis):
 
 @pytest.fixture(scope="module")
 def app(cluster_url):
-    app = client_app(cluster_url, cluster_url)
+    app = client_app(cluster_url, cluster_url, **CONF)
     yield app
     app.close()
 
@@ -84,17 +87,15 @@ def test_remote_control_ping_mingle_and_gossip_work_on_a_cluster(worker, app, cl
 
 
 def test_eta_task_waits_in_the_scheduled_set_and_runs_on_a_cluster(worker, app, redis_cluster):
-    # due later than the default delay_threshold (60 s) would make the test slow: the
-    # worker's threshold is the default, so this one goes through Celery's own ETA path,
-    # and the long one is checked in the scheduled set of its queue's slot
+    # Given an ETA task due in 3 s (later than delay_threshold): it waits in the scheduled
+    # set of its queue's slot (schedule.lua), then the worker promotes it (promote.lua)
     started = time.monotonic()
-    assert sig(app, "add", 4, 4).apply_async(countdown=2).get(timeout=30) == 8
-    assert time.monotonic() - started >= 1.5
-    later = sig(app, "add", 5, 5).apply_async(countdown=600)
+    result = sig(app, "add", 4, 4).apply_async(countdown=3)
     client = redis_cluster.client()
-    sid = later.id
-    assert client.zscore(keys.scheduled_set("{celery}"), sid) is not None
-    later.revoke()
+    assert client.zscore(keys.scheduled_set("{celery}"), result.id) is not None
+    assert result.get(timeout=45) == 8
+    assert time.monotonic() - started >= 2.5
+    assert client.zscore(keys.scheduled_set("{celery}"), result.id) is None
 
 
 def test_acks_late_tasks_of_a_killed_worker_run_on_another_none_lost(

@@ -228,9 +228,10 @@ def test_cluster_failover_of_the_queues_master_while_500_acks_late_tasks_drain_l
             cluster.wait_until_ok()
             # Then every task ran, none twice, the chord body once, and the worker goes on
             ids = figures.pop("ids")
+            print(f"\ncluster failover (broker and results): {figures}")
+            assert worker.process.poll() is None, worker.output()[-3000:]
             assert app.GroupResult("drain", [app.AsyncResult(i) for i in ids]).get(
                 timeout=60) == list(range(BROKER_FAILOVER_TASKS))
-            print(f"\ncluster failover (broker and results): {figures}")
             assert (figures["lost"], figures["chord_bodies"]) == (0, 1), figures
             assert figures["twice"] == 0, figures
             assert worker.process.poll() is None

@@ -32,6 +32,15 @@ logger = get_logger(__name__)
 #: Errors of a read's connection that a failover or resharding causes.
 LOST = (redis.ConnectionError, redis.TimeoutError, OSError)
 
+#: Seconds between checks that an outstanding read's node still serves its slot (one
+#: EXISTS of its first stream on that node: a replica answers MOVED). A read that reached
+#: a master while a CLUSTER FAILOVER paused it may stay blocked on the new replica.
+OWNER_CHECK_INTERVAL = 2.0
+
+#: Seconds past its block after which a read without a reply is dropped (a healthy node
+#: answers a blocked XREADGROUP when its block ends; one server waits the health check).
+OVERDUE_MARGIN = 3.0
+
 #: Seconds before a slot whose read failed is read again (its node may be failing over:
 #: the slot map changes once the cluster has promoted a replica).
 REROUTE_PAUSE = 0.5
@@ -63,12 +72,12 @@ def node_connection(params, node, block_seconds):
 class _Read:
     """One outstanding blocking read: its connection, node and streams."""
 
-    __slots__ = ("conn", "node", "sent_at", "queue_of", "order")
+    __slots__ = ("conn", "node", "sent_at", "checked_at", "queue_of", "order")
 
     def __init__(self, conn, node, queue_of, order):
         self.conn = conn
         self.node = node
-        self.sent_at = monotonic()
+        self.sent_at = self.checked_at = monotonic()
         self.queue_of = queue_of  # stream -> queue
         self.order = order  # stream -> (priority step, queue index)
 
@@ -242,15 +251,40 @@ class ClusterReader(Reader):
                 logger.debug("sheppy: CLIENT UNBLOCK on %s: %r", read.node.name, exc)
 
     def drop_if_overdue(self, health_check_interval):
-        limit = self.block_seconds() + health_check_interval
+        """Drop reads whose reply is late, and reads sent to a node that no longer owns
+        their slot as the slot map now says (a read that reached a master during its
+        failover may never be answered); ``(True, an fd dropped)`` or ``(False, None)``."""
+        limit = self.block_seconds() + min(health_check_interval, OVERDUE_MARGIN)
+        owner = self.conns.client.nodes_manager.get_node_from_slot
+        dropped = []
         for slot, read in list(self._reads.items()):
             if monotonic() - read.sent_at > limit:
-                sock = getattr(read.conn, "_sock", None)
-                fd = sock.fileno() if sock is not None else None
-                del self._reads[slot]
-                self._reroute(slot, TimeoutError("no reply in time"))
-                return True, fd
-        return False, None
+                reason = TimeoutError("no reply in time")
+            elif owner(slot).name != read.node.name:
+                reason = redis.ConnectionError(f"slot {slot} moved from {read.node.name}")
+            else:
+                reason = self._check_owner(read)
+                if reason is None:
+                    continue
+            sock = getattr(read.conn, "_sock", None)
+            dropped.append(sock.fileno() if sock is not None else None)
+            del self._reads[slot]
+            self._reroute(slot, reason)
+        return (True, dropped[0]) if dropped else (False, None)
+
+    def _check_owner(self, read):
+        """None while ``read``'s node still serves its slot (checked every
+        OWNER_CHECK_INTERVAL), else the error that says it does not."""
+        now = monotonic()
+        if now - read.checked_at < OWNER_CHECK_INTERVAL:
+            return None
+        read.checked_at = now
+        try:
+            self.conns.client.get_redis_connection(read.node).execute_command(
+                "EXISTS", next(iter(read.queue_of)))
+        except (redis.ResponseError, *LOST) as exc:  # MOVED: a replica now
+            return exc
+        return None
 
     def reset(self):
         self._reads.clear()

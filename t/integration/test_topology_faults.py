@@ -199,15 +199,40 @@ def test_resharding_while_results_are_stored_loses_none_and_fires_chords_once(
         cluster.close()
 
 
+#: Tasks of the drills with broker and backend on the cluster.
 BROKER_FAILOVER_TASKS = 500
 
 
-def test_cluster_failover_of_the_queues_master_while_500_acks_late_tasks_drain_loses_none(
-        side_redis, counter):
-    # Given broker and backend on a 3+3 Redis Cluster, a worker draining 500 acks_late
-    # tasks of queue celery (sheppy queue {celery}: one slot, one master)
-    from celery_sheppy import keys
+def node_ids(cluster):
+    """{port: node id} of the cluster's masters."""
+    return {int(line.split()[1].split("@")[0].split(":")[1]): line.split()[0]
+            for line in cluster.nodes[0].client(decode_responses=True)
+            .execute_command("CLUSTER", "NODES").splitlines() if "master" in line.split()[2]}
 
+
+def migrate_slot(cluster, slot):
+    """Move ``slot`` and its keys to another master, as ``redis-cli --cluster reshard``
+    does (IMPORTING/MIGRATING, MIGRATE in batches: ASK replies meanwhile, then MOVED)."""
+    source = cluster.client().nodes_manager.get_node_from_slot(slot).port
+    ids = node_ids(cluster)
+    target = next(port for port in sorted(ids) if port != source)
+    src, dst = cluster.node_by_port(source).client(), cluster.node_by_port(target).client()
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+    while True:
+        batch = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10)
+        if not batch:
+            break
+        src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *batch)
+        time.sleep(0.05)  # a slow migration: the worker meets ASK replies meanwhile
+    for port in ids:
+        cluster.node_by_port(port).client().execute_command(
+            "CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+
+
+def broker_on_cluster_drill(side_redis, counter, fault):
+    """Drain BROKER_FAILOVER_TASKS acks_late tasks (and a chord) with broker and backend on a
+    3+3 cluster, ``fault(cluster)`` mid-drain; returns the figures (asserted by the caller)."""
     cluster = RedisCluster()
     try:
         url = cluster.sheppy_url()
@@ -215,29 +240,52 @@ def test_cluster_failover_of_the_queues_master_while_500_acks_late_tasks_drain_l
                         extra_env={"CELERY_SHEPPY_COUNTER_URL": side_redis.url})
         app = client_app(url, url)
         try:
-            # When the replica of the master holding {celery} takes over (CLUSTER FAILOVER)
-            def failover():
-                slot = keys.slot_of(keys.pending_stream("{celery}"))
-                master = cluster.client().nodes_manager.get_node_from_slot(slot)
-                replica = next(node for node in cluster.nodes
-                               if node.client().execute_command("ROLE")[0] == b"slave"
-                               and int(node.client().execute_command("ROLE")[2]) == master.port)
-                replica.client().execute_command("CLUSTER", "FAILOVER")
-            figures = drain_through(failover, app, counter, results=True,
+            figures = drain_through(lambda: fault(cluster), app, counter, results=True,
                                     tasks=BROKER_FAILOVER_TASKS)
             cluster.wait_until_ok()
-            # Then every task ran, none twice, the chord body once, and the worker goes on
             ids = figures.pop("ids")
-            print(f"\ncluster failover (broker and results): {figures}")
+            print(f"\n{fault.__name__} (broker and results on the cluster): {figures}")
             assert worker.process.poll() is None, worker.output()[-3000:]
             assert app.GroupResult("drain", [app.AsyncResult(i) for i in ids]).get(
                 timeout=60) == list(range(BROKER_FAILOVER_TASKS))
-            assert (figures["lost"], figures["chord_bodies"]) == (0, 1), figures
-            assert figures["twice"] == 0, figures
-            assert worker.process.poll() is None
-            assert sig(app, "add", 1, 2).delay().get(timeout=30) == 3
+            figures["after"] = sig(app, "add", 1, 2).delay().get(timeout=30)
+            return figures
         finally:
             worker.stop()
             app.close()
     finally:
         cluster.close()
+
+
+def test_moving_the_queues_slot_while_500_acks_late_tasks_drain_loses_none(side_redis, counter):
+    # Given broker and backend on a cluster; When the slot of {celery} (every key of the
+    # broker queue) migrates to another master mid-drain
+    from celery_sheppy import keys
+
+    def reshard_queue_slot(cluster):
+        migrate_slot(cluster, keys.slot_of(keys.pending_stream("{celery}")))
+
+    figures = broker_on_cluster_drill(side_redis, counter, reshard_queue_slot)
+    # Then every task ran once, the chord body once, the worker went on
+    assert (figures["lost"], figures["twice"], figures["chord_bodies"]) == (0, 0, 1), figures
+    assert figures["after"] == 3
+
+
+def test_cluster_failover_of_the_queues_master_while_500_acks_late_tasks_drain_loses_none(
+        side_redis, counter):
+    # Given broker and backend on a cluster; When the replica of the master holding
+    # {celery} (sheppy's name of queue celery: one slot) takes over (CLUSTER FAILOVER)
+    from celery_sheppy import keys
+
+    def failover_queue_master(cluster):
+        slot = keys.slot_of(keys.pending_stream("{celery}"))
+        master = cluster.client().nodes_manager.get_node_from_slot(slot)
+        replica = next(node for node in cluster.nodes
+                       if node.client().execute_command("ROLE")[0] == b"slave"
+                       and int(node.client().execute_command("ROLE")[2]) == master.port)
+        replica.client().execute_command("CLUSTER", "FAILOVER")
+
+    figures = broker_on_cluster_drill(side_redis, counter, failover_queue_master)
+    # Then every task ran once, the chord body once, the worker went on
+    assert (figures["lost"], figures["twice"], figures["chord_bodies"]) == (0, 0, 1), figures
+    assert figures["after"] == 3

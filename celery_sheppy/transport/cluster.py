@@ -72,10 +72,11 @@ def node_connection(params, node, block_seconds):
 class _Read:
     """One outstanding blocking read: its connection, node and streams."""
 
-    __slots__ = ("conn", "node", "sent_at", "checked_at", "queue_of", "order")
+    __slots__ = ("conn", "fd", "node", "sent_at", "checked_at", "queue_of", "order")
 
     def __init__(self, conn, node, queue_of, order):
         self.conn = conn
+        self.fd = conn._sock.fileno()  # kept: redis-py drops the socket on an error
         self.node = node
         self.sent_at = self.checked_at = monotonic()
         self.queue_of = queue_of  # stream -> queue
@@ -160,7 +161,7 @@ class ClusterReader(Reader):
         node = client.nodes_manager.get_node_from_slot(slot)
         known = self._conns.get(slot)
         if known is not None and known[0] != node.name:
-            known[1].disconnect()
+            self._close(known[1])
             known = None
         if known is None:
             conn = node_connection(self.conns.params, node, self.polling_interval)
@@ -186,7 +187,7 @@ class ClusterReader(Reader):
         for known in self._conns.values():  # an idle connection the server closed
             sock = getattr(known[1], "_sock", None)
             if sock is not None and sock.fileno() == fd:
-                known[1].disconnect()
+                self._close(known[1])
         return False
 
     def _finish(self, slot):
@@ -200,12 +201,14 @@ class ClusterReader(Reader):
             if "NOGROUP" in str(exc):
                 self.groups.reset()  # a stream expired or was deleted: declare again
                 return 0
+            self._forget(read.fd)
             # MOVED, ASK (redis-py's MovedError, AskError), READONLY, UNBLOCKED (the master
             # became a replica), CLUSTERDOWN, TRYAGAIN, LOADING...: the slot changed hands
             # or its node cannot serve it now. Ask the slot map again, read again.
             self._reroute(slot, exc)
             return 0
         except LOST as exc:
+            self._forget(read.fd)
             self._reroute(slot, exc)
             return 0
         entries = []
@@ -228,7 +231,7 @@ class ClusterReader(Reader):
                        "cluster for its slot map and reading again", slot, exc)
         known = self._conns.pop(slot, None)
         if known is not None:
-            known[1].disconnect()
+            self._close(known[1])
         self._paused[slot] = monotonic() + REROUTE_PAUSE
         try:
             self.conns.client.nodes_manager.initialize()
@@ -266,11 +269,27 @@ class ClusterReader(Reader):
                 reason = self._check_owner(read)
                 if reason is None:
                     continue
+            if _has_reply(read.conn):  # answered meanwhile: its entries must not be lost
+                self._finish(slot)
+                continue
             sock = getattr(read.conn, "_sock", None)
             dropped.append(sock.fileno() if sock is not None else None)
             del self._reads[slot]
             self._reroute(slot, reason)
         return (True, dropped[0]) if dropped else (False, None)
+
+    def _close(self, conn):
+        """Disconnect ``conn``, and make the poller forget its fd first: a new connection
+        may get the same fd number, which the hub would then never watch."""
+        sock = getattr(conn, "_sock", None)
+        if sock is not None:
+            self._forget(sock.fileno())
+        conn.disconnect()
+
+    def _forget(self, fd):
+        poller = getattr(self.channel.connection, "cycle", None)
+        if poller is not None:
+            poller.forget(fd)
 
     def _check_owner(self, read):
         """None while ``read``'s node still serves its slot (checked every
@@ -289,6 +308,12 @@ class ClusterReader(Reader):
     def reset(self):
         self._reads.clear()
         for known in self._conns.values():
-            known[1].disconnect()
+            self._close(known[1])
         self._conns.clear()
 
+
+def _has_reply(conn):
+    try:
+        return conn.can_read(timeout=0)
+    except LOST:
+        return False

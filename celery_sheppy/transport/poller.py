@@ -71,6 +71,10 @@ class Poller:
     def _unwatch(self, member):
         self._watch(member, ())
 
+    def forget(self, fd):
+        """``fd`` is about to be closed: stop watching it (its number may come back)."""
+        self._unregister(fd)
+
     def _unregister(self, fd):
         self._registered.pop(fd, None)
         if self.hub is not None:

@@ -122,20 +122,27 @@ class Inspector:
         self.app = app
         self.connection = connection
         self.settings = Settings.of(app)
-        self.client = connection.default_channel.client  # the transport's redis-py client
+        channel = connection.default_channel
+        self.client = channel.client  # the transport's redis-py client
+        self.cluster = channel.conns.cluster  # queue q is sheppy queue {q} there
 
     @property
     def url(self):
         return broker_url(self.connection)
 
     def queues(self, only=None):
-        """Queue names: ``only`` (checked), else the configured ones and sheppy's registry."""
+        """Queue names: ``only`` (checked), else the configured ones and sheppy's registry
+        (on a Redis Cluster their sheppy names ``{q}``, without the result shards)."""
         if only:
-            return list(dict.fromkeys(keys.check_queue(name) for name in only))
+            return list(dict.fromkeys(keys.broker_queue(keys.check_queue(name), self.cluster)
+                                      for name in only))
         names = {self.app.conf.task_default_queue, *self.app.amqp.queues.keys()}
+        names = {keys.broker_queue(name, self.cluster) for name in names}
         for name in self.client.hkeys(keys.queue_registry()):
             names.add(bytes_to_str(name))
-        return sorted(name for name in names if _usable(name))
+        shards = set(self.app.backend.result_queues) if self.cluster and isinstance(
+            self.app.backend, SheppyBackend) else set()
+        return sorted(name for name in names if _usable(name) and name not in shards)
 
     def now(self):
         """Redis's clock in epoch seconds: the clock stream ids are made of."""
@@ -155,7 +162,7 @@ class Inspector:
         backend's queue counts in each of its result shards (keys.result_shards)."""
         backend = self.app.backend
         if isinstance(backend, SheppyBackend) and backend.result_queues != (backend.queue,):
-            return {backend.queue: backend.result_queues}
+            return {keys.broker_queue(backend.queue, self.cluster): backend.result_queues}
         return {}
 
     def stats(self, queues=None):
@@ -211,7 +218,7 @@ def collect(client, queues, settings, results_client=None, result_namespaces=Non
     ``result_namespaces[queue]`` when given), the first ready entries."""
     streams = {queue: settings.streams.of(queue) for queue in queues}
     with client.pipeline(transaction=False) as pipe:
-        pipe.time()
+        pipe.execute_command("TIME")  # (pipe.time() is refused by a Cluster's pipeline)
         for queue in queues:
             for stream in streams[queue]:
                 pipe.xlen(stream)

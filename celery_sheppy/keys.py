@@ -66,7 +66,17 @@ finished and states streams, counters           queue ``{q.<k>}`` (:func:`result
 group and chord keys of group ``g``             the result shard of ``g``'s id (the same
                                                 function), so a chord part's count is one
                                                 script
+broker queue ``q`` (``sheppy+cluster://``        sheppy queue ``{q}`` (:func:`broker_queue`):
+broker): its streams, scheduled set, delayed    ``sheppy:pending:{q}``, ``sheppy:tasks:{q}:<id>``,
+messages and their records, dead letters,       ``sheppy:celery:{q}:priority:<n>`` ... share
+rate limit, unique and beat claims              the slot of tag ``q``, so each broker script
+                                                (requeue, promote, claim_publish, ...) names
+                                                keys of one slot
 ``sheppy:_queues``                              its own slot (written apart from any script)
+``sheppy:celery::exchange:<x>``                 its own slot (``bind.lua`` names it alone;
+                                                read in the publish pipeline, not atomic with
+                                                the XADDs)
+``sheppy:celery::revoked``                      its own slot (single-key commands)
 ``sheppy:celery::probe:<token>``                its own slot (one key per command)
 =============================================  ==============================================
 
@@ -105,6 +115,21 @@ def check_queue(queue):
             "SCAN patterns, where ':', '*', '?', '[', ']' and '\\' leak across queues"
         )
     return queue
+
+
+def broker_queue(queue, cluster=False):
+    """The sheppy queue name the broker keeps Celery queue ``queue`` under: on a Redis
+    Cluster ``{<queue>}``, a hash tag that puts all of the queue's keys in one slot (a name
+    that holds a tag already is kept: ``{q}`` stays ``{q}``); else ``queue`` itself."""
+    if not cluster or has_hash_tag(queue):
+        return queue
+    return f"{{{queue}}}"
+
+
+def has_hash_tag(name):
+    """True when ``name`` holds a Redis Cluster hash tag (a non-empty ``{...}``)."""
+    start = name.find("{")
+    return start >= 0 and name.find("}", start + 1) > start + 1
 
 
 def task_record(queue, sheppy_id):

@@ -3,7 +3,7 @@
     python -m examples.demo            # starts a private redis-server on a free loopback port
     python -m examples.demo URL        # uses the Redis server at URL (redis://, sheppy://, ...)
     python -m examples.demo --topology sentinel   # behind a local Sentinel set (sheppy+sentinel://)
-    python -m examples.demo --topology cluster    # results on a local Redis Cluster (sheppy+cluster://)
+    python -m examples.demo --topology cluster    # on a local Redis Cluster (sheppy+cluster://)
 
 It starts ``celery worker -P prefork -c 2`` on ``examples/tasks.py``, runs a
 task, a failing task, a group, a chord and a task that reports progress,
@@ -173,12 +173,11 @@ def start_topology(topology):
               f"{sentinels.primary_port()}, master_name {sentinels.master_name!r})")
         return ([sentinels], sentinels.sheppy_url(), sentinels.sheppy_url(short=True),
                 [sentinels.primary().url])
-    broker = RedisServer()
     cluster = RedisCluster()
-    print(f"Redis: broker on 127.0.0.1:{broker.port}; results on a Redis Cluster of 3 masters "
-          f"+ 3 replicas ({', '.join(str(port) for port in cluster.ports)})")
-    return ([broker, cluster], broker.sheppy_url(), cluster.sheppy_url(),
-            [broker.url] + [node.url for node in cluster.masters()])
+    print(f"Redis: broker and results on a Redis Cluster of 3 masters + 3 replicas "
+          f"({', '.join(str(port) for port in cluster.ports)})")
+    return ([cluster], cluster.sheppy_url(), cluster.sheppy_url(),
+            [node.url for node in cluster.masters()])
 
 
 def main(argv):

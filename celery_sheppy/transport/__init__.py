@@ -15,6 +15,8 @@ URL
 
     sheppy://[[username]:password@]host[:port][/db][?option=value&...]
     sheppys://...    (TLS, options as for ``rediss://``)
+    sheppy+sentinel://h1:26379;h2:26379/db   sheppy+cluster://h1:7000;h2:7001/
+                     (Sentinel, Redis Cluster: docs/deployment.md)
 
 The scheme resolves without an import in user code: see ``docs/transport.md``.
 
@@ -50,7 +52,8 @@ Package
 =======
 ``channel`` (kombu's hooks, delegating), ``options``, ``connections``, ``streams``,
 ``groups``, ``routing``, ``publish``, ``reading``, ``poller``, ``acks``, ``upkeep``,
-``revokes``, ``dead_letters``, ``orphans``: each module's docstring says what it owns.
+``revokes``, ``dead_letters``, ``orphans``, ``cluster`` (a Redis Cluster's reads and
+slot splits): each module's docstring says what it owns.
 """
 
 import redis

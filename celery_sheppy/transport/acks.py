@@ -174,7 +174,7 @@ class Acker:
         if not by_stream:
             return
         hub = self._hub()
-        if hub is None:
+        if hub is None or self.conns.cluster:  # a Cluster's streams are on several nodes
             return self.ack_entries(by_stream)
         commands = ack_commands(by_stream)
         conn = self.conns.ack_conn

@@ -35,6 +35,7 @@ from .connections import Connections, connparams
 from .dead_letters import DeadLetters
 from .groups import StreamGroups
 from .publish import PublishBatch, Publisher
+from .cluster import ClusterReader
 from .reading import Reader
 from .revokes import Revokes
 from .routing import Router
@@ -101,7 +102,7 @@ class Channel(virtual.Channel):
         self.consumer_name = f"{socket.gethostname()}:{self._pid}:{uuid4().hex[:12]}"
         self.conns = conns = Connections(connparams(self.connection.client, settings),
                                          settings.polling_interval)
-        self.queues = queues = Queues(QueueStreams(settings.priority_steps))
+        self.queues = queues = Queues(QueueStreams(settings.priority_steps), conns.cluster)
         self.groups = StreamGroups(conns, queues)
         self.router = Router(conns, queues, self)
         self.revokes = Revokes(conns, settings.revoke_expires)
@@ -110,18 +111,18 @@ class Channel(virtual.Channel):
         self.acker = Acker(conns, self.ledger, self.letters,
                            lambda: getattr(self.connection, "cycle", None),  # None once closed
                            settings.visibility_timeout, self.connection_errors)
-        self.reader = Reader(self, conns, queues, self.groups, self.ledger, self.acker,
+        reader = ClusterReader if conns.cluster else Reader  # a read per slot (cluster.py)
+        self.reader = reader(self, conns, queues, self.groups, self.ledger, self.acker,
                              self.letters, self.revokes)
         self.publisher = Publisher(self, conns, queues, self.groups, self.router, self.revokes)
         self.reaper = upkeep.ConsumerReaper(conns, queues, lambda: self.active_queues,
                                             self.consumer_name, settings.consumer_reap_after)
         self.upkeep = self._upkeep_jobs()
         try:
-            hello = connection.server_hello(self.client) or {"ping": self.client.ping()}
-            connection.check_standalone(
-                hello, f"the sheppy:// broker at {conns.where}",
-                (conns.params.get("host"), conns.params.get("port")),
-                self.connection.client.transport_cls.startswith("sheppys"))
+            if conns.cluster:  # RedisCluster learnt the slot map from the seeds already
+                self.client.ping()
+            else:
+                self._check_server()
         except ValueError as exc:
             self._disconnect()
             raise ChannelError(str(exc)) from None
@@ -129,6 +130,16 @@ class Channel(virtual.Channel):
             self._disconnect()
             raise
         self.connection.cycle.add(self)
+
+    def _check_server(self):
+        """ValueError when the URL leads to a Sentinel or a Cluster node (naming the URL
+        to use)."""
+        conns = self.conns
+        hello = connection.server_hello(self.client) or {"ping": self.client.ping()}
+        connection.check_standalone(
+            hello, f"the sheppy:// broker at {conns.where}",
+            (conns.params.get("host"), conns.params.get("port")),
+            self.connection.client.transport_cls.startswith("sheppys"))
 
     def _upkeep_jobs(self):
         settings, conns, queues = self.settings, self.conns, self.queues
@@ -179,7 +190,8 @@ class Channel(virtual.Channel):
         self.groups.ensure(queue, force=True)
         if not auto_delete and not self.queues.expiring(queue):
             # sheppy's tools list queues from this hash; transient queues stay out of it.
-            self.client.hsetnx(keys.queue_registry(), queue, "{}")
+            # (On a Cluster a command of its own: the hash has a slot of its own.)
+            self.client.hsetnx(keys.queue_registry(), self.queues.named(queue), "{}")
 
     def _has_queue(self, queue, **kwargs):
         return bool(self.client.exists(*self.queues.streams(queue)))
@@ -211,7 +223,8 @@ class Channel(virtual.Channel):
         return purged + self._purge_scheduled(queue)
 
     def _purge_scheduled(self, queue):
-        scheduled = keys.scheduled_set(queue)
+        name = self.queues.named(queue)
+        scheduled = keys.scheduled_set(name)
         script = scripts.registry()["purge_scheduled"]
         purged = 0
         while True:
@@ -219,8 +232,8 @@ class Channel(virtual.Channel):
                    self.client.zrange(scheduled, 0, PURGE_SCHEDULED_CHUNK - 1)]
             if not ids:
                 return purged
-            pairs = [key for sid in ids for key in (keys.delayed_message(queue, sid),
-                                                     keys.task_record(queue, sid))]
+            pairs = [key for sid in ids for key in (keys.delayed_message(name, sid),
+                                                     keys.task_record(name, sid))]
             purged += script(self.client, keys=[scheduled, *pairs], args=ids)
 
     def queue_delete(self, queue, if_unused=False, if_empty=False, **kwargs):
@@ -228,7 +241,7 @@ class Channel(virtual.Channel):
             return
         super().queue_delete(queue, if_unused=if_unused, if_empty=if_empty, **kwargs)
         self.client.delete(*self.queues.all_known(queue))
-        self.client.hdel(keys.queue_registry(), queue)
+        self.client.hdel(keys.queue_registry(), self.queues.named(queue))
         self.groups.forget(queue)
         self.queues.forget(queue)
 
@@ -320,10 +333,7 @@ class Channel(virtual.Channel):
 
     def start_read(self):
         self.reader.start()
-        return self.reader.fileno if self.reader.reading else None
-
-    def finish_read(self):
-        return self.reader.finish()
+        return self.reader.filenos()
 
     def maintain(self):
         self.upkeep.run()

@@ -11,8 +11,8 @@ when another task id holds the claim. Two kinds:
 * ``beat`` (``celery_sheppy.beat``): ``sheppy:celery:<q>:beat:<occurrence id>``; each
   occurrence of a beat entry is sent once, whichever beat process sends it first.
 
-The transport writes the queue a copy went to into the copy's claim (``queue``), so a
-worker can release the right key.
+The transport writes the queue a copy went to into the copy's claim (``queue``: its
+sheppy name, ``{q}`` on a Redis Cluster), so a worker can release the right key.
 """
 
 import threading
@@ -64,15 +64,16 @@ def publish(publisher, exchange, routing_key, out, claim):
     ttl_ms = max(int(float(claim.get("ttl") or 86400) * 1000), 1)
     for queue, expires in routed.items():
         keys.check_queue(queue)
-        headers = dict(message["headers"], **{HEADER: dict(claim, queue=queue)})
+        name = queues.named(queue)  # the claim's key shares the stream's slot
+        headers = dict(message["headers"], **{HEADER: dict(claim, queue=name)})
         copy = publisher.outgoing(dict(message, headers=headers))
         stream = queues.stream_for(queue, copy.priority, expires)
         delayed = copy.due is not None and not expires
         published, value = scripts.registry()["claim_publish"](
-            publisher.conns.client, keys=[key_of(claim, queue), stream],
+            publisher.conns.client, keys=[key_of(claim, name), stream],
             args=[task_id, ttl_ms, "" if delayed else copy.text,
                   "1" if claim["kind"] == "unique" else "0", keys.CONSUMER_GROUP,
-                  "1" if stream != keys.pending_stream(queue) else "0"])
+                  "1" if stream != keys.pending_stream(name) else "0"])
         if not published:
             holder = value.decode() if isinstance(value, bytes) else str(value)
             logger.debug("sheppy: %s claim %s in %s is held by %s: %s not sent",

@@ -6,7 +6,10 @@
 * ``ack_conn``: the connection acks are sent on without waiting for their replies;
 * ``publish_conn``: a pooled connection kept for lone publish commands (:meth:`send`).
 
-Each is made on first use and made again after :meth:`Connections.disconnect`.
+Each is made on first use and made again after :meth:`Connections.disconnect`. On a
+Redis Cluster ``client`` is a ``redis.cluster.RedisCluster`` (it routes each command to
+the node owning its key); the blocking reads have connections of their own per slot
+(``cluster.ClusterReader``), and acks and lone publishes go through ``client``.
 """
 
 import os
@@ -48,14 +51,9 @@ def connparams(conninfo, settings):
 
 def _topology_params(url, options, sentinel):
     try:
-        params = endpoints.connection_kwargs(url, options, sentinel)
+        return endpoints.connection_kwargs(url, options, sentinel)
     except (ValueError, KeyError) as exc:
         raise ChannelError(f"sheppy:// broker: {exc}") from None
-    if endpoints.is_cluster(params):
-        raise ChannelError(
-            "sheppy:// broker: Redis Cluster (sheppy+cluster://) is supported by the "
-            "result backend only, not yet by the broker; see docs/deployment.md")
-    return params
 
 
 class Connections:
@@ -70,12 +68,19 @@ class Connections:
         return endpoints.describe(self.params)
 
     @cached_property
+    def cluster(self):
+        """True on a Redis Cluster (``sheppy+cluster://``)."""
+        return endpoints.is_cluster(self.params)
+
+    @cached_property
     def pool(self):
         return endpoints.make_pool(self.params)
 
     @cached_property
     def client(self):
         """Client for every command but the blocking read."""
+        if self.cluster:
+            return endpoints.make_client(self.params)
         return redis.Redis(connection_pool=self.pool)
 
     @cached_property
@@ -120,7 +125,8 @@ class Connections:
                     raise reply
             return replies
         (name, args, kwargs), = commands
-        if name == "execute_command" and not kwargs and os.getpid() == self._pid:
+        if (name == "execute_command" and not kwargs and os.getpid() == self._pid
+                and not self.cluster):
             with self._publish_lock:
                 conn = self.publish_conn
                 try:
@@ -139,6 +145,9 @@ class Connections:
             pool = self.__dict__.pop(name, None)
             if pool is not None:
                 pool.disconnect()
+        client = self.__dict__.get("client")
+        if self.cluster and client is not None:
+            client.close()
         for name in ("client", "blocking_conn", "ack_conn", "publish_conn"):
             self.__dict__.pop(name, None)
 

@@ -25,7 +25,7 @@ class DeadLetters:
 
     def move(self, queue, stream, entry_id, reason, deliveries, data):
         """Move one delivered entry to its queue's dead-letter stream (acked in the same step)."""
-        queue = queue or keys.queue_of_stream(stream)
+        queue = keys.queue_of_stream(stream) or queue  # its sheppy name ({q} on a Cluster)
         client = self.conns.client
         if queue is None:  # not a queue stream we know: just ack it
             with client.pipeline(transaction=False) as pipe:
@@ -40,24 +40,28 @@ class DeadLetters:
             client, keys=[stream, keys.dead_letter_stream(queue)],
             args=[GROUP, entry_id, reason, int(deliveries), data or "", self.maxlen])
 
+    def _named(self, queue):
+        return self.groups.queues.named(keys.check_queue(queue))
+
     def list(self, queue, count=100, start="-"):
         """Dead letters of ``queue``, oldest first: dicts with ``id``, ``reason``,
         ``deliveries`` (int), ``stream``, ``entry`` and ``data`` (the original entry)."""
-        rows = self.conns.client.xrange(keys.dead_letter_stream(keys.check_queue(queue)),
+        rows = self.conns.client.xrange(keys.dead_letter_stream(self._named(queue)),
                                         min=start, count=count)
         return [_letter(entry_id, fields) for entry_id, fields in rows]
 
     def replay(self, queue, ids=None):
         """Put dead letters of ``queue`` (all, or those ``ids``) back in their streams, with
         their delivery count cleared. Returns how many went back."""
-        dead = keys.dead_letter_stream(keys.check_queue(queue))
+        name = self._named(queue)
+        dead = keys.dead_letter_stream(name)
         self.groups.ensure(queue)
         script = scripts.registry()["replay"]
         replayed = 0
         for letter in self._letters(queue, ids):
             stream = letter["stream"]
-            if keys.queue_of_stream(stream) != queue:
-                stream = keys.pending_stream(queue)
+            if keys.queue_of_stream(stream) != name:
+                stream = keys.pending_stream(name)
             if script(self.conns.client, keys=[dead, stream],
                       args=[letter["id"], records.reset_deliveries(letter["data"]), GROUP]):
                 replayed += 1
@@ -65,7 +69,7 @@ class DeadLetters:
 
     def purge(self, queue, ids=None):
         """Delete dead letters of ``queue`` (all, or those ``ids``). Returns how many."""
-        dead = keys.dead_letter_stream(keys.check_queue(queue))
+        dead = keys.dead_letter_stream(self._named(queue))
         client = self.conns.client
         if ids is None:
             count = client.xlen(dead)
@@ -75,7 +79,7 @@ class DeadLetters:
 
     def _letters(self, queue, ids):
         if ids is not None:
-            dead = keys.dead_letter_stream(queue)
+            dead = keys.dead_letter_stream(self._named(queue))
             with self.conns.client.pipeline(transaction=False) as pipe:
                 for entry_id in ids:
                     pipe.xrange(dead, min=entry_id, max=entry_id)

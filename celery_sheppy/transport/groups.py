@@ -52,7 +52,7 @@ class StreamGroups:
     def needs_group(self, queue, stream):
         """True when a publish to priority ``stream`` must create it with the group first
         (once per channel; BUSYGROUP when it exists is no error)."""
-        if stream == keys.pending_stream(queue) or stream in self._publish_grouped:
+        if stream == keys.pending_stream(self.queues.named(queue)) or stream in self._publish_grouped:
             return False
         self._publish_grouped.add(stream)
         present = self._grouped.get(queue)

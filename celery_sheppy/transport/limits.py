@@ -134,10 +134,11 @@ class Limiter:
             booked = ""
         late = extras.get("rate_late", BOOKED_LATE_MS)
         sid = record["id"]
+        named = self.queues.named(queue)
         admitted, wait_ms = scripts.registry()["rate_limit"](
             self.conns.client,
-            keys=[keys.rate_limit(queue, name), stream, keys.scheduled_set(queue),
-                  keys.delayed_message(queue, sid)],
+            keys=[keys.rate_limit(named, name), stream, keys.scheduled_set(named),
+                  keys.delayed_message(named, sid)],
             args=[keys.CONSUMER_GROUP, entry_id, sid, repr(slot), data, f'"{token}"',
                   booked, late if isinstance(late, int) else BOOKED_LATE_MS, BOOKED_KEEP_SECONDS])
         if admitted:
@@ -158,14 +159,15 @@ class Limiter:
         channel, client = self.channel, self.conns.client
         if getattr(channel, "closed", False) or getattr(channel.connection, "cycle", None) is None:
             return
+        named = self.queues.named(queue)
         try:
             added = scripts.registry()["promote"](
                 client,
-                keys=[keys.scheduled_set(queue), keys.delayed_message(queue, sid),
-                      keys.task_record(queue, sid), *self.queues.streams(queue)],
+                keys=[keys.scheduled_set(named), keys.delayed_message(named, sid),
+                      keys.task_record(named, sid), *self.queues.streams(queue)],
                 args=[sid, keys.CONSUMER_GROUP])
             if not added and tries > 1 and client.zscore(
-                    keys.scheduled_set(queue), sid) is not None:
+                    keys.scheduled_set(named), sid) is not None:
                 self._promote_later(queue, sid, PROMOTE_RETRY, tries - 1)
         except Exception as exc:  # the upkeep's promotion delivers it later
             logger.debug("sheppy: promotion of rate limited %s failed: %r", sid, exc)

@@ -158,7 +158,7 @@ class OrphanLedger:
     @property
     def client(self):
         if self._client is None:
-            self._client = redis.Redis(connection_pool=endpoints.make_pool(self.connparams))
+            self._client = endpoints.make_client(self.connparams)  # a RedisCluster on a Cluster
         return self._client
 
     def flush(self, upkeep=False):

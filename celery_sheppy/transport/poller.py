@@ -4,11 +4,11 @@ Channels register with :meth:`Poller.add` and leave with :meth:`Poller.discard`.
 registered member (a channel) offers the poller exactly these calls:
 
 * ``on_tick()``: send due acks, deliver what it buffered, start a read if there is room;
-  returns the file descriptor of its outstanding read, or None;
+  returns the file descriptors of its outstanding reads (one, or one per slot on a
+  Redis Cluster; none when no read is outstanding);
 * ``read_ready(fd)``: ``fd`` is readable: read the reply; False if ``fd`` is not its read;
 * ``deliver(limit=None)``: hand buffered messages to consumers; returns how many;
-* ``start_read()``: start a read if there is room; returns the outstanding read's fd or None;
-* ``finish_read()``: read the outstanding read's reply (``drain_events``);
+* ``start_read()``: start a read if there is room; returns the outstanding reads' fds;
 * ``maintain()``: run the upkeep jobs;
 * ``drop_overdue_read()``: ``(dropped, fd)``: drop a read whose reply is too late;
 * ``connection_errors``.
@@ -58,17 +58,22 @@ class Poller:
             self._unregister(fd)
         self._members = []
 
-    def _watch(self, member, fd):
-        if self._registered.get(fd) is member:
-            return
-        self._unwatch(member)
-        self._registered[fd] = member
-        self.hub.add_reader(fd, self.on_readable, fd)
+    def _watch(self, member, fds):
+        for fd, registered in list(self._registered.items()):
+            if registered is member and fd not in fds:
+                self._unregister(fd)
+        for fd in fds:
+            if self._registered.get(fd) is not member:
+                self._unregister(fd)
+                self._registered[fd] = member
+                self.hub.add_reader(fd, self.on_readable, fd)
 
     def _unwatch(self, member):
-        for fd, registered in list(self._registered.items()):
-            if registered is member:
-                self._unregister(fd)
+        self._watch(member, ())
+
+    def forget(self, fd):
+        """``fd`` is about to be closed: stop watching it (its number may come back)."""
+        self._unregister(fd)
 
     def _unregister(self, fd):
         self._registered.pop(fd, None)
@@ -83,11 +88,11 @@ class Poller:
     def on_tick(self):
         self.loop_thread = get_ident()
         for member in list(self._members):
-            fd = member.on_tick()
+            fds = member.on_tick()
             # A read may be outstanding from before the hub existed (mingle's broadcast
             # is read with drain_events): register it too, or nobody reads its reply.
-            if fd is not None:
-                self._watch(member, fd)
+            if fds:
+                self._watch(member, fds)
 
     def on_readable(self, fd):
         member = self._registered.get(fd)
@@ -126,8 +131,7 @@ class Poller:
             self.maintain()
         waiting = {}
         for member in list(self._members):
-            fd = member.start_read()
-            if fd is not None:
+            for fd in member.start_read():
                 waiting[fd] = member
         if not waiting:
             sleep(min(timeout, 0.1) if timeout is not None else 0.1)
@@ -142,7 +146,7 @@ class Poller:
         for fd, _ in events or ():
             member = waiting.get(fd)
             if member is not None:
-                member.finish_read()
+                member.read_ready(fd)
         for member in list(self._members):
             if member.deliver(limit=1):
                 return

@@ -22,7 +22,7 @@ from kombu.log import get_logger
 from kombu.utils.functional import retry_over_time
 
 from .. import keys, records, scripts
-from . import claims
+from . import claims, cluster
 from .routing import VERSION_MEMBER
 
 logger = get_logger(__name__)
@@ -100,13 +100,18 @@ class Publisher:
         """Run buffered publish ``commands`` as one MULTI/EXEC: on a lost connection
         none of them ran, so the whole batch is retried (publish retry policy, or
         Celery's default task_publish_retry_policy while ``max_retries`` is unset)."""
-        def execute():
+        # On a Redis Cluster one MULTI per slot (each queue is one slot, cluster.py): a
+        # batch to one queue stays one transaction, a batch to several is not atomic.
+        parts = cluster.by_slot(commands) if self.conns.cluster else [commands]
+
+        def execute(part):
             with self.conns.client.pipeline(transaction=True) as pipe:
-                for name, args, kwargs in commands:
+                for name, args, kwargs in part:
                     getattr(pipe, name)(*args, **kwargs)
                 _execute(pipe)
 
-        return self._retrying(execute, (), {}, CELERY_PUBLISH_RETRY)
+        for part in parts:  # each retried alone: a part sent is never sent again
+            self._retrying(execute, (part,), {}, CELERY_PUBLISH_RETRY)
 
     def _retrying(self, fun, args, kwargs, default=None):
         """``fun(*args, **kwargs)`` retried on a lost connection by the transport's
@@ -207,10 +212,11 @@ class Publisher:
         """Keep ``out`` in sheppy's scheduled set until it is due."""
         record = out.record
         sid = record["id"]
+        name = self.queues.named(queue)
         scripts.registry()["schedule"](
             self.conns.client,
-            keys=[keys.scheduled_set(queue), keys.task_record(queue, sid),
-                  keys.delayed_message(queue, sid)],
+            keys=[keys.scheduled_set(name), keys.task_record(name, sid),
+                  keys.delayed_message(name, sid)],
             args=[sid, repr(float(out.due)), records.scheduled_record(record), out.text,
                   self.queues.stream_for(queue, out.priority),
                   int(max(out.due - time(), 0)) + SCHEDULED_KEEP_SECONDS])

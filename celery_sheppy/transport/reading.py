@@ -144,6 +144,12 @@ class Reader:
         sock = getattr(self._reading, "_sock", None)
         return sock.fileno() if sock is not None else None
 
+    def filenos(self):
+        """The file descriptors of the outstanding reads (one here; one per slot on a
+        Redis Cluster, cluster.py)."""
+        fd = self.fileno if self._reading is not None else None
+        return [] if fd is None else [fd]
+
     def start(self):
         """Send the blocking XREADGROUP for every consumed queue, if there is room."""
         if self._reading is not None or self.closing or self.buffer:

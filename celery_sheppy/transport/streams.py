@@ -6,6 +6,10 @@ lands where sheppy's tools look; every other step ``n`` is
 ``sheppy:celery:<q>:priority:<n>``. An expiring queue (remote-control replies, event
 receivers) has the pending stream only: its publishers learn that it expires from its
 binding and never use another.
+
+On a Redis Cluster the queue's keys are those of sheppy queue ``{q}``
+(``keys.broker_queue``): :meth:`Queues.named` is the one translation, and every key of a
+queue the transport builds goes through it.
 """
 
 from bisect import bisect
@@ -66,8 +70,9 @@ class Queues:
     """The queues a channel declared (which expire, their message TTL, which go with their
     last consumer) and, from those, their streams."""
 
-    def __init__(self, streams):
+    def __init__(self, streams, cluster=False):
         self.streams_of = streams  # the QueueStreams of the channel's priority steps
+        self.cluster = cluster  # on a Redis Cluster: keys of sheppy queue {q}
         self.expires = {}  # queue -> x-expires (ms)
         self.message_ttl = {}  # queue -> x-message-ttl (ms)
         self.auto_delete = set()
@@ -89,18 +94,22 @@ class Queues:
     def expiring(self, queue):
         return queue in self.expires
 
+    def named(self, queue):
+        """The sheppy queue name ``queue``'s keys are built with (``keys.broker_queue``)."""
+        return keys.broker_queue(queue, self.cluster)
+
     def streams(self, queue):
         """The queue's streams, highest priority (lowest step) first."""
-        return self.streams_of.of(queue, expiring=queue in self.expires)
+        return self.streams_of.of(self.named(queue), expiring=queue in self.expires)
 
     def stream_for(self, queue, priority, expires=None):
         """The stream a message of ``priority`` goes to; ``expires``: the queue's expiry as
         its binding says (None: as declared here)."""
         expiring = bool(expires) if expires is not None else queue in self.expires
-        return self.streams_of.for_message(queue, priority, expiring=expiring)
+        return self.streams_of.for_message(self.named(queue), priority, expiring=expiring)
 
     def all_known(self, queue):
-        return self.streams_of.all_known(queue)
+        return self.streams_of.all_known(self.named(queue))
 
     def leased(self, queues):
         """Those of ``queues`` whose messages are leased (expiring queues' are not: their

@@ -236,7 +236,7 @@ class Promotion:
         # One ZRANGE per queue while nothing is due (the idle case), then the due batch.
         with client.pipeline(transaction=False) as pipe:
             for queue in queues:
-                pipe.zrange(keys.scheduled_set(queue), 0, 0, withscores=True)
+                pipe.zrange(keys.scheduled_set(self.queues.named(queue)), 0, 0, withscores=True)
             firsts = pipe.execute(raise_on_error=False)
         earliest = {queue: rows[0][1] for queue, rows in zip(queues, firsts)
                     if isinstance(rows, list) and rows}
@@ -249,17 +249,18 @@ class Promotion:
         self._next_look = 0.0  # more may be due: look again after PROMOTE_INTERVAL
         with client.pipeline(transaction=False) as pipe:
             for queue in due_queues:
-                pipe.zrangebyscore(keys.scheduled_set(queue), "-inf", time(), start=0,
-                                   num=PROMOTE_BATCH)
+                pipe.zrangebyscore(keys.scheduled_set(self.queues.named(queue)), "-inf", time(),
+                                   start=0, num=PROMOTE_BATCH)
             due = pipe.execute(raise_on_error=False)
         calls = []
         for queue, members in zip(due_queues, due):
             if not isinstance(members, list):
                 continue
+            name = self.queues.named(queue)
             for member in members:
                 sid = bytes_to_str(member)
-                calls.append(([keys.scheduled_set(queue), keys.delayed_message(queue, sid),
-                               keys.task_record(queue, sid), *self.queues.streams(queue)],
+                calls.append(([keys.scheduled_set(name), keys.delayed_message(name, sid),
+                               keys.task_record(name, sid), *self.queues.streams(queue)],
                               [sid, GROUP]))
         scripts.registry()["promote"].many(client, calls, raise_on_error=False)
 

@@ -13,14 +13,15 @@ private ``redis-server`` this script starts on a free loopback port and stops by
     python t/celery_suite/run.py --broker sheppy     # the broker on sheppy:// too (CI)
     python t/celery_suite/run.py --full -- -k chord -x   # after --: passed to pytest
     python t/celery_suite/run.py --topology sentinel --broker sheppy   # behind Sentinel
-    python t/celery_suite/run.py --topology cluster --broker sheppy    # results on a Cluster
+    python t/celery_suite/run.py --topology cluster --broker sheppy    # both on a Cluster
 
 ``--topology sentinel`` puts broker and backend behind a local Sentinel set (a primary,
 a replica, 3 Sentinels: ``sheppy+sentinel://``, or the stock ``sentinel://`` broker with
 ``--broker redis``); ``--topology cluster`` puts the results on a local Redis Cluster (3
-masters + 3 replicas, ``sheppy+cluster://``) and the broker on a server of its own (the
-broker does not run on a cluster yet). Transport options reach the suite's app through
-its ``integration-tests-config.json``.
+masters + 3 replicas, ``sheppy+cluster://``), and the broker too with ``--broker sheppy``
+(the stock ``redis://`` broker, which has no cluster support, stays on a server of its
+own; that server also takes the suite's redis_echo writes). Transport options reach the
+suite's app through its ``integration-tests-config.json``.
 
 Exit status is pytest's. See docs/celery-suite.md for the counts and for the
 tests that cannot apply to sheppy://.
@@ -161,7 +162,8 @@ def start_servers(args):
         if args.backend != "sheppy":
             sys.exit("--topology cluster needs --backend sheppy (the stock backend has no cluster)")
         cluster = RedisCluster()
-        return [server, cluster], f"{args.broker}://{url}", cluster.sheppy_url(), {}
+        broker = cluster.sheppy_url() if args.broker == "sheppy" else f"redis://{url}"
+        return [server, cluster], broker, cluster.sheppy_url(), {}
     return [server], f"{args.broker}://{url}", f"{args.backend}://{url}", {}
 
 
@@ -178,7 +180,7 @@ def main(argv=None):
     scope.add_argument("--full", action="store_true", help="all tests of the five files")
     parser.add_argument("--topology", choices=["server", "sentinel", "cluster"], default="server",
                         help="one server (default), Sentinel (broker and backend), or a "
-                        "Redis Cluster for the results")
+                        "Redis Cluster (results; the broker too with --broker sheppy)")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args(argv)
 

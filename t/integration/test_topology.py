@@ -1,8 +1,9 @@
 """Broker and result backend behind Redis Sentinel, result backend on a Redis Cluster.
 
 Sentinel: a primary, a replica and 3 Sentinels (``sentinel_set``). Cluster: 3 masters
-+ 3 replicas (``redis_cluster``); the broker there is a standalone server of its own,
-as the broker does not run on a cluster yet (docs/deployment.md).
++ 3 replicas (``redis_cluster``); here the broker is a standalone server of its own
+(results on the cluster, the broker elsewhere); broker and backend both on the cluster:
+test_cluster_broker.py.
 """
 
 import json
@@ -232,7 +233,11 @@ def test_plain_sheppy_url_at_a_cluster_node_names_the_cluster_url(redis_cluster)
         kombu.Connection(f"sheppy://127.0.0.1:{port}/0").default_channel
 
 
-def test_cluster_url_as_broker_says_the_broker_does_not_run_on_a_cluster_yet(redis_cluster):
-    with pytest.raises(Exception, match=r"Redis Cluster \(sheppy\+cluster://\) is supported by "
-                                        "the result backend only"):
-        kombu.Connection(redis_cluster.sheppy_url()).default_channel
+def test_cluster_url_as_broker_makes_a_channel_on_the_cluster(redis_cluster):
+    # (broker and backend both on the cluster: t/integration/test_cluster_broker.py)
+    from redis.cluster import RedisCluster
+
+    with kombu.Connection(redis_cluster.sheppy_url()) as conn:
+        assert isinstance(conn.default_channel.client, RedisCluster)
+    with pytest.raises(Exception, match="database 0 only"):
+        kombu.Connection(redis_cluster.sheppy_url() + "1").default_channel

@@ -1,4 +1,5 @@
-"""Failovers while tasks drain: Sentinel (broker and backend), Redis Cluster (results).
+"""Failovers while tasks drain: Sentinel (broker and backend), Redis Cluster (results; and
+broker and results both on the cluster).
 
 Tasks count their runs in a side Redis the system under test never touches, so a
 failover cannot lose a count. Workers run with Celery's defaults and the transport's
@@ -46,29 +47,29 @@ def wait_until(predicate, timeout, interval=0.2):
     return True
 
 
-def drain_through(fault, app, counter, timeout=120, results=False):
-    """Send DRAIN_TASKS acks_late tasks (storing their ``results`` or not) and a chord, call
+def drain_through(fault, app, counter, timeout=120, results=False, tasks=DRAIN_TASKS):
+    """Send ``tasks`` acks_late tasks (storing their ``results`` or not) and a chord, call
     ``fault()`` once a quarter ran; returns {lost, twice, chord_bodies, stall (s: the longest
     pause between two runs after the fault), done (s: fault to the last first run), ids}."""
     ids = [sig(app, "tracked", "drain", i, 0.005).apply_async(ignore_result=not results).id
-           for i in range(DRAIN_TASKS)]
+           for i in range(tasks)]
     chord([sig(app, "tracked", "parts", i) for i in range(CHORD_PARTS)],
                  sig(app, "record_run", "chord-body"))()
-    assert wait_until(lambda: counter.llen("drain") >= DRAIN_TASKS // 4, 120, 0.05)
+    assert wait_until(lambda: counter.llen("drain") >= tasks // 4, 120, 0.05)
     faulted = time.time()
     fault()
 
     def ran():
         return {json.loads(item)[0] for item in counter.lrange("drain", 0, -1)}
 
-    wait_until(lambda: len(ran()) == DRAIN_TASKS and counter.llen("chord-body") >= 1, timeout, 0.5)
+    wait_until(lambda: len(ran()) == tasks and counter.llen("chord-body") >= 1, timeout, 0.5)
     time.sleep(5)  # a second run of anything held at the fault comes within this
     runs = [json.loads(item) for item in counter.lrange("drain", 0, -1)]
     counts = Counter(value for value, _, _ in runs)
     first_runs = sorted(t for t in {v: t for v, _, t in reversed(runs)}.values())
     after = [faulted] + [t for t in first_runs if t >= faulted]
     return {
-        "lost": DRAIN_TASKS - len(counts),
+        "lost": tasks - len(counts),
         "twice": sum(1 for n in counts.values() if n > 1),
         "chord_bodies": counter.llen("chord-body"),
         "stall": max((b - a for a, b in zip(after, after[1:])), default=None),
@@ -196,3 +197,95 @@ def test_resharding_while_results_are_stored_loses_none_and_fires_chords_once(
     finally:
         broker.close()
         cluster.close()
+
+
+#: Tasks of the drills with broker and backend on the cluster.
+BROKER_FAILOVER_TASKS = 500
+
+
+def node_ids(cluster):
+    """{port: node id} of the cluster's masters."""
+    return {int(line.split()[1].split("@")[0].split(":")[1]): line.split()[0]
+            for line in cluster.nodes[0].client(decode_responses=True)
+            .execute_command("CLUSTER", "NODES").splitlines() if "master" in line.split()[2]}
+
+
+def migrate_slot(cluster, slot):
+    """Move ``slot`` and its keys to another master, as ``redis-cli --cluster reshard``
+    does (IMPORTING/MIGRATING, MIGRATE in batches: ASK replies meanwhile, then MOVED)."""
+    source = cluster.client().nodes_manager.get_node_from_slot(slot).port
+    ids = node_ids(cluster)
+    target = next(port for port in sorted(ids) if port != source)
+    src, dst = cluster.node_by_port(source).client(), cluster.node_by_port(target).client()
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source])
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target])
+    while True:
+        batch = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10)
+        if not batch:
+            break
+        src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *batch)
+        time.sleep(0.05)  # a slow migration: the worker meets ASK replies meanwhile
+    for port in ids:
+        cluster.node_by_port(port).client().execute_command(
+            "CLUSTER", "SETSLOT", slot, "NODE", ids[target])
+
+
+def broker_on_cluster_drill(side_redis, counter, fault):
+    """Drain BROKER_FAILOVER_TASKS acks_late tasks (and a chord) with broker and backend on a
+    3+3 cluster, ``fault(cluster)`` mid-drain; returns the figures (asserted by the caller)."""
+    cluster = RedisCluster()
+    try:
+        url = cluster.sheppy_url()
+        worker = Worker(url, url, pool="threads", concurrency=4,
+                        extra_env={"CELERY_SHEPPY_COUNTER_URL": side_redis.url})
+        app = client_app(url, url)
+        try:
+            figures = drain_through(lambda: fault(cluster), app, counter, results=True,
+                                    tasks=BROKER_FAILOVER_TASKS)
+            cluster.wait_until_ok()
+            ids = figures.pop("ids")
+            print(f"\n{fault.__name__} (broker and results on the cluster): {figures}")
+            assert worker.process.poll() is None, worker.output()[-3000:]
+            assert app.GroupResult("drain", [app.AsyncResult(i) for i in ids]).get(
+                timeout=60) == list(range(BROKER_FAILOVER_TASKS))
+            figures["after"] = sig(app, "add", 1, 2).delay().get(timeout=30)
+            return figures
+        finally:
+            worker.stop()
+            app.close()
+    finally:
+        cluster.close()
+
+
+def test_moving_the_queues_slot_while_500_acks_late_tasks_drain_loses_none(side_redis, counter):
+    # Given broker and backend on a cluster; When the slot of {celery} (every key of the
+    # broker queue) migrates to another master mid-drain
+    from celery_sheppy import keys
+
+    def reshard_queue_slot(cluster):
+        migrate_slot(cluster, keys.slot_of(keys.pending_stream("{celery}")))
+
+    figures = broker_on_cluster_drill(side_redis, counter, reshard_queue_slot)
+    # Then every task ran once, the chord body once, the worker went on
+    assert (figures["lost"], figures["twice"], figures["chord_bodies"]) == (0, 0, 1), figures
+    assert figures["after"] == 3
+
+
+def test_cluster_failover_of_the_queues_master_while_500_acks_late_tasks_drain_loses_none(
+        side_redis, counter):
+    # Given broker and backend on a cluster; When the replica of the master holding
+    # {celery} (sheppy's name of queue celery: one slot) takes over (CLUSTER FAILOVER)
+    from celery_sheppy import keys
+
+    def failover_queue_master(cluster):
+        slot = keys.slot_of(keys.pending_stream("{celery}"))
+        master = cluster.client().nodes_manager.get_node_from_slot(slot)
+        replica = next(node for node in cluster.nodes
+                       if node.client().execute_command("ROLE")[0] == b"slave"
+                       and int(node.client().execute_command("ROLE")[2]) == master.port)
+        replica.client().execute_command("CLUSTER", "FAILOVER")
+
+    figures = broker_on_cluster_drill(side_redis, counter, failover_queue_master)
+    # Then every task ran once, the chord body once, the worker went on
+    assert (figures["lost"], figures["twice"], figures["chord_bodies"]) == (0, 0, 1), figures
+    assert figures["after"] == 3

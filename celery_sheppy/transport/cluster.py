@@ -278,19 +278,6 @@ class ClusterReader(Reader):
             self._reroute(slot, reason)
         return (True, dropped[0]) if dropped else (False, None)
 
-    def _close(self, conn):
-        """Disconnect ``conn``, and make the poller forget its fd first: a new connection
-        may get the same fd number, which the hub would then never watch."""
-        sock = getattr(conn, "_sock", None)
-        if sock is not None:
-            self._forget(sock.fileno())
-        conn.disconnect()
-
-    def _forget(self, fd):
-        poller = getattr(self.channel.connection, "cycle", None)
-        if poller is not None:
-            poller.forget(fd)
-
     def _check_owner(self, read):
         """None while ``read``'s node still serves its slot (checked every
         OWNER_CHECK_INTERVAL), else the error that says it does not."""

@@ -227,11 +227,11 @@ class Reader:
             if "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc):
                 self.groups.reset()  # a stream expired or was deleted: declare again
                 if "UNBLOCKED" in str(exc):  # also: the primary became a replica
-                    conn.disconnect()  # the next read connects anew (Sentinel: to the new one)
+                    self._close(conn)  # the next read connects anew (Sentinel: to the new one)
                 return 0
             raise
         except self.channel.connection_errors:
-            conn.disconnect()
+            self._close(conn)
             raise
         entries = []
         for stream, items in reply or ():
@@ -246,6 +246,19 @@ class Reader:
             self._cycle.rotate(entries[0][1])
         self.buffer.extend(entry[1:] for entry in entries)
         return len(entries)
+
+    def _close(self, conn):
+        """Disconnect ``conn``, and make the poller forget its fd first: a new connection
+        may get the same fd number, which the hub would then never watch."""
+        sock = getattr(conn, "_sock", None)
+        if sock is not None:
+            self._forget(sock.fileno())
+        conn.disconnect()
+
+    def _forget(self, fd):
+        poller = getattr(self.channel.connection, "cycle", None)
+        if poller is not None:
+            poller.forget(fd)
 
     def readable(self, fd):
         """The hub saw ``fd`` readable: read the reply into the buffer. False when ``fd``

@@ -111,16 +111,10 @@ class ClusterReader(Reader):
 
     def start(self):
         """Send a blocking XREADGROUP for every consumed slot without one, if there is room."""
-        if self.closing or self.buffer:
+        may = self._may_read()
+        if may is None:
             return False
-        channel = self.channel
-        queues = channel.active_queues
-        if not queues or not channel.qos.can_consume():
-            return False
-        budget = self.budget()
-        if budget <= 0 or self._put_off(budget):
-            return False
-        ordered = self._cycle.consume(len(queues))
+        ordered, budget = may
         slots = {}  # slot -> [(queue index, queue, streams present)]
         for index, queue in enumerate(ordered):
             present = self.groups.ensure(queue)

@@ -150,18 +150,28 @@ class Reader:
         fd = self.fileno if self._reading is not None else None
         return [] if fd is None else [fd]
 
-    def start(self):
-        """Send the blocking XREADGROUP for every consumed queue, if there is room."""
-        if self._reading is not None or self.closing or self.buffer:
-            return False
+    def _may_read(self):
+        """``(consumed queues in read order, messages the read may take)``, or None while
+        no read may start (closing, messages still buffered, no room in the window)."""
+        if self.closing or self.buffer:
+            return None
         channel = self.channel
         queues = channel.active_queues
         if not queues or not channel.qos.can_consume():
-            return False
+            return None
         budget = self.budget()
         if budget <= 0 or self._put_off(budget):
+            return None
+        return self._cycle.consume(len(queues)), budget
+
+    def start(self):
+        """Send the blocking XREADGROUP for every consumed queue, if there is room."""
+        if self._reading is not None:
             return False
-        ordered = self._cycle.consume(len(queues))
+        may = self._may_read()
+        if may is None:
+            return False
+        ordered, budget = may
         by_queue = [self.groups.ensure(queue) for queue in ordered]
         streams = [stream for present in by_queue for stream in present]
         if not streams:

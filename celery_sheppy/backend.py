@@ -812,15 +812,15 @@ def _xread_shards(client, shards):
         for streams in shards:
             node = client.get_node_from_key(next(iter(streams)))
             by_node.setdefault(node.name, (node, []))[1].append(streams)
-        reply = []
-        for node, parts in by_node.values():
-            with client.get_redis_connection(node).pipeline(transaction=False) as pipe:
-                for streams in parts:
-                    pipe.xread(streams, count=1000)
-                reply += [item for part in pipe.execute() for item in part or ()]
-        return reply
+        return [item for node, parts in by_node.values()
+                for item in _pipelined_xreads(client.get_redis_connection(node), parts)]
     except (redis.ResponseError, redis.ConnectionError, RedisClusterException):
-        with client.pipeline(transaction=False) as pipe:
-            for streams in shards:
-                pipe.xread(streams, count=1000)
-            return [item for part in pipe.execute() for item in part or ()]
+        return _pipelined_xreads(client, shards)
+
+
+def _pipelined_xreads(client, shards):
+    """Non-blocking XREADs of ``shards`` in one pipeline of ``client``; their entries."""
+    with client.pipeline(transaction=False) as pipe:
+        for streams in shards:
+            pipe.xread(streams, count=1000)
+        return [item for part in pipe.execute() for item in part or ()]

@@ -20,7 +20,6 @@ from time import monotonic
 
 import redis
 from kombu.log import get_logger
-from kombu.utils.encoding import bytes_to_str
 
 from .. import connection, keys
 from .connections import probe_unblock
@@ -205,19 +204,7 @@ class ClusterReader(Reader):
             self._forget(read.fd)
             self._reroute(slot, exc)
             return 0
-        entries = []
-        for stream, items in reply or ():
-            stream = bytes_to_str(stream)
-            queue = read.queue_of[stream]
-            for entry_id, fields in items:
-                entries.append((read.order[stream], queue, stream,
-                                bytes_to_str(entry_id), (fields or {}).get(b"data")))
-        entries.sort(key=lambda entry: entry[0])
-        if entries:
-            self._hot_streams = self._hot_streams | {entry[2] for entry in entries}
-            self._cycle.rotate(entries[0][1])
-        self.buffer.extend(entry[1:] for entry in entries)
-        return len(entries)
+        return self._buffer_reply(reply, read.order, read.queue_of, hot=self._hot_streams)
 
     def _reroute(self, slot, exc):
         """The slot moved or its node failed: drop the connection, learn the slot map."""

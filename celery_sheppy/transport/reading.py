@@ -243,16 +243,22 @@ class Reader:
         except self.channel.connection_errors:
             self._close(conn)
             raise
+        return self._buffer_reply(reply, self._order, self._queue_of)
+
+    def _buffer_reply(self, reply, order, queue_of, hot=frozenset()):
+        """Put the entries of an XREADGROUP ``reply`` in the buffer, by priority step, then
+        queue order (``order``: stream -> rank, ``queue_of``: stream -> queue); how many.
+        ``hot``: streams still hot from other outstanding reads (one per slot, cluster.py)."""
         entries = []
         for stream, items in reply or ():
             stream = bytes_to_str(stream)
-            queue = self._queue_of[stream]
+            queue = queue_of[stream]
             for entry_id, fields in items:
-                entries.append((self._order[stream], queue, stream,
+                entries.append((order[stream], queue, stream,
                                 bytes_to_str(entry_id), (fields or {}).get(b"data")))
         entries.sort(key=lambda entry: entry[0])  # priority first, then queue order; stable
         if entries:
-            self._hot_streams = {entry[2] for entry in entries}
+            self._hot_streams = set(hot) | {entry[2] for entry in entries}
             self._cycle.rotate(entries[0][1])
         self.buffer.extend(entry[1:] for entry in entries)
         return len(entries)

@@ -59,6 +59,10 @@ CLUSTER_POLL_SECONDS = 0.05
 #: so a waiter does not first read a backlog it has no interest in.
 POSITION_STALE_SECONDS = 20.0
 
+#: How long a chord's body state is kept when chords do not expire (result_chord_ttl
+#: unset): a redelivery of its last part later than this would send the body again.
+CHORD_BODY_STATE_SECONDS = 24 * 3600
+
 #: Ids a producer may hold for results nobody waits on before unwaited ones are dropped.
 MAX_WATCHED_IDS = 10000
 
@@ -557,6 +561,10 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         task = self.app.tasks.get(getattr(request, "task", None) or "")
         if not getattr(task, "acks_late", False):
             return None  # acked when the worker accepted it: a second XACK + XDEL would be wasted
+        if getattr(request, "chord", None):
+            # A chord part: acked by the worker once the chord counted it and, if it was the
+            # last, its body was sent; a worker killed before then has it redelivered.
+            return None
         if state == states.FAILURE and (_is_reject(result) or not _acks_on_failure(task)):
             return None  # the worker rejects it next: to the dead letters, not acked here
         properties = getattr(request, "properties", None)
@@ -701,12 +709,16 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         sid = records.sheppy_id(group_id)
         index = "+inf" if request.group_index is None else request.group_index
         queue = self.queue_for(sid)
+        body_key = keys.chord_body_state(queue, sid)
         chord_keys = [self.get_key_for_chord(group_id), keys.lazy_chord_done(queue, sid),
-                      keys.lazy_chord_size(queue, sid), self._chord_added_key(group_id)]
+                      keys.lazy_chord_size(queue, sid), self._chord_added_key(group_id), body_key]
+        body_ttl = self._chord_ttl or CHORD_BODY_STATE_SECONDS
         last = self.ensure(lambda: scripts.registry()["chord_part_return"](
-            self.client, keys=chord_keys, args=[task_id, index, self._chord_ttl]), ())
+            self.client, keys=chord_keys, args=[task_id, index, self._chord_ttl, body_ttl]), ())
         if last == 1:
             self._fire_chord_body(request, group_id)
+            # From here a redelivery of this part (its message is acked next) fires nothing.
+            self.ensure(lambda: self.client.set(body_key, "sent", ex=body_ttl), ())
 
     def _fire_chord_body(self, request, group_id):
         app = self.app

@@ -28,6 +28,9 @@ a namespace sheppy never scans:
                                                      score = ``group_index`` (header order)
 ``sheppy:celery:<q>:chord:<gid>:size``       string  its header size: -1 until Celery calls
                                                      ``set_chord_size``; gone once the body fired
+``sheppy:celery:<q>:chord:<gid>:body``       string  ``firing:<task id>`` from the part that
+                                                     completed chord ``gid`` until its body is
+                                                     sent, then ``sent``
 ``sheppy:celery:<q>:states``                 stream  field ``task_id``; non-terminal state changes
                                                      (STARTED, RETRY, custom), for
                                                      ``get(on_message=...)``; trimmed to ~60 s
@@ -174,6 +177,10 @@ def lazy_chord_done(queue, group_id):
 
 def lazy_chord_size(queue, group_id):
     return f"{PREFIX}:celery:{queue}:chord:{group_id}:size"
+
+
+def chord_body_state(queue, group_id):
+    return f"{PREFIX}:celery:{queue}:chord:{group_id}:body"
 
 
 def state_stream(queue):

@@ -184,16 +184,28 @@ def crash(self, key):
 
 @app.task(bind=True, acks_late=True)
 def store_then_crash(self, value, key):
-    """First delivery: stores its result and reports to its chord, then kills the worker
-    before the message is acked. The redelivered run returns normally."""
+    """First delivery: stores its result and reports to its chord as the worker does at the
+    end of a task, then kills the worker before the message is acked. The redelivered run
+    returns normally."""
     _count(key, [value, self.request.hostname, time.time()])
     if not (self.request.delivery_info or {}).get("redelivered"):
-        from celery.app.task import Context
-
-        request = Context(self.request.__dict__)
-        request.properties = {}  # no delivery tag: the store must not ack the message
-        self.backend.mark_as_done(self.request.id, value, request=request)
+        self.backend.mark_as_done(self.request.id, value, request=self.request)
         os._exit(1)
+    return value
+
+
+@app.task(bind=True, acks_late=True)
+def complete_chord_then_crash(self, value, key):
+    """First delivery: waits until it is its chord's last unfinished part, then returns, and
+    the worker dies when its backend would send the chord's body (after counting the part).
+    The redelivered run returns normally."""
+    _count(key, [value, self.request.hostname, time.time()])
+    if not (self.request.delivery_info or {}).get("redelivered"):
+        unfinished = self.backend.get_key_for_chord(self.request.group)
+        deadline = time.monotonic() + 30
+        while self.backend.client.scard(unfinished) > 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.backend._fire_chord_body = lambda *args: os._exit(1)
     return value
 
 

@@ -286,24 +286,27 @@ def test_results_stored_while_redis_restarts_are_not_lost_with_default_settings(
     app.close()
 
 
-# -- 4. a chord part redelivered after its result was stored ------------------------------------------
+# -- 4. a chord part whose worker dies after it reported ---------------------------------------------
 
 
-def test_chord_part_redelivered_after_its_result_was_stored_fires_the_body_once(
-        make_redis_server, workers, counter):
-    # Given two workers and a chord whose last part stores its result, then kills its worker
+@pytest.mark.parametrize("crashing_task", [
+    "store_then_crash",  # dies after storing its result and counting itself in the chord
+    "complete_chord_then_crash",  # completes the chord, dies before the body is sent
+])
+def test_chord_part_whose_worker_dies_after_reporting_is_redelivered_and_the_body_fires_once(
+        make_redis_server, workers, counter, crashing_task):
+    # Given two workers and a chord one of whose parts reports to it, then kills its worker
     server = make_redis_server()
-    client = server.client()
     app = app_for(server)
     workers.extend([start(server, concurrency=2), start(server, concurrency=2)])
     header = [sig(app, "tracked", "parts", i) for i in range(4)]
-    header.append(sig(app, "store_then_crash", 99, "crashing-part"))
+    header.append(sig(app, crashing_task, 99, "crashing-part"))
     body = app.signature(f"{TASKS}.record_run", kwargs={"key": "body"})
 
     # When the chord runs
     result = chord(header)(body)
 
-    # Then the crashing part runs twice (its message was redelivered), the body once
+    # Then the crashing part runs twice (its message was not acked: redelivered), the body once
     assert sorted(result.get(timeout=60)) == [0, 1, 2, 3, 99]
     wait_until(lambda: len(runs(counter, "crashing-part")) == 2, 60,
                message="the crashed part to be redelivered")

@@ -36,7 +36,7 @@ from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.functional import retry_over_time
 from kombu.utils.objects import cached_property
 
-from . import connection, endpoints, group_publish, keys, records, scripts
+from . import connection, deferred_stores, endpoints, group_publish, keys, records, scripts
 
 logger = get_logger(__name__)
 
@@ -471,9 +471,11 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
     # -- key/value primitives (the stock backend's public surface) ------------------
 
     def get(self, key):
+        self._settle_stores()  # a task reading its own state reads what it stored
         return self.client.get(key)
 
     def mget(self, keys):
+        self._settle_stores()
         if self._shards is not None:
             return self.client.mget_nonatomic(keys)  # one MGET per slot
         return self.client.mget(keys)
@@ -547,12 +549,33 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         expires = self.failure_expires if state == states.FAILURE else self.expires
         terminal = state in records.TERMINAL_STATES
         ack = self._delivery_to_ack(request, state, result) if terminal else None
-        # Retried on a lost connection like the stock backend's set() (retry_policy:
-        # 20 tries a second apart by default), so a Redis restart loses no result. A
-        # retry after a lost reply rewrites the same record; a stored SUCCESS stays.
-        self.ensure(self._write_record, (records.sheppy_id(task_id), text, terminal, expires, ack,
-                                         state == states.FAILURE))
+        sid = records.sheppy_id(task_id)
+        store = self._store_call(sid, text, terminal, expires, ack, state == states.FAILURE)
+        if self._defers_stores(request):
+            self._deferred_stores.send(*store, meta["task_id"])
+        else:
+            self._settle_stores()  # a deferred STARTED must not land after this SUCCESS
+            self._write_record(*store)
+        self._register_queue(self.queue_for(sid))
         return result
+
+    def _defers_stores(self, request):
+        """Whether this store is sent without waiting for its reply (deferred_stores.py):
+        in a prefork pool child's main thread, on one server or behind Sentinel, and not
+        a chord part's result (the chord's count and join follow on another connection)."""
+        return (deferred_stores.in_pool_child() and self._shards is None
+                and threading.current_thread() is threading.main_thread()
+                and not getattr(request, "chord", None))
+
+    @cached_property
+    def _deferred_stores(self):
+        return deferred_stores.DeferredStores(self.client, scripts.registry()["store_result"],
+                                              self._write_record)
+
+    def _settle_stores(self):
+        stores = self.__dict__.get("_deferred_stores")
+        if stores is not None:
+            stores.settle()
 
     def _delivery_to_ack(self, request, state, result):
         """``(stream, entry id)`` of the message a terminal result may ack in the same
@@ -605,26 +628,34 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
             return None
         return bytes_to_str(seen or b"") == token
 
-    def _write_record(self, sid, text, terminal, expires, ack=None, failed=False):
+    def _store_call(self, sid, text, terminal, expires, ack=None, failed=False):
+        """``(keys, args)`` of the store_result script storing record ``text``."""
         queue = self.queue_for(sid)
         min_id = f"{int((time.time() - STREAM_KEEP_SECONDS) * 1000)}-0"
         # ack: (stream, entry id) of the task's message, acked in the same script, so a
         # stored result's message is never redelivered (the worker's own ack is a no-op)
         ack_keys, ack_args = ([ack[0]], [keys.CONSUMER_GROUP, ack[1]]) if ack else ([], [])
+        return ([keys.task_record(queue, sid), keys.finished_stream(queue),
+                 keys.state_stream(queue), keys.completed_counter(queue),
+                 keys.failed_counter(queue), *ack_keys],
+                [text, int(expires or 0), (2 if failed else 1) if terminal else 0, sid, min_id,
+                 2 * STREAM_KEEP_SECONDS, *ack_args])
+
+    def _write_record(self, store_keys, store_args):
+        # Retried on a lost connection like the stock backend's set() (retry_policy:
+        # 20 tries a second apart by default), so a Redis restart loses no result. A
+        # retry after a lost reply rewrites the same record; a stored SUCCESS stays.
         # Called directly, not in a pipeline: redis-py sends SCRIPT EXISTS before every
         # pipeline holding a script, a round trip per result.
-        scripts.registry()["store_result"](
-            self.client,
-            keys=[keys.task_record(queue, sid), keys.finished_stream(queue),
-                  keys.state_stream(queue), keys.completed_counter(queue),
-                  keys.failed_counter(queue), *ack_keys],
-            args=[text, int(expires or 0), (2 if failed else 1) if terminal else 0, sid, min_id,
-                  2 * STREAM_KEEP_SECONDS, *ack_args])
+        self.ensure(lambda: scripts.registry()["store_result"](
+            self.client, keys=store_keys, args=store_args), ())
+
+    def _register_queue(self, queue):
         # sheppy's tools list queues from the registry; it lives in another cluster
         # slot, so it is kept apart from the script, and renewed once a minute.
         now = time.monotonic()
         if now - self._registered_at.get(queue, 0.0) > 60:
-            self.client.hsetnx(keys.queue_registry(), queue, "{}")
+            self.ensure(lambda: self.client.hsetnx(keys.queue_registry(), queue, "{}"), ())
             self._registered_at[queue] = now
 
     def decode_result(self, payload):

@@ -61,6 +61,52 @@ def test_redis_restart_while_waiters_block_loses_no_result(durable_server):
         app.close()
 
 
+@pytest.mark.slow
+def test_redis_restart_while_a_prefork_worker_stores_results_loses_none(durable_server):
+    # Given a prefork worker (its children send result stores without waiting for the
+    # reply: celery_sheppy/deferred_stores.py) running 8 tasks, 4 at a time
+    url = durable_server.sheppy_url()
+    worker = Worker(url, url, pool="prefork", concurrency=4, extra_env={
+        "CELERY_SHEPPY_CONF": '{"result_backend_always_retry": true, "result_backend_max_retries": 100}'})
+    app = client_app(url, url)
+    try:
+        results = [app.signature(f"{TASKS}.sleep", args=(1.5,)).delay() for _ in range(8)]
+        deadline = time.monotonic() + 20
+        while sum(r.state == states.STARTED for r in results) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # When Redis is killed and comes back a second later, while 4 of them run
+        durable_server.restart(downtime=1.0)
+        # Then every result is stored
+        assert [r.get(timeout=60) for r in results] == [1.5] * 8
+    finally:
+        worker.stop()
+        app.close()
+
+
+def test_a_store_redis_refuses_in_a_prefork_child_is_logged_with_its_task_id(make_redis_server):
+    # Given a prefork worker whose result backend is a server of its own
+    broker, backend = make_redis_server(), make_redis_server()
+    worker = Worker(broker.sheppy_url(), backend.sheppy_url(), pool="prefork", concurrency=1)
+    app = client_app(broker.sheppy_url(), backend.sheppy_url())
+    try:
+        add = app.signature(f"{TASKS}.add", args=(1, 1))
+        assert add.delay().get(timeout=30) == 2
+        # When the backend's server refuses writes (maxmemory reached, noeviction) for a task
+        backend.client().config_set("maxmemory", 1)
+        refused = add.delay()
+        text = f"the result of task {refused.id} was not stored: command not allowed when used memory"
+        worker.wait_for_log(text, timeout=30)
+        # Then the refusal is logged with the task's id, nothing is stored for it, and
+        # the worker stores the next results once the server takes writes again
+        backend.client().config_set("maxmemory", 0)
+        assert refused.state == states.PENDING
+        assert add.delay().get(timeout=30) == 2
+        assert worker.process.poll() is None
+    finally:
+        worker.stop()
+        app.close()
+
+
 def test_get_raises_a_clear_error_when_redis_is_down_instead_of_hanging(make_redis_server):
     server = make_redis_server()
     app = client_app(server.url.replace("/0", "/1"), server.sheppy_url(),
@@ -114,10 +160,11 @@ def test_result_over_the_servers_value_limit_gets_backend_store_error_and_keeps_
         server.close()
 
 
-def test_worker_task_with_an_oversize_result_fails_with_a_clear_error(make_redis_server):
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_worker_task_with_an_oversize_result_fails_with_a_clear_error(make_redis_server, pool):
     server = make_redis_server("--proto-max-bulk-len", "1mb")
     broker, backend = server.url.replace("/0", "/1"), server.sheppy_url()
-    worker = Worker(broker, backend, pool="threads", concurrency=2)
+    worker = Worker(broker, backend, pool=pool, concurrency=2)
     app = client_app(broker, backend)
     try:
         result = app.signature(f"{TASKS}.big", args=(2 * 1024 * 1024,)).delay()

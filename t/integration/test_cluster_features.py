@@ -115,8 +115,9 @@ def unique_app(url):
     def body(*args):
         """Runs in the workers (t.integration.tasks)."""
 
-    app.task(name=f"{TASKS}.unique_sleep", base=UniqueTask, sheppy_unique=True,
-             typing=False, shared=False)(body)
+    for name in ("unique_sleep", "unique_reject"):
+        app.task(name=f"{TASKS}.{name}", base=UniqueTask, sheppy_unique=True,
+                 typing=False, shared=False)(body)
     return app
 
 
@@ -156,6 +157,14 @@ def test_a_unique_task_sent_again_while_pending_or_running_returns_the_first_on_
         assert task.apply_async(("s", 1), countdown=120).id == due.id
         assert task.delay("s", 1).id == due.id
         assert cluster.zrange(keys.scheduled_set(QUEUE), 0, -1) == [due.id.encode()]
+        # and one rejected to the dead letters frees its key (released with the letter)
+        rejected = app.tasks[f"{TASKS}.unique_reject"]
+        dead = rejected.delay("x")
+        wait_until(lambda: cluster.xlen(keys.dead_letter_stream(QUEUE)) == 1, 30,
+                   message="the dead letter")
+        wait_until(lambda: not cluster.exists(keys.unique_lock(QUEUE, unique.unique_key(
+            rejected.name, ["x"], {}))), 10, message="the key to be released")
+        assert rejected.delay("x").id != dead.id
         clean_log(worker)
     finally:
         app.close()

@@ -5,7 +5,8 @@
 processes may run: there is no leader and no lock.
 
 * On start, ``beat_schedule`` is reconciled into ``sheppy:cron:<q>`` (``q``: the
-  entry's ``options["queue"]``, else ``task_default_queue``): one sheppy ``TaskCron``
+  entry's ``options["queue"]``, else ``task_default_queue``; on a Redis Cluster the
+  broker's name for it, ``{q}``, as for every key of the queue): one sheppy ``TaskCron``
   record per entry (``sheppy cron list`` shows them), keyed by a deterministic id of
   the entry's definition; records of entries no longer configured are deleted. Only
   records this scheduler wrote (their ``celery.beat`` field) are touched.
@@ -171,12 +172,25 @@ class Scheduler(beat.Scheduler):
     # -- the cron tables --------------------------------------------------------------
 
     @property
-    def client(self):
+    def _channel(self):
         channel = self.producer.channel
         if not hasattr(channel, "queues") or not hasattr(channel, "conns"):
             raise RuntimeError("celery_sheppy.beat:Scheduler needs a sheppy:// broker, not "
                                f"{self.app.conf.broker_url!r}")
-        return channel.client
+        return channel
+
+    @property
+    def client(self):
+        return self._channel.client
+
+    def _named(self, queue):
+        """The sheppy queue the broker keeps Celery queue ``queue`` under: on a Redis
+        Cluster ``{q}``, so the cron table sits with the queue's keys and sheppy's registry
+        lists no queue the broker does not use."""
+        return self._channel.queues.named(queue)
+
+    def _table(self, queue):
+        return keys.cron_table(self._named(queue))
 
     def _default_queue(self):
         return self.app.conf.task_default_queue
@@ -198,8 +212,10 @@ class Scheduler(beat.Scheduler):
         return tables
 
     def _queues(self):
-        client = self.client
-        known = {bytes_to_str(name) for name in client.hkeys(keys.queue_registry())}
+        """Celery queue names: the default one and those of sheppy's registry."""
+        cluster = self._channel.queues.cluster
+        known = {keys.celery_queue(bytes_to_str(name), cluster)
+                 for name in self.client.hkeys(keys.queue_registry())}
         return sorted(known | {self._default_queue()})
 
     def setup_schedule(self):
@@ -209,7 +225,7 @@ class Scheduler(beat.Scheduler):
         queues = sorted(set(self._queues()) | set(wanted))
         for queue in queues:
             keys.check_queue(queue)
-            table = keys.cron_table(queue)
+            table = self._table(queue)
             present = client.hgetall(table)
             mine = wanted.get(queue, {})
             stale = [field for field, raw in present.items()
@@ -220,7 +236,7 @@ class Scheduler(beat.Scheduler):
                 for entry_id, record in mine.items():
                     pipe.hset(table, entry_id, json.dumps(record))
                 if mine:
-                    pipe.hsetnx(keys.queue_registry(), queue, "{}")
+                    pipe.hsetnx(keys.queue_registry(), self._named(queue), "{}")
                 pipe.execute()
             if stale:
                 logger.info("beat: removed %d entries no longer configured from %s",
@@ -233,7 +249,7 @@ class Scheduler(beat.Scheduler):
         """Read the cron tables; entries keep their next occurrence across reads."""
         found = {}
         for queue in self._queues():
-            for field, raw in self.client.hgetall(keys.cron_table(queue)).items():
+            for field, raw in self.client.hgetall(self._table(queue)).items():
                 entry_id = bytes_to_str(field)
                 if entry_id in self._entries:
                     found[entry_id] = self._entries[entry_id]
@@ -292,7 +308,7 @@ class Scheduler(beat.Scheduler):
 
     @property
     def info(self):
-        return f"    . cron tables -> {keys.cron_table(self._default_queue())} (sheppy)"
+        return f"    . cron tables -> {self._table(self._default_queue())} (sheppy)"
 
 
 def _ours(raw):

@@ -72,7 +72,7 @@ group and chord keys of group ``g``             the result shard of ``g``'s id (
 broker queue ``q`` (``sheppy+cluster://``        sheppy queue ``{q}`` (:func:`broker_queue`):
 broker): its streams, scheduled set, delayed    ``sheppy:pending:{q}``, ``sheppy:tasks:{q}:<id>``,
 messages and their records, dead letters,       ``sheppy:celery:{q}:priority:<n>`` ... share
-rate limit, unique and beat claims              the slot of tag ``q``, so each broker script
+rate limit, unique and beat claims, cron table  the slot of tag ``q``, so each broker script
                                                 (requeue, promote, claim_publish, ...) names
                                                 keys of one slot
 ``sheppy:_queues``                              its own slot (written apart from any script)
@@ -127,6 +127,17 @@ def broker_queue(queue, cluster=False):
     if not cluster or has_hash_tag(queue):
         return queue
     return f"{{{queue}}}"
+
+
+def celery_queue(queue, cluster=False):
+    """The Celery queue whose broker keys are those of sheppy queue ``queue`` (as sheppy's
+    registry names it): the inverse of :func:`broker_queue`, ``{<q>}`` is ``q`` on a Redis
+    Cluster; else ``queue`` itself."""
+    inner = queue[1:-1]
+    if cluster and queue.startswith("{") and queue.endswith("}") and inner \
+            and "{" not in inner and "}" not in inner:
+        return inner
+    return queue
 
 
 def has_hash_tag(name):

@@ -28,6 +28,17 @@ def test_keys_of_a_hash_tagged_queue_share_its_tag():
         assert key[key.index("{"):key.index("}") + 1] == "{celery}"
 
 
+@pytest.mark.parametrize("queue", ["celery", "{celery}", "a{b}c", "q.1"])
+def test_a_registry_name_gives_back_the_celery_queue_the_broker_keeps_under_it(queue):
+    for cluster in (False, True):
+        sheppy_name = keys.broker_queue(queue, cluster)
+        assert keys.broker_queue(keys.celery_queue(sheppy_name, cluster), cluster) == sheppy_name
+    assert keys.celery_queue("{celery}", cluster=True) == "celery"
+    assert keys.celery_queue("{celery}") == "{celery}"  # one server: names are kept
+    assert keys.celery_queue("{}", cluster=True) == "{}"
+    assert keys.celery_queue("{a}{b}", cluster=True) == "{a}{b}"
+
+
 @pytest.mark.parametrize("name", ["a:b", "a*", "a?", "a[1]", "a\\b", "", "a b"])
 def test_queue_names_that_leak_into_sheppys_scan_patterns_are_refused(name):
     with pytest.raises(keys.InvalidQueueName):

@@ -109,6 +109,11 @@ class DeferredStores:
                 self._store(keys, args, task_id)
             except redis.ResponseError as exc:
                 logger.error("sheppy: the result of task %s was not stored: %s", task_id, exc)
+            except Exception:  # pylint: disable=broad-except
+                # Whatever broke the read, the thread must live on (the child's next store
+                # waits for it): the reply is lost with the connection, the store is resent.
+                self._drop()
+                self._store(keys, args, task_id)
             finally:
                 self._settled.set()
 
@@ -122,5 +127,7 @@ class DeferredStores:
     def _drop(self):
         connection, self._connection = self._connection, None
         if connection is not None:
-            connection.disconnect()
-            self._client.connection_pool.release(connection)
+            try:
+                connection.disconnect()
+            finally:
+                self._client.connection_pool.release(connection)

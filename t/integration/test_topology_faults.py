@@ -200,8 +200,8 @@ def test_resharding_while_results_are_stored_loses_none_and_fires_chords_once(
         cluster.close()
 
 
-#: Tasks of the drills with broker and backend on the cluster (500 keeps CI short; the
-#: figures in docs/deployment.md were also taken with CELERY_SHEPPY_CLUSTER_DRILL_TASKS=2000).
+#: Tasks of the drills with broker and backend on the cluster (500 keeps CI short; set
+#: CELERY_SHEPPY_CLUSTER_DRILL_TASKS=2000 for the size the Sentinel drills use).
 BROKER_FAILOVER_TASKS = int(os.environ.get("CELERY_SHEPPY_CLUSTER_DRILL_TASKS", "500"))
 
 

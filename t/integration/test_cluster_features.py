@@ -20,7 +20,8 @@ import pytest
 
 from celery_sheppy import keys, unique
 from conftest import ROOT, Worker, client_app
-from t.integration.test_features import Beat, beat_conf, max_in_window, starts, wait_until
+from t.integration.test_features import (Beat, beat_conf, max_in_window, starts,
+                                         tick_occurrences, wait_until)
 
 TASKS = "t.integration.tasks"
 QUEUE = keys.broker_queue("celery", cluster=True)  # "{celery}"
@@ -178,8 +179,6 @@ BEAT_SECONDS = 16
 @pytest.mark.slow  # 23 s
 def test_two_beats_send_every_occurrence_once_on_a_cluster_when_one_is_killed(
         redis_cluster, cluster, workers, beats, counter):
-    from celery import schedules
-    from celery_sheppy import beat
 
     # Given a worker and 2 beat processes sharing a 1 s entry, on the cluster
     worker = start_worker(redis_cluster.sheppy_url(), concurrency=2)
@@ -198,12 +197,7 @@ def test_two_beats_send_every_occurrence_once_on_a_cluster_when_one_is_killed(
     time.sleep(2)  # what was sent has run
 
     # Then every occurrence from the first to the last ran exactly once
-    runs = Counter(json.loads(item)[0] for item in counter.lrange("ticks", 0, -1))
-    entry_id, _, _ = beat.entry_record("tick", f"{TASKS}.beat_tick",
-                                       schedules.schedule(1.0), ["ticks"])
-    expected = [beat.occurrence_id(entry_id, float(at))
-                for at in range(int(first) + 1, int(last))]
-    missed = [task_id for task_id in expected if task_id not in runs]
+    entry_id, expected, runs, missed = tick_occurrences(counter, first, last)
     print(f"cluster beat: {len(expected)} occurrences expected, {len(runs)} ran, "
           f"{sum(runs.values()) - len(runs)} twice, {len(missed)} missed")
     assert len(expected) >= BEAT_SECONDS - 3

@@ -211,11 +211,25 @@ def beat_conf(**entries):
                               for name, spec in entries.items()}}
 
 
+def tick_occurrences(counter, first, last):
+    """``(entry id, expected, runs, missed)`` of the 1 s ``tick`` entry between the
+    occurrences ``first`` and ``last`` (epoch seconds): the occurrence ids that should have
+    run, ``Counter`` of the ids that ran (``beat_tick`` records them in ``ticks``), those
+    that did not."""
+    from celery import schedules
+    from celery_sheppy import beat
+
+    runs = Counter(json.loads(item)[0] for item in counter.lrange("ticks", 0, -1))
+    entry_id, _, _ = beat.entry_record("tick", f"{TASKS}.beat_tick",
+                                       schedules.schedule(1.0), ["ticks"])
+    expected = [beat.occurrence_id(entry_id, float(at))
+                for at in range(int(first) + 1, int(last))]
+    return entry_id, expected, runs, [task_id for task_id in expected if task_id not in runs]
+
+
 @pytest.mark.slow
 def test_three_beats_send_every_occurrence_once_and_miss_none_when_two_are_killed(
         make_redis_server, workers, beats, counter):
-    from celery import schedules
-    from celery_sheppy import beat
 
     # Given a worker and 3 beat processes sharing a 1 s entry
     server = make_redis_server()
@@ -236,12 +250,7 @@ def test_three_beats_send_every_occurrence_once_and_miss_none_when_two_are_kille
     time.sleep(2)  # what was sent has run
 
     # Then every occurrence from the first to the last ran exactly once
-    runs = Counter(json.loads(item)[0] for item in counter.lrange("ticks", 0, -1))
-    entry_id, _, _ = beat.entry_record("tick", f"{TASKS}.beat_tick",
-                                       schedules.schedule(1.0), ["ticks"])
-    expected = [beat.occurrence_id(entry_id, float(at))
-                for at in range(int(first) + 1, int(last))]
-    missed = [task_id for task_id in expected if task_id not in runs]
+    entry_id, expected, runs, missed = tick_occurrences(counter, first, last)
     print(f"beat: {len(expected)} occurrences expected, {len(runs)} ran, "
           f"{sum(runs.values()) - len(runs)} twice, {len(missed)} missed")
     assert len(expected) >= BEAT_SECONDS - 3

@@ -33,10 +33,6 @@ _pool_child_pid = None
 #: Every DeferredStores of this process, settled when the child exits.
 _open = []
 
-#: Replies after which the store is sent again, waiting: it did not run.
-RESEND = (redis.ConnectionError, redis.TimeoutError, NoScriptError)
-
-
 def in_pool_child():
     return _pool_child_pid == os.getpid()
 
@@ -103,15 +99,14 @@ class DeferredStores:
             keys, args, task_id = self._sent.get()
             try:
                 self._connection.read_response()
-            except RESEND as exc:
-                if not isinstance(exc, NoScriptError):
-                    self._drop()
+            except NoScriptError:  # it did not run; the waiting call loads the script
                 self._store(keys, args, task_id)
             except redis.ResponseError as exc:
                 logger.error("sheppy: the result of task %s was not stored: %s", task_id, exc)
             except Exception:  # pylint: disable=broad-except
-                # Whatever broke the read, the thread must live on (the child's next store
-                # waits for it): the reply is lost with the connection, the store is resent.
+                # A lost connection, a timeout or anything else that broke the read: the
+                # reply is lost with the connection, so the store is sent again, waiting;
+                # the thread lives on (the child's next store waits for it).
                 self._drop()
                 self._store(keys, args, task_id)
             finally:

@@ -16,6 +16,13 @@ TASKS = "t.integration.tasks"
 QUICK_RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
 
+def wait_for_started(results, count, timeout=20):
+    """Wait (at most ``timeout`` s) until ``count`` of ``results`` are STARTED."""
+    deadline = time.monotonic() + timeout
+    while sum(r.state == states.STARTED for r in results) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def durable_server(make_redis_server):
     """A server that keeps its data across a SIGKILL (append-only file, fsync always)."""
@@ -34,9 +41,7 @@ def test_redis_restart_while_waiters_block_loses_no_result(durable_server):
     app = client_app(broker, backend)
     try:
         results = [app.signature(f"{TASKS}.sleep", args=(3.0,)).delay() for _ in range(20)]
-        deadline = time.monotonic() + 20
-        while any(r.state != states.STARTED for r in results) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for_started(results, 20)
         got, errors = [], []
 
         def wait(result):
@@ -71,9 +76,7 @@ def test_redis_restart_while_a_prefork_worker_stores_results_loses_none(durable_
     app = client_app(url, url)
     try:
         results = [app.signature(f"{TASKS}.sleep", args=(1.5,)).delay() for _ in range(8)]
-        deadline = time.monotonic() + 20
-        while sum(r.state == states.STARTED for r in results) < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for_started(results, 4)
         # When Redis is killed and comes back a second later, while 4 of them run
         durable_server.restart(downtime=1.0)
         # Then every result is stored

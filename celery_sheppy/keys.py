@@ -5,7 +5,7 @@ Sheppy's layout (sheppy 0.0.7; the ``sheppy`` prefix is fixed in sheppy itself):
 ==========================================  ======  ==============================================
 key                                          type    content
 ==========================================  ======  ==============================================
-``sheppy:tasks:<q>:<id>``                    string  JSON task record (see ``records.py``)
+``sheppy:tasks:<q>:<id>``                    string  JSON task record (see ``records/``)
 ``sheppy:pending:<q>``                       stream  field ``data`` = task record JSON; group
                                                      ``workers``
 ``sheppy:finished:<q>``                      stream  field ``task_id``; one entry per record that

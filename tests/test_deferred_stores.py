@@ -5,7 +5,7 @@ import logging
 import pytest
 
 from celery_sheppy import scripts
-from celery_sheppy.deferred_stores import DeferredStores
+from celery_sheppy.backend.deferred_stores import DeferredStores
 
 KEY = "sheppy:tasks:celery:{}"
 

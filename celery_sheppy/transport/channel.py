@@ -89,7 +89,7 @@ class Channel(virtual.Channel):
     Message = Message
 
     supports_fanout = True
-    body_encoding = None  # text bodies are kept as text, bytes as base64 (records.py)
+    body_encoding = None  # text bodies are kept as text, bytes as base64 (records/messages.py)
     from_transport_options = ()  # every option is read by options.parse
 
     def __init__(self, *args, **kwargs):

@@ -69,7 +69,7 @@ def test_redis_restart_while_waiters_block_loses_no_result(durable_server):
 @pytest.mark.slow
 def test_redis_restart_while_a_prefork_worker_stores_results_loses_none(durable_server):
     # Given a prefork worker (its children send result stores without waiting for the
-    # reply: celery_sheppy/deferred_stores.py) running 8 tasks, 4 at a time
+    # reply: celery_sheppy/backend/deferred_stores.py) running 8 tasks, 4 at a time
     url = durable_server.sheppy_url()
     worker = Worker(url, url, pool="prefork", concurrency=4, extra_env={
         "CELERY_SHEPPY_CONF": '{"result_backend_always_retry": true, "result_backend_max_retries": 100}'})

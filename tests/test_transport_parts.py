@@ -5,7 +5,7 @@ import threading
 
 from celery_sheppy import keys
 from celery_sheppy.transport.acks import InflightLedger, ack_commands, merged
-from celery_sheppy.transport.reading import ReadBuffer
+from celery_sheppy.transport.buffer import ReadBuffer
 from celery_sheppy.transport.streams import Queues, QueueStreams
 
 A, B = keys.pending_stream("a"), keys.pending_stream("b")

@@ -8,7 +8,6 @@ flight, or drops it: undecodable or delivered too often (dead-lettered), expired
 revoked (acked). :class:`~.poller.Poller` decides when reads start and finish.
 """
 
-from collections import deque, namedtuple
 from time import monotonic, time
 
 import redis
@@ -17,6 +16,7 @@ from kombu.utils.encoding import bytes_to_str
 from kombu.utils.scheduling import cycle_by_name
 
 from .. import keys, records, scripts
+from .buffer import ReadBuffer
 from .connections import probe_unblock
 from .limits import Limiter
 from .revokes import hand_to_celery
@@ -33,56 +33,6 @@ UNBLOCK_DENIED_BLOCK = 1.0
 #: room frees one message at a time as the pool accepts tasks: without the wait, every
 #: message would cost one XREADGROUP of COUNT 1.
 READ_COALESCE = 0.002
-
-#: An entry read and not yet delivered.
-Buffered = namedtuple("Buffered", "queue stream entry_id data")
-
-
-class ReadBuffer:
-    """Entries read and not yet delivered, in delivery order."""
-
-    def __init__(self):
-        self._items = deque()
-
-    def extend(self, items):
-        self._items.extend(Buffered(*item) for item in items)
-
-    def append(self, item):
-        self._items.append(Buffered(*item))
-
-    def popleft(self):
-        return self._items.popleft()
-
-    def take(self, queue):
-        """The first entry of ``queue``, removed from the buffer; None if there is none."""
-        item = next((item for item in self._items if item.queue == queue), None)
-        if item is not None:
-            self._items.remove(item)  # not while iterating
-        return item
-
-    def remove_queue(self, queue):
-        """Remove and return every entry of ``queue``."""
-        taken = [item for item in self._items if item.queue == queue]
-        if taken:
-            self._items = deque(item for item in self._items if item.queue != queue)
-        return taken
-
-    def drain(self):
-        """Remove and return every entry."""
-        items = list(self._items)
-        self._items.clear()
-        return items
-
-    def held(self):
-        """``{stream: [entry id]}`` of the entries."""
-        held = {}
-        for item in self._items:
-            held.setdefault(item.stream, []).append(item.entry_id)
-        return held
-
-    def __len__(self):
-        return len(self._items)
-
 
 class Reader:
     def __init__(self, channel, conns, queues, groups, ledger, acker, letters, revokes):

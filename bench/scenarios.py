@@ -14,7 +14,7 @@ from celery import chord, group, states
 from celery.result import ResultSet
 from celery.utils import uuid
 
-from celery_sheppy.backend import STREAM_KEEP_SECONDS
+from celery_sheppy.backend.stores import STREAM_KEEP_SECONDS
 
 from .app import COUNT, NOOP, make_app
 from .procs import BenchServer, Worker

@@ -29,9 +29,9 @@ from kombu.utils.objects import cached_property
 from .. import connection, endpoints, group_publish, keys, records
 from .chords import NativeChords
 from .consumer import MAX_BLOCK_SECONDS, ResultConsumer
-from .stores import STREAM_KEEP_SECONDS, ResultStores
+from .stores import ResultStores
 
-__all__ = ["SheppyBackend", "ResultConsumer", "STREAM_KEEP_SECONDS"]
+__all__ = ["SheppyBackend", "ResultConsumer"]
 
 logger = get_logger(__name__)
 

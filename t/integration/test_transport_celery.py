@@ -179,6 +179,32 @@ def test_celery_inspect_command_line_pings_the_worker(worker, url):
     assert "pong" in done.stdout, done.stdout + done.stderr
 
 
+def test_control_add_consumer_and_cancel_consumer_change_what_a_running_worker_reads(
+        worker, app, db, url):
+    # Given a running worker that consumes "celery" only, and a task waiting in another queue
+    queue = f"added-{uuid.uuid4().hex[:8]}"
+    waiting = sig(app, "add", 20, 22).apply_async(queue=queue)
+    time.sleep(1.0)
+    assert waiting.state == "PENDING" and db.xlen(keys.pending_stream(queue)) == 1
+    # When `celery control add_consumer` names that queue
+    done = celery_cli(url, "control", "add_consumer", queue, "--timeout", "2")
+    assert done.returncode == 0 and "OK" in done.stdout, done.stdout + done.stderr
+    # Then the worker runs the waiting task, and reports the queue among its active ones
+    assert waiting.get(timeout=20) == 42
+    (name, active), = app.control.inspect(timeout=1).active_queues().items()
+    assert {q["name"] for q in active} == {"celery", queue}
+    # When `celery control cancel_consumer` names it again
+    done = celery_cli(url, "control", "cancel_consumer", queue, "--timeout", "2")
+    assert done.returncode == 0 and "OK" in done.stdout, done.stdout + done.stderr
+    # Then a task sent there afterwards waits in its stream, and "celery" is still served
+    later = sig(app, "add", 1, 1).apply_async(queue=queue)
+    assert sig(app, "add", 2, 2).delay().get(timeout=20) == 4
+    time.sleep(2.0)
+    assert later.state == "PENDING" and db.xlen(keys.pending_stream(queue)) == 1
+    (name, active), = app.control.inspect(timeout=1).active_queues().items()
+    assert {q["name"] for q in active} == {"celery"}
+
+
 def test_revoked_task_never_runs_and_rate_limit_is_applied(worker, app):
     waiting = sig(app, "add", 1, 1).apply_async(countdown=2)
     app.control.revoke(waiting.id)
@@ -222,6 +248,15 @@ def test_task_events_reach_an_event_receiver(worker, app):
 
 
 # -- command line, beat, fresh processes ----------------------------------------------------
+
+
+def test_celery_call_and_result_commands_send_a_task_and_print_its_result(worker, url):
+    done = celery_cli(url, "call", f"{TASKS}.add", "--args", "[3, 4]")
+    assert done.returncode == 0, done.stdout + done.stderr
+    task_id = done.stdout.strip()
+    uuid.UUID(task_id)  # `celery call` prints the task's id, nothing else
+    done = celery_cli(url, "result", task_id)
+    assert (done.returncode, done.stdout.strip()) == (0, "7"), done.stdout + done.stderr
 
 
 def test_celery_purge_command_empties_a_queue(url, db):

@@ -175,6 +175,14 @@ def tracked(self, key, value, seconds=0.0):
     return value
 
 
+@app.task(bind=True)
+def tracked_early_ack(self, key, value, seconds=0.0):
+    """``tracked`` with Celery's default ack: acked as the worker starts it."""
+    _count(key, [value, self.request.hostname, time.time()])
+    time.sleep(seconds)
+    return value
+
+
 @app.task(bind=True, acks_late=True)
 def crash(self, key):
     """Records its run, then kills the whole worker process (pool: threads or solo)."""

@@ -87,6 +87,39 @@ def test_worker_runs_tasks_within_3_s_after_its_connections_are_killed(server):
         worker.stop()
 
 
+# -- a warm shutdown while tasks are prefetched ------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["tracked_early_ack", "tracked"])  # acked at start / acks_late
+def test_warm_shutdown_hands_its_prefetched_tasks_to_the_next_worker_at_once(
+        server, counter, task):
+    # Given a worker with Celery's defaults (prefetch 4 per process) holding more tasks
+    # than it runs at once
+    url = server.sheppy_url()
+    worker = Worker(url, url, pool="prefork", concurrency=2)
+    app = client_app(url, url)
+    successor = None
+    try:
+        results = [sig(app, task, "runs", n, 1.0).delay() for n in range(12)]
+        wait_until(lambda: counter.llen("runs") >= 2, 30, "the first tasks to start")
+        # When it is stopped the usual way (SIGTERM: warm shutdown, running tasks finish)
+        worker.process.send_signal(signal.SIGTERM)
+        assert worker.process.wait(30) == 0
+        # Then the next worker runs the rest at once, not after a lease (30 s) ran out,
+        # and every task ran exactly once
+        successor = Worker(url, url, pool="prefork", concurrency=2)
+        started = time.monotonic()
+        assert [r.get(timeout=60) for r in results] == list(range(12))
+        assert time.monotonic() - started < 15
+        values = sorted(json.loads(item)[0] for item in counter.lrange("runs", 0, -1))
+        assert values == list(range(12))
+    finally:
+        app.close()
+        worker.stop()
+        if successor is not None:
+            successor.stop()
+
+
 # -- a restricted ACL user -------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""records.py: Celery meta <-> sheppy task records, without Redis."""
+"""celery_sheppy.records: Celery meta <-> sheppy task records, without Redis."""
 
 import json
 import pickle

@@ -170,15 +170,17 @@ def _count(key, item, patience=60):
 @app.task(bind=True, acks_late=True)
 def tracked(self, key, value, seconds=0.0):
     """Records each run of ``value`` in the list ``key`` as ``[value, worker, time]``, then sleeps."""
-    _count(key, [value, self.request.hostname, time.time()])
-    time.sleep(seconds)
-    return value
+    return _track(self, key, value, seconds)
 
 
 @app.task(bind=True)
 def tracked_early_ack(self, key, value, seconds=0.0):
     """``tracked`` with Celery's default ack: acked as the worker starts it."""
-    _count(key, [value, self.request.hostname, time.time()])
+    return _track(self, key, value, seconds)
+
+
+def _track(task, key, value, seconds):
+    _count(key, [value, task.request.hostname, time.time()])
     time.sleep(seconds)
     return value
 

@@ -12,6 +12,7 @@ stores (deferred_stores.py).
 import threading
 import time
 import uuid
+from functools import cached_property as cached_attribute
 
 from celery import states
 from celery.exceptions import BackendStoreError, Reject
@@ -36,7 +37,7 @@ class ResultStores:
     #: this connection (:attr:`_broker_is_here`).
     _same_server = None
 
-    @cached_property
+    @cached_attribute  # functools': a plain instance attribute after the first store
     def _registered_at(self):
         return {}  # queue -> when it was last put in sheppy's queue registry
 

@@ -21,8 +21,8 @@ them: on a lost connection Celery 5.3–5.5 clears its timer, 5.6 keeps the entr
 runs them when due, 5.7 cancels them but keeps the cancelled entries (with the request and
 its message) until the next reconnect. A held countdown task whose id Celery's worker
 state does not know (``celery.worker.state.requests``: scheduled, reserved or running)
-:data:`ETA_GRACE` seconds after it came due, at two upkeeps in a row, will not be run by
-Celery and goes back to its stream.
+:data:`ETA_GRACE` seconds after it came due, and again ETA_GRACE later, will not be run
+by Celery and goes back to its stream.
 
 Acks that cannot be sent (Redis down) are kept and retried by the upkeep of any live
 channel of the process; after ``GIVE_UP_AFTER`` leases they are logged and left to
@@ -76,7 +76,8 @@ class Orphan:
     def released_by_celery(self, now):
         """True when Celery will not run it: it freed the message, or it is a countdown
         task Celery did not take up when due (seen at two upkeeps in a row, since a
-        task that just finished leaves Celery's state a moment before its ack comes)."""
+        task that just finished leaves Celery's state a moment before its ack comes, and
+        every channel's upkeep runs the ledger's: ETA_GRACE apart)."""
         if self.message is None or self.message() is None:
             return True
         if self.due is None or now < self.due + ETA_GRACE or celery_knows(self.task_id):
@@ -85,7 +86,7 @@ class Orphan:
         if self.unknown_since is None:
             self.unknown_since = now
             return False
-        return now > self.unknown_since
+        return now - self.unknown_since >= ETA_GRACE
 
 
 class OrphanLedger:

@@ -80,8 +80,9 @@ def side_redis():
 #: UNBLOCK, CONFIG, INFO, KEYS), and the least docs/transport.md says celery-sheppy needs.
 RESTRICTED_ACL_USERS = {
     "worker": ["~*", "&*", "+@all", "-@dangerous"],
-    "minimal": ["resetkeys", "~sheppy:*", "resetchannels", "-@all", "+@read", "+@write",
-                "+@stream", "+@scripting", "+@transaction", "+@connection", "+time"],
+    "minimal": ["resetkeys", "~sheppy:*", "resetchannels", "&sheppy:celery::fanout:*", "-@all",
+                "+@read", "+@write", "+@stream", "+@scripting", "+@transaction", "+@connection",
+                "+@pubsub", "+time"],
 }
 
 

@@ -80,6 +80,8 @@ rate limit, unique and beat claims, cron table  the slot of tag ``q``, so each b
                                                 read in the publish pipeline, not atomic with
                                                 the XADDs)
 ``sheppy:celery::revoked``                      its own slot (single-key commands)
+``sheppy:celery::due``                          its own slot (single-key commands, apart
+                                                from the scripts of the scheduled sets)
 ``sheppy:celery::probe:<token>``                its own slot (one key per command)
 =============================================  ==============================================
 
@@ -214,6 +216,25 @@ def exchange_bindings(exchange):
     return f"{PREFIX}:celery::exchange:{exchange}"
 
 
+# Pub/sub channels (not keys: no slot, no memory) of fanout exchanges (transport/fanout.py):
+# a message to exchange ``x`` with routing key ``w.rest`` is one PUBLISH on
+# ``sheppy:celery::fanout:<x>/<w>`` (its first word); receivers SUBSCRIBE to the channels of
+# their bindings' first words, or PSUBSCRIBE to :func:`fanout_pattern` for all of them.
+
+def fanout_channel(exchange, first_word):
+    """The pub/sub channel of fanout exchange ``exchange`` for routing keys whose first
+    word (before the first ``.``) is ``first_word``."""
+    return f"{PREFIX}:celery::fanout:{exchange}/{first_word}"
+
+
+_GLOB_SPECIAL = str.maketrans({ch: f"\\{ch}" for ch in "*?[]\\"})
+
+
+def fanout_pattern(exchange):
+    """The PSUBSCRIBE pattern of every channel of fanout exchange ``exchange``."""
+    return f"{PREFIX}:celery::fanout:{exchange.translate(_GLOB_SPECIAL)}/*"
+
+
 # -- reliability (leases, delayed delivery, dead letters, durable revokes) --------------
 #
 # ``sheppy:dead:<q>``                      stream  dead letters of queue ``q``: fields
@@ -227,6 +248,10 @@ def exchange_bindings(exchange):
 # ``sheppy:celery::revoked``               zset    revoked Celery task ids, score = revoke time
 #                                                  (epoch ms); entries older than the revoke
 #                                                  expiry are dropped
+# ``sheppy:celery::due``                   zset    sheppy queue -> earliest due time of its
+#                                                  ``sheppy:scheduled:<q>`` (epoch s): lowered
+#                                                  by whoever schedules, reset by whoever
+#                                                  promotes (upkeep.Promotion)
 # ``sheppy:celery::probe:<token>``         string  a random token, for 10 s: the result backend
 #                                                  writes it and reads it through the broker's
 #                                                  connection to learn whether both are one db
@@ -280,6 +305,12 @@ def delayed_message(queue, sheppy_id):
 
 def revoked_set():
     return f"{PREFIX}:celery::revoked"
+
+
+def due_index():
+    """Sheppy queue name -> the earliest due time in its scheduled set (epoch seconds), as
+    its writers last left it: a hint that saves a look at every queue's set."""
+    return f"{PREFIX}:celery::due"
 
 
 def queue_of_stream(stream):

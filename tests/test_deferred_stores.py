@@ -18,7 +18,7 @@ def store_call(task_id, status="completed"):
     """(keys, args) of store_result.lua for a terminal record, as the backend builds them."""
     return ([KEY.format(task_id), "sheppy:finished:celery", "sheppy:celery:celery:states",
              "sheppy:completed:celery", "sheppy:celery:celery:failed"],
-            [record(task_id, status), 0, 1, task_id, "0-0", 120])
+            [record(task_id, status), 0, 1, task_id, "0-0", 120, 0])
 
 
 @pytest.fixture

@@ -156,18 +156,44 @@ def test_consumer_never_holds_more_messages_than_its_prefetch_count(connection, 
 # -- exchanges ------------------------------------------------------------------------------
 
 
-def test_fanout_message_reaches_every_bound_queue_and_each_of_their_consumers(url, redis_client):
+def test_fanout_message_is_one_publish_and_reaches_every_consuming_queue_once(url, redis_client):
+    # Given three connections consuming queues bound to one fanout exchange, and a fourth
+    # queue bound but not consumed
     exchange = Exchange("broadcast", type="fanout")
     queues = [Queue(f"listener{n}", exchange=exchange) for n in range(3)]
     connections = [kombu.Connection(url) for _ in queues]
+    received = {queue.name: [] for queue in queues}
     try:
+        consumers = []
         for conn, queue in zip(connections, queues):
-            queue(conn.default_channel).declare()
+            consumer = Consumer(conn, [queue], no_ack=True,
+                                callbacks=[lambda body, _, name=queue.name:
+                                           received[name].append(body)])
+            consumer.consume()
+            consumers.append(consumer)
+        idle = kombu.Connection(url)
+        Queue("listener-idle", exchange=exchange)(idle.default_channel).declare()
+        redis_client.config_resetstat()
+
+        # When one message is published to the exchange
         with kombu.Connection(url) as producer_conn:
             with producer_conn.channel() as channel:
                 Producer(channel, exchange=exchange).publish({"hello": "all"})
-        for conn, queue in zip(connections, queues):
-            assert [body for body, _ in drain(conn, [queue], limit=1)] == [{"hello": "all"}]
+
+        # Then it cost one PUBLISH, and each consuming queue gets it once
+        for conn in connections:
+            try:
+                conn.drain_events(timeout=2)
+            except socket.timeout:
+                pass
+        assert received == {queue.name: [{"hello": "all"}] for queue in queues}
+        stats = redis_client.info("commandstats")
+        assert stats["cmdstat_publish"]["calls"] == 1
+        assert "cmdstat_xadd" not in stats
+        # (as with the stock redis:// transport, a queue nobody consumes gets nothing)
+        assert not redis_client.exists(keys.pending_stream("listener-idle")) or \
+            redis_client.xlen(keys.pending_stream("listener-idle")) == 0
+        idle.close()
     finally:
         for conn in connections:
             conn.close()
@@ -413,17 +439,18 @@ def test_pending_celery_tasks_are_valid_sheppy_records_that_sheppy_lists(redis_s
     assert redis_client.hget(keys.queue_registry(), "celery") == b"{}"
 
 
-def test_remote_control_messages_are_valid_sheppy_records_too(connection, redis_client):
+def test_remote_control_replies_are_valid_sheppy_records_too(connection, redis_client):
+    # (the broadcasts themselves are pub/sub messages: fanout.py)
     from sheppy.models import Task
 
-    exchange = Exchange("control", type="fanout")
-    queue = Queue("host.control", exchange=exchange, expires=10)
+    exchange = Exchange("reply.control", type="direct")
+    queue = Queue("host.reply", exchange=exchange, routing_key="host.reply", expires=10)
     with connection.channel() as channel:
         Producer(channel, exchange=exchange).publish(
-            {"method": "ping"}, declare=[queue], serializer="pickle")
-    (_, fields), = entries(redis_client, "host.control")
+            {"ok": "pong"}, routing_key="host.reply", declare=[queue], serializer="pickle")
+    (_, fields), = entries(redis_client, "host.reply")
     Task.model_validate(json.loads(fields[b"data"]))
-    assert redis_client.hget(keys.queue_registry(), "host.control") is None
+    assert redis_client.hget(keys.queue_registry(), "host.reply") is None
 
 
 # -- URLs, credentials, TLS, scheme resolution -------------------------------------------------
@@ -512,16 +539,21 @@ def test_publish_raises_a_clear_error_once_the_retry_policy_is_spent(make_redis_
 # -- what a queue leaves in Redis ----------------------------------------------------------------
 
 
-def test_declared_queue_has_only_sheppys_pending_stream_until_a_priority_is_used(
+def test_declared_queue_has_its_priority_streams_from_the_start_and_an_expiring_one_has_not(
         connection, redis_client):
+    # A reader then reads every stream of the queue and never looks for new ones
     queue = Queue("lean", routing_key="lean")
+    reply = Queue("lean.reply", routing_key="lean.reply", expires=10)
     with connection.channel() as channel:
         queue(channel).declare()
-    assert [key for key in redis_client.scan_iter("*lean*") if b"stream" == redis_client.type(key)
-            ] == [keys.pending_stream("lean").encode()]
+        reply(channel).declare()
+    streams = sorted(key for key in redis_client.scan_iter("*lean*")
+                     if b"stream" == redis_client.type(key))
+    assert streams == sorted([*(keys.priority_stream("lean", step).encode() for step in (0, 3, 6, 9)),
+                              keys.pending_stream("lean.reply").encode()])
+    assert all(redis_client.xinfo_groups(stream)[0]["name"] == keys.CONSUMER_GROUP.encode()
+               for stream in streams)
     publish(connection, queue, ["urgent"], priority=6)
-    assert redis_client.exists(keys.priority_stream("lean", 6))
-    assert not redis_client.exists(keys.priority_stream("lean", 3))
     assert [body for body, _ in drain(connection, [queue])] == ["urgent"]
 
 
@@ -555,26 +587,20 @@ def test_publish_after_the_server_closed_the_publish_connection_arrives_once(
     assert [body for body, _ in drain(connection, [queue])] == ["before", "after"]
 
 
-def test_priority_stream_made_while_a_consumer_reads_joins_its_read(url, redis_client):
-    # Given a consumer already reading a queue that has no priority stream yet
-    from celery_sheppy import transport
-
+def test_priority_message_published_while_a_consumer_reads_reaches_it_at_once(url, redis_client):
+    # Given a consumer already reading a queue that has had no message of priority 9
     queue = Queue("joins", routing_key="joins")
     received = []
     with kombu.Connection(url) as consuming, kombu.Connection(url) as producing:
         with Consumer(consuming, [queue], callbacks=[lambda b, m: (received.append(b), m.ack())]):
             with pytest.raises(socket.timeout):
                 consuming.drain_events(timeout=0.3)  # its read is now outstanding
-            # When another process publishes the first message of a priority
+            # When another process publishes the first message of that priority
             publish(producing, queue, ["urgent"], priority=9)
-            deadline = time.monotonic() + transport.PRIORITY_LOOK_INTERVAL + 3
-            while not received and time.monotonic() < deadline:
-                try:
-                    consuming.drain_events(timeout=0.5)
-                except socket.timeout:
-                    pass
-    # Then the consumer finds the new stream and gets it
+            consuming.drain_events(timeout=3)
+    # Then the read, which names every priority stream of the queue, gets it
     assert received == ["urgent"]
+    assert redis_client.exists(*[keys.priority_stream("joins", step) for step in (0, 3, 6, 9)]) == 4
 
 
 def test_entry_without_a_data_field_is_dead_lettered_with_a_clear_reason(connection, redis_client):

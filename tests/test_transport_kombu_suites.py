@@ -71,7 +71,23 @@ class TestSheppyBasicFunctionality(common.BasicFunctionality):
 
 
 class TestSheppyBaseExchangeTypes(common.BaseExchangeTypes):
-    pass
+    def test_fanout(self, connection):
+        # The shared version publishes before anyone consumes. A fanout exchange delivers
+        # by pub/sub here, as kombu's Redis transport does: only to queues consumed when
+        # the message is published.
+        ex = kombu.Exchange("test_fanout", type="fanout")
+        queues = [kombu.Queue("fanout1", exchange=ex), kombu.Queue("fanout2", exchange=ex)]
+        with connection as conn:
+            with conn.channel() as channel:
+                received = []
+                consumer = kombu.Consumer(conn, queues, accept=["pickle"],
+                                          callbacks=[lambda body, message: received.append(
+                                              (body, message.delivery_info["routing_key"]))])
+                with consumer:
+                    self._publish(channel, ex)
+                    for _ in queues:
+                        conn.drain_events(timeout=1)
+        assert [body for body, _ in received] == [{"hello": "world"}] * 2
 
 
 class TestSheppyPriority(common.BasePriority):

@@ -28,6 +28,10 @@ logger = get_logger(__name__)
 #: sheppy keeps finished-stream entries for about this long (seconds).
 STREAM_KEEP_SECONDS = 60
 
+#: Seconds between two stores of a process that renew the finished stream's time to
+#: live (STREAM_KEEP_SECONDS + twice this): once results stop, it goes within 2 minutes.
+FINISHED_TTL_EVERY = 30
+
 
 class ResultStores:
     """Mixin of SheppyBackend: ``_store_result`` and what it needs. Uses the backend's
@@ -40,6 +44,10 @@ class ResultStores:
     @cached_attribute  # functools': a plain instance attribute after the first store
     def _registered_at(self):
         return {}  # queue -> when it was last put in sheppy's queue registry
+
+    @cached_attribute
+    def _finished_ttl_at(self):
+        return {}  # queue -> when this process last renewed its finished stream's TTL
 
     def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
@@ -143,7 +151,17 @@ class ResultStores:
                  keys.state_stream(queue), keys.completed_counter(queue),
                  keys.failed_counter(queue), *ack_keys],
                 [text, int(expires or 0), (2 if failed else 1) if terminal else 0, sid, min_id,
-                 2 * STREAM_KEEP_SECONDS, *ack_args])
+                 2 * STREAM_KEEP_SECONDS, self._finished_ttl(queue) if terminal else 0,
+                 *ack_args])
+
+    def _finished_ttl(self, queue):
+        """The finished stream's time to live to give with this store, or 0 (given by
+        this process less than FINISHED_TTL_EVERY ago)."""
+        now = time.monotonic()
+        if now - self._finished_ttl_at.get(queue, -FINISHED_TTL_EVERY) < FINISHED_TTL_EVERY:
+            return 0
+        self._finished_ttl_at[queue] = now
+        return STREAM_KEEP_SECONDS + 2 * FINISHED_TTL_EVERY
 
     def _write_record(self, store_keys, store_args):
         # Retried on a lost connection like the stock backend's set() (retry_policy:

@@ -29,6 +29,21 @@ class Script:
         except NoScriptError:  # a new or flushed server: EVAL also caches it
             return client.eval(self.source, len(keys), *keys, *args)
 
+    def with_commands(self, client, keys, args, commands):
+        """The script's reply, sent in one round trip with plain ``commands`` after it
+        (``[(name, *args)]``, their replies unread); on NOSCRIPT the script alone is
+        sent again (an EVAL)."""
+        with client.pipeline(transaction=False) as pipe:
+            pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            for command in commands:
+                pipe.execute_command(*command)
+            reply = pipe.execute(raise_on_error=False)[0]
+        if isinstance(reply, NoScriptError):
+            return self(client, keys=keys, args=args)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
     def many(self, client, calls, raise_on_error=True):
         """Run ``calls`` (``[(keys, args)]``) in one round trip; returns their replies.
 

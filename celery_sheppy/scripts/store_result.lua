@@ -12,10 +12,13 @@
 -- ARGV[4]  sheppy task id (the stream entries' task_id)
 -- ARGV[5]  MINID for trimming both streams (entries older than ~60 s go)
 -- ARGV[6]  time to live of the states stream in seconds (it is ours, not sheppy's)
+-- ARGV[7]  time to live given to the finished stream with this entry, seconds; 0: leave
+--          it (the caller gives one now and then: MINID trims only while results come,
+--          so an idle stream goes as a whole)
 -- KEYS[6]  (optional) sheppy:pending:<q> or sheppy:celery:<q>:priority:<n>: the
 --          task's broker stream, when the result acks its message (acks_late)
--- ARGV[7]  (with KEYS[6]) consumer group ("workers")
--- ARGV[8]  (with KEYS[6]) id of the task's entry: XACK + XDEL'ed with a terminal result
+-- ARGV[8]  (with KEYS[6]) consumer group ("workers")
+-- ARGV[9]  (with KEYS[6]) id of the task's entry: XACK + XDEL'ed with a terminal result
 --
 -- Returns 1, or 0 when the stored record is already "completed" (a SUCCESS is
 -- never overwritten: a redelivered task must not replace its first result).
@@ -24,8 +27,8 @@
 
 local terminal = ARGV[3] ~= '0'
 if KEYS[6] and terminal then
-    redis.pcall('XACK', KEYS[6], ARGV[7], ARGV[8])  -- a missing group must not stop the store
-    redis.pcall('XDEL', KEYS[6], ARGV[8])
+    redis.pcall('XACK', KEYS[6], ARGV[8], ARGV[9])  -- a missing group must not stop the store
+    redis.pcall('XDEL', KEYS[6], ARGV[9])
 end
 
 -- SET ... GET writes and reads back the previous record in one command; the rare
@@ -54,6 +57,9 @@ end
 
 if terminal then
     redis.call('XADD', KEYS[2], 'MINID', '~', ARGV[5], '*', 'task_id', ARGV[4])
+    if ARGV[7] ~= '0' then
+        redis.call('EXPIRE', KEYS[2], ARGV[7])
+    end
     redis.call('INCRBY', KEYS[4], 1)
     if ARGV[3] == '2' then
         redis.call('INCRBY', KEYS[5], 1)

@@ -29,7 +29,8 @@ a sheppy task record carrying the kombu message (``records.pending_record``).
 
 * publish: one ``XADD`` (``XADD`` + ``PEXPIRE`` for an expiring queue); a named
   exchange costs one ``ZSCORE`` more in the same round trip, which proves the
-  cached binding table current.
+  cached binding table current; a fanout exchange is one ``PUBLISH`` (pub/sub,
+  ``fanout.py``), whatever the number of receivers.
 * consume: a blocking ``XREADGROUP`` over all consumed streams, sent on the
   channel's own connection and read when its socket is readable (Celery's hub, or
   ``drain_events``); ``COUNT`` follows the QoS prefetch budget.
@@ -51,7 +52,7 @@ options that mean nothing here are accepted, Sentinel's are refused.
 Package
 =======
 ``channel`` (kombu's hooks, delegating), ``options``, ``connections``, ``streams``,
-``groups``, ``routing``, ``publish``, ``reading``, ``poller``, ``acks``, ``upkeep``,
+``groups``, ``routing``, ``fanout``, ``publish``, ``reading``, ``poller``, ``acks``, ``upkeep``,
 ``revokes``, ``dead_letters``, ``orphans``, ``cluster`` (a Redis Cluster's reads and
 slot splits): each module's docstring says what it owns.
 """
@@ -64,11 +65,9 @@ from .. import connection, declare_cache, group_publish, kombu_aliases
 from . import options
 from .channel import Channel
 from .dead_letters import dead_letters, purge_dead_letters, replay_dead_letters
-from .groups import PRIORITY_LOOK_INTERVAL
 from .poller import Poller
 
-__all__ = ["Transport", "Channel", "dead_letters", "replay_dead_letters", "purge_dead_letters",
-           "PRIORITY_LOOK_INTERVAL"]
+__all__ = ["Transport", "Channel", "dead_letters", "replay_dead_letters", "purge_dead_letters"]
 
 kombu_aliases.register()  # importing the transport is enough for a plain kombu process
 

@@ -11,6 +11,8 @@ A channel is one consumer of the ``workers`` group. It holds its parts and nothi
 * ``reader``: the blocking read, the read-ahead buffer, delivery (reading.py);
 * ``ledger`` and ``acker``: messages in flight; acks, rejects, put-backs (acks.py);
 * ``letters``: dead letters (dead_letters.py); ``revokes``: durable revokes (revokes.py);
+* ``fanout`` and ``subscriber``: bindings to fanout exchanges and the pub/sub connection
+  their messages come on (fanout.py);
 * ``upkeep``: the named periodic jobs, ``reaper`` among them (upkeep.py).
 
 The methods under "poller interface" are what the transport's Poller calls (poller.py).
@@ -18,6 +20,7 @@ The methods under "poller interface" are what the transport's Poller calls (poll
 
 import os
 import socket
+from collections import deque
 from contextlib import nullcontext
 from queue import Empty
 from uuid import uuid4
@@ -34,6 +37,8 @@ from . import options, upkeep
 from .acks import Acker, InflightLedger
 from .connections import Connections, connparams
 from .dead_letters import DeadLetters
+from .fanout import FanoutBindings, Subscriber, is_fanout_tag
+from .fanout import decode as decode_fanout
 from .groups import StreamGroups
 from .publish import PublishBatch, Publisher
 from .cluster import ClusterReader
@@ -62,11 +67,13 @@ class QoS(virtual.QoS):
     """Prefetch accounting of kombu's virtual QoS; acks and put-backs go to Redis."""
 
     def ack(self, delivery_tag):
-        self.channel.acker.ack_soon(delivery_tag)
+        if not is_fanout_tag(delivery_tag):  # a broadcast is in no stream: nothing to ack
+            self.channel.acker.ack_soon(delivery_tag)
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag, requeue=False):
-        self.channel.acker.reject(delivery_tag, requeue)
+        if not is_fanout_tag(delivery_tag):
+            self.channel.acker.reject(delivery_tag, requeue)
         super().ack(delivery_tag)
 
     def restore_unacked(self):
@@ -116,7 +123,10 @@ class Channel(virtual.Channel):
         self.reader = reader(self, conns, queues, self.groups, self.ledger, self.acker,
                              self.letters, self.revokes)
         self.publisher = Publisher(self, conns, queues, self.groups, self.router, self.revokes)
-        self.reaper = upkeep.ConsumerReaper(conns, queues, lambda: self.active_queues,
+        self.fanout = FanoutBindings()
+        self.subscriber = Subscriber(conns.subscriber_connection)
+        self._broadcasts = deque()  # (queue, message) received from fanout exchanges
+        self.reaper = upkeep.ConsumerReaper(conns, queues, lambda: self.read_queues,
                                             self.consumer_name, settings.consumer_reap_after)
         self.upkeep = self._upkeep_jobs()
         try:
@@ -146,14 +156,13 @@ class Channel(virtual.Channel):
         settings, conns, queues = self.settings, self.conns, self.queues
 
         def leased():
-            return queues.leased(self.active_queues)
+            return queues.leased(self.read_queues)
 
         return upkeep.Upkeep([
-            upkeep.ExpiringQueues(conns, queues, self.router, lambda: self.active_queues,
+            upkeep.ExpiringQueues(conns, queues, self.router, lambda: self.read_queues,
                                   lambda queue: self.state.queue_bindings(queue)),
             upkeep.OrphanUpkeep(),
             self.reaper,
-            upkeep.StreamDiscovery(self.groups, leased, self.reader.interrupt),
             upkeep.LeaseRenewal(conns, lambda: [self.ledger.held(), self.reader.buffer.held()],
                                 self.consumer_name, settings.visibility_timeout),
             upkeep.Reclaim(conns, queues, self.reader, leased, settings.visibility_timeout),
@@ -174,12 +183,22 @@ class Channel(virtual.Channel):
         return nullcontext(client or self.client)
 
     def _disconnect(self):
+        self.subscriber.close()
         self.conns.disconnect()
         self.reader.reset()
 
     @property
     def active_queues(self):
         return list(dict.fromkeys(self._active_queues))
+
+    @property
+    def read_queues(self):
+        """The consumed queues read from their streams: all but those bound to a fanout
+        exchange, whose messages come by pub/sub (as kombu's Redis transport does)."""
+        return [queue for queue in self.active_queues if queue not in self.fanout]
+
+    def _subscribe(self):
+        self.subscriber.sync(self.fanout.subscriptions(self.active_queues))
 
     # -- declaring ---------------------------------------------------------------------------
 
@@ -252,19 +271,34 @@ class Channel(virtual.Channel):
         self.client.hdel(keys.queue_registry(), self.queues.named(queue))
         self.groups.forget(queue)
         self.queues.forget(queue)
+        self.fanout.forget(queue)
 
     def _delete(self, queue, exchange, routing_key, pattern, *args, **kwargs):
-        self.router.unbind(exchange, routing_key, pattern, queue)
+        self._unbind(queue, exchange, routing_key, pattern)
 
     # -- bindings ------------------------------------------------------------------------------
 
+    def _is_fanout(self, exchange):
+        return bool(exchange) and self.typeof(exchange).type == "fanout"
+
     def _queue_bind(self, exchange, routing_key, pattern, queue):
-        self.router.bind(exchange, routing_key, pattern, queue)
+        if self._is_fanout(exchange):
+            self.fanout.bind(queue, exchange, routing_key)
+            self._subscribe()
+        else:
+            self.router.bind(exchange, routing_key, pattern, queue)
 
     def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
         super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
         _, pattern, _ = self.typeof(exchange).prepare_bind(queue, exchange, routing_key, arguments)
-        self.router.unbind(exchange, routing_key, pattern, queue)
+        self._unbind(queue, exchange, routing_key, pattern)
+
+    def _unbind(self, queue, exchange, routing_key, pattern):
+        if self._is_fanout(exchange):
+            self.fanout.unbind(queue, exchange, routing_key)
+            self._subscribe()
+        else:
+            self.router.unbind(exchange, routing_key, pattern, queue)
 
     def get_table(self, exchange):
         _, bindings = self.router.table(exchange)
@@ -301,14 +335,16 @@ class Channel(virtual.Channel):
         else:
             self.reader.no_ack.discard(queue)
         result = super().basic_consume(queue, no_ack, *args, **kwargs)
-        self.reader.queues_changed(self.active_queues)
+        self.reader.queues_changed(self.read_queues)
+        self._subscribe()
         self.reaper.run(force=True)
         return result
 
     def basic_cancel(self, consumer_tag):
         queue = self._tag_to_queue.get(consumer_tag)
         result = super().basic_cancel(consumer_tag)
-        self.reader.queues_changed(self.active_queues)
+        self.reader.queues_changed(self.read_queues)
+        self._subscribe()
         if queue is not None and queue not in self._active_queues:
             self.reader.no_ack.discard(queue)
             returned = self.reader.buffer.remove_queue(queue)
@@ -334,14 +370,42 @@ class Channel(virtual.Channel):
         return self.start_read()
 
     def read_ready(self, fd):
+        if fd is not None and fd == self.subscriber.fileno():
+            self._receive_broadcasts()
+            return True
         return self.reader.readable(fd)
 
     def deliver(self, limit=None):
-        return self.reader.deliver(limit)
+        delivered = 0
+        broadcasts = self._broadcasts
+        while broadcasts and (limit is None or delivered < limit):
+            queue, message = broadcasts.popleft()
+            if queue in self._active_queues:
+                self.connection._deliver(message, queue)
+                delivered += 1
+        left = None if limit is None else limit - delivered
+        if left is None or left > 0:
+            delivered += self.reader.deliver(left)
+        return delivered
 
     def start_read(self):
         self.reader.start()
-        return self.reader.filenos()
+        fd = self.subscriber.fileno()
+        return self.reader.filenos() + ([fd] if fd is not None else [])
+
+    def _receive_broadcasts(self):
+        """Queue for delivery the fanout messages that arrived, one copy per consumed
+        queue whose binding they match."""
+        for data in self.subscriber.read():
+            message = decode_fanout(data)
+            if message is None:
+                continue
+            info = message["properties"].get("delivery_info") or {}
+            for queue in self.fanout.receivers(self.active_queues, info.get("exchange"),
+                                               info.get("routing_key")):
+                copy = dict(message, properties=dict(message["properties"],
+                                                     delivery_tag=self.subscriber.next_tag()))
+                self._broadcasts.append((queue, copy))
 
     def maintain(self):
         self.upkeep.run()

@@ -99,6 +99,15 @@ class Connections:
         """The connection acks are sent on without waiting (see ``acks.Acker.flush``)."""
         return self._blocking_pool.get_connection()
 
+    def subscriber_connection(self):
+        """A new connection for pub/sub subscriptions (fanout.py), outside any pool's
+        rotation; on a Redis Cluster to any master (a PUBLISH reaches every node)."""
+        if self.cluster:
+            from .cluster import node_connection
+            return node_connection(self.params, self.client.get_default_node(),
+                                   self.block_seconds)
+        return self._blocking_pool.get_connection()
+
     @cached_property
     def publish_conn(self):
         """The connection a lone publish command goes on, kept out of the pool's rotation:

@@ -1,21 +1,15 @@
 """Which of a queue's streams exist with the ``workers`` group, as this channel last saw.
 
-A queue's pending stream is made when it is declared; a priority stream is made by the
-first message of its priority (so an unused step leaves no key behind), with the group,
-by whoever publishes it. A reader reads only the streams known to exist: a look for new
-ones runs every :data:`PRIORITY_LOOK_INTERVAL` seconds, and a NOGROUP reply (a stream
-expired or was deleted) makes every queue declare again.
+Declaring a queue makes all of its streams with the group: its pending stream and one
+stream per priority step (an empty stream with the group is about 700 bytes), so a
+reader reads them all from the start and never looks for new ones; a publisher to a
+queue nobody declared makes the stream of its message's priority, with the group. A
+NOGROUP reply (a stream expired or was deleted) makes every queue declare again.
 """
-
-from time import monotonic
 
 from .. import keys
 
 GROUP = keys.CONSUMER_GROUP
-
-#: Seconds between looks for priority streams a publisher made (the first message of a
-#: priority creates its stream): the first such message of a queue waits up to this long.
-PRIORITY_LOOK_INTERVAL = 5.0
 
 
 class StreamGroups:
@@ -24,30 +18,25 @@ class StreamGroups:
         self.queues = queues
         self._grouped = {}  # queue -> its streams that exist with the group (as last seen)
         self._publish_grouped = set()  # priority streams this channel made sure have the group
-        self._discovered_at = monotonic()
 
     def ensure(self, queue, force=False):
-        """Create the queue's pending stream and the group on it, and learn which of its
-        priority streams exist. Returns those that do, highest priority first."""
+        """Create the queue's streams with the group (those that exist keep theirs).
+        Returns the streams, highest priority first."""
         if queue in self._grouped and not force:
             return self._grouped[queue]
         streams = self.queues.streams(queue)
         expires = self.queues.expires.get(queue)
         with self.conns.client.pipeline(transaction=False) as pipe:
-            pipe.xgroup_create(streams[0], GROUP, id="0", mkstream=True)
-            for stream in streams[1:]:
-                pipe.xgroup_create(stream, GROUP, id="0")
+            for stream in streams:
+                pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
             if expires is not None:
                 pipe.pexpire(streams[0], expires)
             replies = pipe.execute(raise_on_error=False)
-        present = []
-        for stream, reply in zip(streams, replies):
-            if not isinstance(reply, Exception) or "BUSYGROUP" in str(reply):
-                present.append(stream)
-            elif "requires the key to exist" not in str(reply):
+        for reply in replies[:len(streams)]:
+            if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
                 raise reply
-        self._grouped[queue] = present
-        return present
+        self._grouped[queue] = streams
+        return streams
 
     def needs_group(self, queue, stream):
         """True when a publish to priority ``stream`` must create it with the group first
@@ -60,28 +49,6 @@ class StreamGroups:
             self._grouped[queue] = [name for name in self.queues.streams(queue)
                                     if name in present or name == stream]
         return True
-
-    def discover(self, queues, force=False):
-        """Look for priority streams of ``queues`` that publishers made since they were
-        declared (every PRIORITY_LOOK_INTERVAL seconds); True when one joins the read."""
-        now = monotonic()
-        if not force and now - self._discovered_at < PRIORITY_LOOK_INTERVAL:
-            return False
-        self._discovered_at = now
-        absent = {queue: [stream for stream in self.queues.streams(queue)
-                          if stream not in self._grouped.get(queue, ())]
-                  for queue in queues}
-        absent = {queue: streams for queue, streams in absent.items() if streams}
-        if not absent:
-            return False
-        with self.conns.client.pipeline(transaction=False) as pipe:
-            for streams in absent.values():
-                pipe.exists(*streams)
-            counts = pipe.execute()
-        grown = [queue for queue, count in zip(absent, counts) if count]
-        for queue in grown:
-            self.ensure(queue, force=True)
-        return bool(grown)
 
     def forget(self, queue):
         self._grouped.pop(queue, None)

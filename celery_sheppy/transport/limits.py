@@ -16,11 +16,13 @@ or it was requeued) books again.
 """
 
 import sys
+from time import time
 from uuid import uuid4
 
 from kombu.log import get_logger
 
 from .. import keys, records, scripts
+from .upkeep import due_hint
 
 logger = get_logger(__name__)
 
@@ -143,6 +145,8 @@ class Limiter:
                   booked, late if isinstance(late, int) else BOOKED_LATE_MS, BOOKED_KEEP_SECONDS])
         if admitted:
             return False
+        # this channel promotes it (below); the hint lets any other do it if it dies
+        self.conns.client.execute_command(*due_hint(named, time() + int(wait_ms) / 1000.0))
         self._promote_later(queue, sid, int(wait_ms) / 1000.0)
         return True
 

@@ -7,6 +7,7 @@ due time and its record (built once, whatever the number of queues it goes to). 
   consumer keeps alive); the first message of a priority makes its stream, with the group;
 * to an exchange: routed by the cached binding table (``routing.py``), whose version is
   read in the same round trip as the XADDs; a changed version corrects the delivery;
+* to a fanout exchange: one PUBLISH on its pub/sub channel (``fanout.py``);
 * due later than ``delay_threshold``: kept in sheppy's scheduled set (``schedule.lua``)
   until the upkeep promotes it (``upkeep.Promotion``);
 * in a batch: the commands are kept and sent as one MULTI/EXEC (:class:`PublishBatch`).
@@ -21,8 +22,9 @@ from kombu.log import get_logger
 from kombu.utils.functional import retry_over_time
 
 from .. import keys, records, scripts
-from . import claims, cluster
+from . import claims, cluster, fanout
 from .routing import VERSION_MEMBER
+from .upkeep import due_hint
 
 logger = get_logger(__name__)
 
@@ -120,6 +122,8 @@ class Publisher:
         if exchange and exchange.endswith(".pidbox"):
             self.revokes.remember(message)
         out = self.outgoing(message)
+        if exchange and self.channel.typeof(exchange).type == "fanout":
+            return self._broadcast(exchange, routing_key, out, _publish_batch)
         claim = claims.of(message)
         if claim is not None:  # unique tasks, beat occurrences
             return claims.publish(self, exchange, routing_key, out, claim)
@@ -133,6 +137,17 @@ class Publisher:
                 self._add_put(_publish_batch.add, queue, out, expires)
             return None
         return self._publish_routed(exchange, routing_key, out)
+
+    def _broadcast(self, exchange, routing_key, out, batch=None):
+        """One PUBLISH, whatever the number of receivers (fanout.py)."""
+        command = ("PUBLISH", keys.fanout_channel(exchange, fanout.first_word(routing_key)),
+                   out.text)
+        if batch is not None:
+            return batch.add("execute_command", *command)
+        commands = _Commands()
+        commands.add("execute_command", *command)
+        self.conns.send(commands)
+        return None
 
     def put(self, queue, out, batch=None):
         """Publish ``out`` to ``queue``: into ``batch`` when batching."""
@@ -205,13 +220,14 @@ class Publisher:
         record = out.record
         sid = record["id"]
         name = self.queues.named(queue)
-        scripts.registry()["schedule"](
+        scripts.registry()["schedule"].with_commands(
             self.conns.client,
             keys=[keys.scheduled_set(name), keys.task_record(name, sid),
                   keys.delayed_message(name, sid)],
             args=[sid, repr(float(out.due)), records.scheduled_record(record), out.text,
                   self.queues.stream_for(queue, out.priority),
-                  int(max(out.due - time(), 0)) + SCHEDULED_KEEP_SECONDS])
+                  int(max(out.due - time(), 0)) + SCHEDULED_KEEP_SECONDS],
+            commands=[due_hint(name, out.due)])
 
 
 class PublishBatch:

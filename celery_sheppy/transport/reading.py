@@ -36,7 +36,7 @@ READ_COALESCE = 0.002
 
 class Reader:
     def __init__(self, channel, conns, queues, groups, ledger, acker, letters, revokes):
-        self.channel = channel  # kombu's side: qos, active_queues, connection._deliver
+        self.channel = channel  # kombu's side: qos, read_queues, connection._deliver
         self.conns = conns
         self.queues = queues
         self.groups = groups
@@ -106,7 +106,7 @@ class Reader:
         if self.closing or self.buffer:
             return None
         channel = self.channel
-        queues = channel.active_queues
+        queues = channel.read_queues
         if not queues or not channel.qos.can_consume():
             return None
         budget = self.budget()

@@ -1,9 +1,12 @@
 """Durable revokes: task ids of ``revoke`` broadcasts, kept in ``sheppy:celery::revoked``.
 
-A worker that is online gets revokes as broadcasts. The zset (task id -> revoke time,
-epoch ms, trimmed to ``revoke_expires``) is for those that were not: it is read in full
-when a queue is first consumed, then every :data:`REVOKE_READ_INTERVAL` seconds, and a
-revoked task's message is dropped instead of delivered.
+A worker that is online gets revokes as broadcasts (fanout.py: not kept for a worker
+that is not connected). The zset (task id -> revoke time, epoch ms, trimmed to
+``revoke_expires``) is for those that were not: it is read in full when a queue is first
+consumed (and so after every reconnect), then every :data:`REVOKE_READ_INTERVAL`
+seconds; a revoked task's message is dropped instead of delivered, and in a Celery worker
+the ids read are also added to Celery's own revoked set, for tasks the worker already
+holds (reserved, or waiting for their countdown).
 """
 
 import base64
@@ -67,7 +70,12 @@ class Revokes:
                                                withscores=True)
         newest = since or now_ms
         for member, score in rows:
-            self._revoked[bytes_to_str(member)] = score
+            task_id = bytes_to_str(member)
+            if task_id not in self._revoked:
+                # A worker that was not connected when the broadcast went out (fanout
+                # messages are not kept) may hold the task already: tell Celery.
+                hand_to_celery(task_id)
+            self._revoked[task_id] = score
             newest = max(newest, score)
         self._read_ms = min(newest, now_ms)
         if len(self._revoked) > 1000 and rows:

@@ -8,7 +8,6 @@ idle. In order:
 ``orphans``          acks, leases and put-backs of a lost connection (``orphans.py``),
                      before the reclaim: leases of what this worker still runs first
 ``reap_consumers``   remove consumers idle past ``consumer_reap_after`` holding nothing
-``discover_streams`` find priority streams publishers made (``groups.py``)
 ``renew_leases``     reset the idle time of every entry this channel holds
 ``reclaim``          take over entries whose lease expired (XAUTOCLAIM, ``reclaim.lua``)
 ``promote``          move due messages from sheppy's scheduled set to their streams
@@ -39,6 +38,10 @@ PROMOTE_BATCH = 500
 #: seconds, or delay_threshold if shorter (a producer may schedule a message due
 #: sooner than anything seen, but never sooner than delay_threshold).
 PROMOTE_IDLE_LOOK = 30.0
+
+#: Seconds between looks at every consumed queue's scheduled set itself (the first look
+#: too), for messages scheduled without a hint in ``sheppy:celery::due``.
+PROMOTE_FULL_LOOK = 600.0
 
 
 class Upkeep:
@@ -115,19 +118,6 @@ class ConsumerReaper:
         calls = [([stream], [GROUP, int(self.reap_after * 1000), self.consumer_name if own else ""])
                  for queue in queues for stream in self.queues.streams(queue)]
         scripts.registry()["reap_consumers"].many(self.conns.client, calls, raise_on_error=False)
-
-
-class StreamDiscovery:
-    name = "discover_streams"
-
-    def __init__(self, groups, leased, on_found):
-        self.groups = groups
-        self.leased = leased  # () -> the consumed queues whose messages are leased
-        self.on_found = on_found  # called when a new stream joins the read
-
-    def run(self):
-        if self.groups.discover(self.leased()):
-            self.on_found()
 
 
 class LeaseRenewal:
@@ -211,8 +201,20 @@ class Reclaim:
                            taken, self.lease_seconds)
 
 
+def due_hint(queue_name, due):
+    """The command that tells promoters sheppy queue ``queue_name`` has a message due at
+    ``due`` (epoch s): ZADD LT keeps the earliest. Sent after the scheduling itself, so a
+    promoter that reset the hint and then read the set sees the message (Promotion)."""
+    return ("ZADD", keys.due_index(), "LT", repr(float(due)), queue_name)
+
+
 class Promotion:
-    """Move due messages of the consumed queues from the scheduled set to their streams."""
+    """Move due messages of the consumed queues from the scheduled set to their streams.
+
+    Which queues have something due comes from one read of ``sheppy:celery::due``
+    (:func:`due_hint`), not from a look at every queue's set; every
+    PROMOTE_FULL_LOOK seconds (and first) each consumed queue's set is read once, for
+    messages a writer that gives no hint scheduled (an older celery-sheppy)."""
 
     name = "promote"
 
@@ -223,6 +225,7 @@ class Promotion:
         self.delay_threshold = delay_threshold
         self._promoted_at = monotonic()
         self._next_look = 0.0  # epoch seconds
+        self._full_look_at = None  # monotonic time of the last look at every set
 
     def run(self):
         now = monotonic()
@@ -232,21 +235,36 @@ class Promotion:
         queues = self.leased()
         if not queues:
             return
-        client = self.conns.client
-        # One ZRANGE per queue while nothing is due (the idle case), then the due batch.
-        with client.pipeline(transaction=False) as pipe:
-            for queue in queues:
-                pipe.zrange(keys.scheduled_set(self.queues.named(queue)), 0, 0, withscores=True)
-            firsts = pipe.execute(raise_on_error=False)
-        earliest = {queue: rows[0][1] for queue, rows in zip(queues, firsts)
-                    if isinstance(rows, list) and rows}
-        due_queues = [queue for queue, at in earliest.items() if at <= time()]
+        named = {self.queues.named(queue): queue for queue in queues}
+        earliest = self._earliest(named, now)
+        due_queues = [named[name] for name, at in earliest.items() if at <= time()]
         if not due_queues:
             # Anything scheduled later is due more than delay_threshold after it is sent.
             look = time() + min(PROMOTE_IDLE_LOOK, self.delay_threshold)
             self._next_look = min([*earliest.values(), look])
             return
         self._next_look = 0.0  # more may be due: look again after PROMOTE_INTERVAL
+        self._promote(due_queues)
+        self._rehint([self.queues.named(queue) for queue in due_queues])
+
+    def _earliest(self, named, now):
+        """{sheppy queue name: earliest due time} of the consumed queues with a hint (or,
+        at a full look, with anything scheduled)."""
+        client = self.conns.client
+        if self._full_look_at is None or now - self._full_look_at >= PROMOTE_FULL_LOOK:
+            self._full_look_at = now
+            with client.pipeline(transaction=False) as pipe:
+                for name in named:
+                    pipe.zrange(keys.scheduled_set(name), 0, 0, withscores=True)
+                firsts = pipe.execute(raise_on_error=False)
+            return {name: rows[0][1] for name, rows in zip(named, firsts)
+                    if isinstance(rows, list) and rows}
+        hints = client.zrange(keys.due_index(), 0, -1, withscores=True)
+        return {name: at for name, at in ((bytes_to_str(member), at) for member, at in hints)
+                if name in named}
+
+    def _promote(self, due_queues):
+        client = self.conns.client
         with client.pipeline(transaction=False) as pipe:
             for queue in due_queues:
                 pipe.zrangebyscore(keys.scheduled_set(self.queues.named(queue)), "-inf", time(),
@@ -263,6 +281,24 @@ class Promotion:
                                keys.task_record(name, sid), *self.queues.streams(queue)],
                               [sid, GROUP]))
         scripts.registry()["promote"].many(client, calls, raise_on_error=False)
+
+    def _rehint(self, names):
+        """Set the hints of ``names`` to their sets' earliest due times: the hint is
+        removed first, then the set read, so a message scheduled meanwhile, whose writer
+        lowers the hint after adding it, is never hidden by an older reading."""
+        client = self.conns.client
+        client.zrem(keys.due_index(), *names)
+        with client.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.zrange(keys.scheduled_set(name), 0, 0, withscores=True)
+            firsts = pipe.execute(raise_on_error=False)
+        hints = [due_hint(name, rows[0][1]) for name, rows in zip(names, firsts)
+                 if isinstance(rows, list) and rows]
+        if hints:
+            with client.pipeline(transaction=False) as pipe:
+                for hint in hints:
+                    pipe.execute_command(*hint)
+                pipe.execute(raise_on_error=False)
 
 
 class RevokeReading:

@@ -9,9 +9,10 @@ Four pipelined round trips, whatever the number of queues.
 
 Definitions (``docs/operations.md`` explains them for operators):
 
-* **ready**: entries after the group's last-delivered id (``XINFO GROUPS`` ``lag``;
-  when Redis cannot tell, ``lag`` is null and ``XLEN - pending`` is used: acked entries
-  are deleted, so the stream holds exactly the ready and the in-flight ones).
+* **ready**: entries after the group's last-delivered id: ``XLEN - pending`` (acked
+  entries are deleted, so the stream holds exactly the ready and the in-flight ones),
+  or ``XINFO GROUPS`` ``lag`` when that is smaller. ``lag`` alone can overcount: Redis
+  7.0 keeps a stale one after ``XDEL`` emptied the stream (a purge).
 * **oldest ready age**: now (Redis ``TIME``) minus the id of the first entry after the
   last-delivered id, which is when it was added (published, requeued, replayed or
   moved from the scheduled set).
@@ -273,8 +274,12 @@ def _stream_part(stream, length, groups, consumers):
     if group is None:
         ready, last_id = length, None
     else:
+        # Acked entries are deleted, so the stream holds the ready and the in-flight ones:
+        # XLEN - pending bounds the ready count. ``lag`` is exact when set, but Redis 7.0
+        # keeps a stale one once XDEL emptied the stream (a purge): it is clamped.
+        waiting = max(length - group["pending"], 0)
         lag = group.get("lag")
-        ready = lag if lag is not None else max(length - group["pending"], 0)
+        ready = waiting if lag is None else min(lag, waiting)
         last_id = bytes_to_str(group["last-delivered-id"])
     return {"stream": stream, "ready": ready, "last_id": last_id,
             "reads_counted": any("inactive" in c for c in consumers),

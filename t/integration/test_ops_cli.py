@@ -158,6 +158,55 @@ def test_status_counts_ready_in_flight_scheduled_dead_and_results_per_queue(ops)
     worker.kill()  # its tasks run for 30 s more: no warm shutdown
 
 
+def celery_purge(setup):
+    """``celery -A app purge -f``, as an operator empties the app's queues."""
+    result = subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, "purge", "-f"],
+                            env=setup.env, cwd=str(ROOT), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_ready_counts_what_waits_after_a_purge_of_a_queue_workers_read_from(ops):
+    # Given a queue a worker has read from (its group has delivered entries), and no
+    # worker now
+    setup = ops()
+    worker = setup.worker()
+    assert [setup.sig("add", i, i).delay().get(timeout=30) for i in range(3)] == [0, 2, 4]
+    worker.stop()
+
+    def send_waiting():  # plain tasks, one of priority 9 (its own stream), one countdown
+        for i in range(3):
+            setup.sig("add", i, i).delay()
+        setup.sig("add", 9, 9).apply_async(priority=9)
+        setup.sig("add", 5, 5).apply_async(countdown=5)  # sooner than delay_threshold
+
+    def ready():
+        printed = setup.cli("metrics")
+        assert printed.returncode == 0, printed.stderr
+        metric = samples_of(printed.stdout)[("sheppy_queue_ready", (("queue", QUEUE),))]
+        status = setup.stats()[QUEUE]
+        assert status["ready"] == metric
+        return status["ready"]
+
+    # Then five tasks wait, and five are ready
+    send_waiting()
+    assert ready() == 5
+    # When the operator purges the queue: nothing waits, nothing is ready
+    assert "Purged 5 messages" in celery_purge(setup)
+    assert sum(setup.client.xlen(keys.priority_stream(QUEUE, step)) for step in (0, 3, 6, 9)) == 0
+    assert ready() == 0
+    # When a worker consumes new tasks, then more wait and are purged again
+    worker = setup.worker()
+    assert setup.sig("add", 1, 1).delay().get(timeout=30) == 2
+    assert ready() == 0
+    worker.stop()
+    send_waiting()
+    assert ready() == 5
+    assert "Purged 5 messages" in celery_purge(setup)
+    assert ready() == 0
+
+
 def test_status_watch_refreshes_until_interrupted(ops):
     setup = ops()
     with tempfile.TemporaryFile("w+") as out:

@@ -4,8 +4,9 @@
 metrics`` and Flower's Broker page. Per queue it costs a fixed number of commands per
 stream (``XLEN``, ``XINFO GROUPS``, ``XINFO CONSUMERS``, at most one ``XRANGE … COUNT 1``)
 plus ``ZCARD``, ``XLEN`` and two ``GET`` of the result counters (on the ``sheppy://``
-result backend's own Redis, where they are written): never a scan over task records.
-Four pipelined round trips, whatever the number of queues.
+result backend's own Redis, where they are written), and one ``ZRANGE`` of the consumer
+registry: never a scan over task records. Four pipelined round trips, whatever the
+number of queues.
 
 Definitions (``docs/operations.md`` explains them for operators):
 
@@ -21,9 +22,11 @@ Definitions (``docs/operations.md`` explains them for operators):
 * **consumer state**: a consumer holding messages renews their lease every quarter
   lease, which resets its idle time: it is *alive* while idle <= lease, else *dead*
   (its messages are past the lease: *stuck* until a live worker takes them over).
-  A consumer holding nothing is judged by its reads on Redis >= 7.2 (their idle time
-  counts empty reads: alive while idle <= max(lease, 2 * polling_interval)); Redis 7.0
-  records no empty reads, so such a consumer is *idle*: alive or gone, it holds nothing.
+  A consumer holding nothing is *alive* while its registration in
+  ``sheppy:celery::consumers`` lasts (its worker renews it every quarter lease:
+  ``transport/presence.py``), else *dead* (gone; the reaper removes it). Neither uses
+  the idle time of empty reads, which Redis counts only from 7.2 on: the same on every
+  server.
 """
 
 from contextlib import contextmanager
@@ -41,9 +44,8 @@ from .transport.streams import QueueStreams
 
 #: Stock values of the transport options read here (docs/transport.md).
 DEFAULT_LEASE = float(TRANSPORT_OPTIONS["visibility_timeout"].default)
-DEFAULT_POLLING_INTERVAL = float(TRANSPORT_OPTIONS["polling_interval"].default)
 
-ALIVE, DEAD, IDLE = "alive", "dead", "idle"
+ALIVE, DEAD = "alive", "dead"
 
 # Replies that mean "no such stream or group yet": counted as empty, not as errors.
 _ABSENT = ("no such key", "nogroup")
@@ -62,7 +64,7 @@ class ConsumerStats:
     name: str
     in_flight: int
     idle: float  #: seconds since the consumer last read, renewed or claimed (min over streams)
-    state: str  #: ALIVE, DEAD or IDLE (see the module docstring)
+    state: str  #: ALIVE or DEAD (see the module docstring)
 
 
 @dataclass
@@ -88,7 +90,7 @@ class QueueStats:
     def as_dict(self):
         data = asdict(self)
         data.update(stuck=self.stuck, consumers_alive=self.count(ALIVE),
-                    consumers_dead=self.count(DEAD), consumers_idle=self.count(IDLE))
+                    consumers_dead=self.count(DEAD))
         return data
 
 
@@ -97,7 +99,6 @@ class Settings:
     """The broker transport options this view depends on, in seconds."""
 
     lease: float = DEFAULT_LEASE
-    polling_interval: float = DEFAULT_POLLING_INTERVAL
     streams: QueueStreams = field(default_factory=QueueStreams)
 
     @classmethod
@@ -106,14 +107,7 @@ class Settings:
         kwargs = {}
         if options.get("priority_steps") is not None:
             kwargs["streams"] = QueueStreams(options["priority_steps"])
-        return cls(lease=float(options.get("visibility_timeout") or DEFAULT_LEASE),
-                   polling_interval=float(options.get("polling_interval")
-                                          or DEFAULT_POLLING_INTERVAL), **kwargs)
-
-    @property
-    def read_every(self):
-        """Longest idle time of a live consumer that holds nothing (Redis >= 7.2)."""
-        return max(self.lease, 2 * self.polling_interval)
+        return cls(lease=float(options.get("visibility_timeout") or DEFAULT_LEASE), **kwargs)
 
 
 class Inspector:
@@ -220,6 +214,7 @@ def collect(client, queues, settings, results_client=None, result_namespaces=Non
     streams = {queue: settings.streams.of(queue) for queue in queues}
     with client.pipeline(transaction=False) as pipe:
         pipe.execute_command("TIME")  # (pipe.time() is refused by a Cluster's pipeline)
+        pipe.zrange(keys.consumer_registry(), 0, -1, withscores=True)
         for queue in queues:
             for stream in streams[queue]:
                 pipe.xlen(stream)
@@ -230,6 +225,8 @@ def collect(client, queues, settings, results_client=None, result_namespaces=Non
         replies = iter(pipe.execute(raise_on_error=False))
     seconds, micros = _value(next(replies))
     now_ms = seconds * 1000 + micros // 1000
+    registered = {bytes_to_str(name) for name, ends in _value(next(replies), [])
+                  if ends >= now_ms}
     results = iter(_counters(results_client or client, queues, result_namespaces or {}))
     parts = []
     for queue in queues:
@@ -239,7 +236,7 @@ def collect(client, queues, settings, results_client=None, result_namespaces=Non
         counters = [_value(next(replies)), _value(next(replies)), next(results), next(results)]
         parts.append((queue, per_stream, counters))
     firsts = _first_ready(client, [p for _, per_stream, _ in parts for p in per_stream])
-    return [_queue_stats(queue, per_stream, counters, firsts, now_ms, settings)
+    return [_queue_stats(queue, per_stream, counters, firsts, now_ms, settings, registered)
             for queue, per_stream, counters in parts]
 
 
@@ -267,8 +264,7 @@ def _counters(client, queues, namespaces):
 
 
 def _stream_part(stream, length, groups, consumers):
-    """One stream's counts: {stream, ready, last_id, consumers: [(name, pending, idle ms)],
-    reads_counted (the server counts empty reads in a consumer's idle time)}."""
+    """One stream's counts: {stream, ready, last_id, consumers: [(name, pending, idle ms)]}."""
     group = next((g for g in groups if bytes_to_str(g["name"]) == keys.CONSUMER_GROUP), None)
     length = length or 0
     if group is None:
@@ -282,7 +278,6 @@ def _stream_part(stream, length, groups, consumers):
         ready = waiting if lag is None else min(lag, waiting)
         last_id = bytes_to_str(group["last-delivered-id"])
     return {"stream": stream, "ready": ready, "last_id": last_id,
-            "reads_counted": any("inactive" in c for c in consumers),
             "consumers": [(bytes_to_str(c["name"]), c["pending"], c["idle"]) for c in consumers]}
 
 
@@ -301,15 +296,15 @@ def _first_ready(client, parts):
             for part, rows in zip(wanted, replies) if isinstance(rows, list) and rows}
 
 
-def _queue_stats(queue, per_stream, counters, firsts, now_ms, settings):
-    held, idle, reads_counted = {}, {}, False
+def _queue_stats(queue, per_stream, counters, firsts, now_ms, settings, registered):
+    held, idle = {}, {}
     for part in per_stream:
-        reads_counted = reads_counted or part["reads_counted"]
         for name, pending, idle_ms in part["consumers"]:
             held[name] = held.get(name, 0) + pending
             idle[name] = min(idle.get(name, idle_ms), idle_ms)
     consumers = [ConsumerStats(name, held[name], idle[name] / 1000,
-                               _state(held[name], idle[name] / 1000, reads_counted, settings))
+                               _state(held[name], idle[name] / 1000, name in registered,
+                                      settings))
                  for name in sorted(held)]
     oldest = [int(firsts[p["stream"]].split("-")[0]) for p in per_stream if p["stream"] in firsts]
     scheduled, dead, completed, failed = counters
@@ -325,12 +320,12 @@ def _queue_stats(queue, per_stream, counters, firsts, now_ms, settings):
         consumers=consumers)
 
 
-def _state(in_flight, idle, reads_counted, settings):
+def _state(in_flight, idle, registered, settings):
+    """A consumer holding messages lives while it renews them; one holding nothing while
+    it is registered."""
     if in_flight:
         return ALIVE if idle <= settings.lease else DEAD
-    if reads_counted:
-        return ALIVE if idle <= settings.read_every else DEAD
-    return IDLE
+    return ALIVE if registered else DEAD
 
 
 def _value(reply, absent=None):

@@ -80,6 +80,7 @@ rate limit, unique and beat claims, cron table  the slot of tag ``q``, so each b
                                                 read in the publish pipeline, not atomic with
                                                 the XADDs)
 ``sheppy:celery::revoked``                      its own slot (single-key commands)
+``sheppy:celery::consumers``                    its own slot (single-key commands)
 ``sheppy:celery::probe:<token>``                its own slot (one key per command)
 =============================================  ==============================================
 
@@ -227,6 +228,11 @@ def exchange_bindings(exchange):
 # ``sheppy:celery::revoked``               zset    revoked Celery task ids, score = revoke time
 #                                                  (epoch ms); entries older than the revoke
 #                                                  expiry are dropped
+# ``sheppy:celery::consumers``             zset    live consumers: member = consumer name (as
+#                                                  in the groups), score = the end of its
+#                                                  registration (epoch ms, Redis's clock); each
+#                                                  consuming channel renews its own every
+#                                                  quarter lease for one lease (presence.py)
 # ``sheppy:celery::probe:<token>``         string  a random token, for 10 s: the result backend
 #                                                  writes it and reads it through the broker's
 #                                                  connection to learn whether both are one db
@@ -280,6 +286,11 @@ def delayed_message(queue, sheppy_id):
 
 def revoked_set():
     return f"{PREFIX}:celery::revoked"
+
+
+def consumer_registry():
+    """Consumer names of live consumers -> the end of their registration (epoch ms)."""
+    return f"{PREFIX}:celery::consumers"
 
 
 def queue_of_stream(stream):

@@ -10,7 +10,7 @@ package; :func:`serve` answers ``GET /metrics`` with the standard library's HTTP
 import logging
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .inspect import ALIVE, DEAD, IDLE, queue_stats
+from .inspect import ALIVE, DEAD, queue_stats
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,9 @@ METRICS = [
 ]
 
 CONSUMERS = ("sheppy_queue_consumers", "gauge",
-             "Consumers of the queue's group by state: alive, dead (past the lease), idle "
-             "(holds nothing; Redis < 7.2 cannot tell whether it still reads).")
+             "Consumers of the queue's group by state: alive (renews its messages' lease, or "
+             "holds nothing and its worker's registration lasts), dead (past the lease, or "
+             "gone).")
 
 
 def samples(stats):
@@ -53,7 +54,7 @@ def samples(stats):
         families.append((name, kind, text, [(labels, v) for labels, v in values if v is not None]))
     name, kind, text = CONSUMERS
     families.append((name, kind, text, [({"queue": s.queue, "state": state}, s.count(state))
-                                        for s in stats for state in (ALIVE, DEAD, IDLE)]))
+                                        for s in stats for state in (ALIVE, DEAD)]))
     return families
 
 

@@ -8,7 +8,6 @@ from datetime import datetime, timezone
 import click
 
 from .. import metrics
-from ..inspect import IDLE
 from ..tables import Column, duration, render
 from .base import echo_lines, json_option, open_broker, queue_option, sheppy
 
@@ -72,9 +71,6 @@ def status_lines(view, stats):
     stuck = sum(s.stuck for s in stats)
     lines.append(f"consumers: {alive} alive, {dead} dead; {stuck} message(s) stuck "
                  "past the lease")
-    if any(c.state == IDLE for _, c in consumers):
-        lines.append("idle: holds nothing and read nothing for a lease; Redis < 7.2 does not "
-                     "record empty reads, so it may be alive or gone")
     return lines
 
 

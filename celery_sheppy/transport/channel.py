@@ -11,7 +11,8 @@ A channel is one consumer of the ``workers`` group. It holds its parts and nothi
 * ``reader``: the blocking read, the read-ahead buffer, delivery (reading.py);
 * ``ledger`` and ``acker``: messages in flight; acks, rejects, put-backs (acks.py);
 * ``letters``: dead letters (dead_letters.py); ``revokes``: durable revokes (revokes.py);
-* ``upkeep``: the named periodic jobs, ``reaper`` among them (upkeep.py).
+* ``upkeep``: the named periodic jobs, ``reaper`` and ``registration`` (presence.py)
+  among them (upkeep.py).
 
 The methods under "poller interface" are what the transport's Poller calls (poller.py).
 """
@@ -29,7 +30,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.encoding import bytes_to_str
 
 from .. import connection, keys, scripts
-from . import options, upkeep
+from . import options, presence, upkeep
 from .acks import Acker, InflightLedger
 from .connections import Connections, connparams
 from .dead_letters import DeadLetters
@@ -117,6 +118,9 @@ class Channel(virtual.Channel):
         self.publisher = Publisher(self, conns, queues, self.groups, self.router, self.revokes)
         self.reaper = upkeep.ConsumerReaper(conns, queues, lambda: self.active_queues,
                                             self.consumer_name, settings.consumer_reap_after)
+        self.registration = presence.Registration(conns, queues, self.consumer_name,
+                                                  self.reaper.read_from,
+                                                  settings.visibility_timeout)
         self.upkeep = self._upkeep_jobs()
         try:
             if conns.cluster:  # RedisCluster learnt the slot map from the seeds already
@@ -151,6 +155,7 @@ class Channel(virtual.Channel):
             upkeep.ExpiringQueues(conns, queues, self.router, lambda: self.active_queues,
                                   lambda queue: self.state.queue_bindings(queue)),
             upkeep.OrphanUpkeep(),
+            self.registration,
             self.reaper,
             upkeep.StreamDiscovery(self.groups, leased, self.reader.interrupt),
             upkeep.LeaseRenewal(conns, lambda: [self.ledger.held(), self.reader.buffer.held()],
@@ -284,9 +289,10 @@ class Channel(virtual.Channel):
     # -- consuming -------------------------------------------------------------------------------
 
     def basic_consume(self, queue, no_ack, *args, **kwargs):
-        self.groups.ensure(queue)
+        present = self.groups.ensure(queue)
         if not self.queues.expiring(queue):
             self.revokes.read(force=True)  # revoked while no worker listened
+            self.registration.join(present)
         self.reaper.read_from.add(queue)
         if no_ack:
             self.reader.no_ack.add(queue)
@@ -294,6 +300,7 @@ class Channel(virtual.Channel):
             self.reader.no_ack.discard(queue)
         result = super().basic_consume(queue, no_ack, *args, **kwargs)
         self.reader.queues_changed(self.active_queues)
+        self.registration.run(force=True)
         self.reaper.run(force=True)
         return result
 
@@ -391,6 +398,7 @@ class Channel(virtual.Channel):
         try:
             super().close()  # cancels consumers (auto_delete queues go), returns unacked
             self.acker.return_buffered(self.reader.buffer.drain())
+            self.registration.remove()
             self.reaper.run(own=True)
         except self.connection_errors as exc:
             logger.warning("sheppy: could not tidy up channel on close: %r", exc)

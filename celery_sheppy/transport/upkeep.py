@@ -7,7 +7,9 @@ idle. In order:
 ``expiring_queues``  renew expiring queues (their streams' TTL) and their bindings
 ``orphans``          acks, leases and put-backs of a lost connection (``orphans.py``),
                      before the reclaim: leases of what this worker still runs first
-``reap_consumers``   remove consumers idle past ``consumer_reap_after`` holding nothing
+``register_consumer`` renew this consumer's registration as alive (``presence.py``)
+``reap_consumers``   remove consumers idle past ``consumer_reap_after`` holding nothing,
+                     unless registered
 ``discover_streams`` find priority streams publishers made (``groups.py``)
 ``renew_leases``     reset the idle time of every entry this channel holds
 ``reclaim``          take over entries whose lease expired (XAUTOCLAIM, ``reclaim.lua``)
@@ -22,7 +24,7 @@ from kombu.log import get_logger
 from kombu.utils.encoding import bytes_to_str
 
 from .. import keys, scripts
-from . import orphans
+from . import orphans, presence
 
 logger = get_logger(__name__)
 
@@ -93,7 +95,7 @@ class OrphanUpkeep:
 
 class ConsumerReaper:
     """Remove consumers of the group idle past ``consumer_reap_after`` with nothing pending
-    (every half of it); on close, this channel's own consumer."""
+    and no registration (every half of it); on close, this channel's own consumer."""
 
     name = "reap_consumers"
 
@@ -112,7 +114,12 @@ class ConsumerReaper:
             return
         self._reaped_at = now
         queues = sorted(self.read_from) if own else self.consumed()
-        calls = [([stream], [GROUP, int(self.reap_after * 1000), self.consumer_name if own else ""])
+        if not queues:
+            return
+        alive = [name for name in presence.registered(self.conns.client)
+                 if name != self.consumer_name or not own]
+        calls = [([stream], [GROUP, int(self.reap_after * 1000),
+                             self.consumer_name if own else "", *alive])
                  for queue in queues for stream in self.queues.streams(queue)]
         scripts.registry()["reap_consumers"].many(self.conns.client, calls, raise_on_error=False)
 

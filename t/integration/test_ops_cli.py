@@ -288,6 +288,45 @@ def test_stuck_lists_a_killed_workers_messages_past_the_lease_and_exits_1_until_
     rescuer.stop()
 
 
+def test_an_idle_worker_counts_alive_on_every_server_and_a_killed_one_dead(ops):
+    # A 4 s lease, and idle consumers reaped after 2 s: a consumer that holds nothing
+    # lives by its worker's registration, not by its idle time, which Redis 7.0 does not
+    # reset on empty reads (7.2+ and Valkey do)
+    setup = ops(broker_transport_options={"visibility_timeout": LEASE,
+                                          "consumer_reap_after": 2})
+    doomed = setup.worker()
+
+    # When the worker holds nothing and reads nothing for two leases, before its first
+    # task (Redis 7.0 adds a consumer to a group at its first entry) and after it
+    time.sleep(2 * LEASE + 1)
+    celery = setup.stats()[QUEUE]
+    assert [(c["in_flight"], c["state"]) for c in celery["consumers"]] == [(0, "alive")]
+    assert setup.sig("add", 1, 1).delay().get(timeout=30) == 2
+    time.sleep(2 * LEASE + 1)
+
+    # Then it is one alive consumer, in status and in the metrics
+    celery = setup.stats()[QUEUE]
+    assert [(c["in_flight"], c["state"]) for c in celery["consumers"]] == [(0, "alive")]
+    assert (celery["consumers_alive"], celery["consumers_dead"]) == (1, 0)
+    values = samples_of(setup.cli("metrics").stdout)
+    assert values[("sheppy_queue_consumers", (("queue", QUEUE), ("state", "alive")))] == 1
+    alive = celery["consumers"][0]["name"]
+
+    # When it is killed, it is dead once its registration (one lease) ends
+    doomed.kill()
+    wait_until(lambda: setup.stats()[QUEUE]["consumers_alive"] == 0, 3 * LEASE,
+               "the killed worker to count dead")
+    assert [(c["name"], c["state"]) for c in setup.stats()[QUEUE]["consumers"]] == [
+        (alive, "dead")]
+
+    # And a new worker's reaper removes the dead consumer, not its own idle one
+    setup.worker()
+    wait_until(lambda: [c["state"] for c in setup.stats()[QUEUE]["consumers"]] == ["alive"],
+               30, "the dead consumer to be reaped")
+    time.sleep(2 * LEASE)
+    assert [c["state"] for c in setup.stats()[QUEUE]["consumers"]] == ["alive"]
+
+
 # -- dead letters ------------------------------------------------------------------------
 
 

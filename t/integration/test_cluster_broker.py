@@ -7,6 +7,7 @@ Task runs are counted in a side Redis the system under test never touches.
 """
 
 import json
+import threading
 import time
 from collections import Counter
 
@@ -15,6 +16,7 @@ from celery import chord, group
 
 from celery_sheppy import keys
 from conftest import Worker, client_app
+from t.redis_server import RedisCluster
 
 TASKS = "t.integration.tasks"
 LEASE = 4  # seconds: the kill test's visibility_timeout, so it finishes quickly
@@ -137,3 +139,50 @@ def test_status_reads_the_hash_tagged_queue_and_its_result_shards(worker, app):
     assert "{celery}" in stats and not any(name.startswith("{celery.") for name in stats), stats
     assert stats["{celery}"].completed >= 20
     assert [s.queue for s in queue_stats(app, ["celery"])] == ["{celery}"]
+
+
+def test_a_worker_started_while_the_cluster_is_down_waits_and_then_works(start_worker):
+    # Given a cluster of its own whose slots are not all served: a master without a
+    # replica is down, so every node answers CLUSTERDOWN
+    cluster = RedisCluster(masters=3, replicas=0)
+    try:
+        url = cluster.sheppy_url()
+        down = cluster.nodes[2]
+        down.kill()
+        wait_until(lambda: b"cluster_state:fail" in cluster.nodes[0].client().execute_command(
+            "CLUSTER", "INFO"), 30)
+
+        # When a worker starts (Celery's defaults: mingle declares a reply queue first)
+        outcome = {}
+
+        def start():
+            try:
+                outcome["worker"] = start_worker(url, url, pool="threads")
+            except Exception as exc:  # pylint: disable=broad-except  (asserted below)
+                outcome["error"] = exc
+
+        starting = threading.Thread(target=start)
+        starting.start()
+        time.sleep(8)
+        assert "error" not in outcome, outcome["error"]  # it did not exit
+
+        # Then it waits, and is ready and runs tasks once the cluster serves again
+        down.start()
+        cluster.wait_until_ok()
+        starting.join(90)
+        assert "worker" in outcome, outcome.get("error")
+        assert "ClusterDownError" in outcome["worker"].output()  # it met the down cluster
+        app = client_app(url, url)
+        try:
+            assert sig(app, "add", 2, 3).delay().get(timeout=30) == 5
+        finally:
+            app.close()
+    finally:
+        cluster.close()
+
+
+def wait_until(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)

@@ -477,3 +477,18 @@ def test_metrics_are_printed_and_served_for_prometheus_to_scrape(ops):
         finally:
             server.kill()
             server.wait()
+
+
+# -- configuration errors ------------------------------------------------------------
+
+
+def test_a_misspelt_transport_option_stops_the_worker_naming_only_options_it_accepts(ops):
+    setup = ops(broker_transport_options={"visibilty_timeout": 10})
+    with pytest.raises(RuntimeError, match="worker exited") as failed:
+        setup.worker()
+    message = next(line for line in str(failed.value).splitlines() if "visibilty_timeout" in line)
+    accepted = message.split("accepted: ", 1)[1].rstrip(")").split(", ")
+    assert "visibility_timeout" in accepted
+    # refused options (sheppy's key layout is fixed) are not offered
+    assert "global_keyprefix" not in accepted and "sep" not in accepted
+

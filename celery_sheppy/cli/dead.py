@@ -61,8 +61,11 @@ def dead_show(ctx, ids, queues):
                      "task_id", "args"):
             click.echo(f"{name + ':':12}{'-' if letter[name] is None else letter[name]}")
         click.echo(f"{'age:':12}{duration(letter['age'])}")
-        click.echo("data:")
-        click.echo(listings.pretty_data(letter["data"]))
+        for name, value in sorted(letter["other_fields"].items()):
+            click.echo(f"{name + ':':12}{value}")
+        click.echo("data:" if letter["data"] else "data:       (none: the entry has no data)")
+        if letter["data"]:
+            click.echo(listings.pretty_data(letter["data"]))
         click.echo()
     _missing(ids, found, names)
 

@@ -204,8 +204,10 @@ class Reader:
             stream = bytes_to_str(stream)
             queue = queue_of[stream]
             for entry_id, fields in items:
-                entries.append((order[stream], queue, stream,
-                                bytes_to_str(entry_id), (fields or {}).get(b"data")))
+                data = (fields or {}).get(b"data")
+                if data is None and fields:  # not ours: keep what it holds for its dead letter
+                    data = records.FieldsWithoutData.of(fields)
+                entries.append((order[stream], queue, stream, bytes_to_str(entry_id), data))
         entries.sort(key=lambda entry: entry[0])  # priority first, then queue order; stable
         if entries:
             self._hot_streams = set(hot) | {entry[2] for entry in entries}

@@ -385,6 +385,29 @@ def test_dead_letters_are_listed_shown_replayed_to_a_worker_and_purged(ops):
     assert setup.client.xlen(dead) == 0
 
 
+def test_dead_show_prints_what_an_entry_without_a_data_field_held(ops):
+    # Given an entry without a data field in the queue's stream (not written by
+    # celery-sheppy or sheppy), which a worker dead-letters, and a dead letter written
+    # by hand without one
+    setup = ops()
+    setup.worker()
+    setup.client.xadd(keys.pending_stream(QUEUE), {"note": "added by hand", "n": "7"})
+    dead = keys.dead_letter_stream(QUEUE)
+    wait_until(lambda: setup.client.xlen(dead) == 1, 30, "a dead letter")
+    by_hand = setup.client.xadd(dead, {"reason": "moved by hand", "origin": "ops"}).decode()
+    moved = setup.json("dead", "list")[0]["id"]
+
+    # When the operator shows them, then each shows what it holds
+    shown = setup.cli("dead", "show", moved)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^reason: +undecodable: .*no 'data' field", shown.stdout, re.M)
+    assert '"note": "added by hand"' in shown.stdout and '"n": "7"' in shown.stdout
+    shown = setup.cli("dead", "show", by_hand)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^origin: +ops$", shown.stdout, re.M)
+    assert re.search(r"^data: +\(none: the entry has no data\)$", shown.stdout, re.M)
+
+
 # -- scheduled, revoked -----------------------------------------------------------------
 
 

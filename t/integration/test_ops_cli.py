@@ -45,8 +45,8 @@ class Setup:
                     CELERY_SHEPPY_COUNTER_URL=self.server.url,
                     PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
-    def worker(self, concurrency=2):
-        return self._start(self.url, self.backend, pool="threads", concurrency=concurrency,
+    def worker(self, concurrency=2, pool="threads"):
+        return self._start(self.url, self.backend, pool=pool, concurrency=concurrency,
                            extra_env={"CELERY_SHEPPY_CONF": json.dumps(self.conf),
                                       "CELERY_SHEPPY_COUNTER_URL": self.server.url})
 
@@ -434,6 +434,24 @@ def test_scheduled_list_shows_countdown_tasks_soonest_first_and_revoked_list_the
     assert revoked["total"] == 1 and [i["task_id"] for i in revoked["revoked"]] == [later.id]
     table = setup.cli("revoked", "list")
     assert later.id in table.stdout and "1 of 1 shown" in table.stdout
+
+
+def test_revoked_list_shows_tasks_stopped_with_celery_control_terminate(ops):
+    # Given a running task (prefork: a thread cannot be terminated), stopped as an
+    # operator does with Celery's command line
+    setup = ops()
+    worker = setup.worker(pool="prefork")
+    (held, _) = setup.hold_two_and_wait()
+    result = subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, "control",
+                             "terminate", "SIGTERM", held.id], env=setup.env, cwd=str(ROOT),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: held.state == "REVOKED", 30, "the task to be revoked")
+
+    # Then the revoke is kept for workers that were away, and listed
+    revoked = setup.json("revoked", "list")
+    assert [i["task_id"] for i in revoked["revoked"]] == [held.id]
+    worker.kill()  # the other task runs for 30 s more: no warm shutdown
 
 
 # -- metrics --------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import click
 
 from .. import metrics
 from ..tables import Column, duration, render
-from .base import echo_lines, json_option, open_broker, queue_option, sheppy
+from .base import (EXIT_UNAVAILABLE, Failure, echo_lines, json_option, open_broker,
+                   queue_option, sheppy)
 
 # -- status ----------------------------------------------------------------------------
 
@@ -86,10 +87,20 @@ def status_lines(view, stats):
 @click.pass_context
 def metrics_command(ctx, queues, port, bind):
     """Prometheus text exposition of the queue counts (print once, or --serve)."""
-    with open_broker(ctx) as view:
-        stats = view.stats(queues)  # also proves the broker works before serving
     if port is None:
+        with open_broker(ctx) as view:
+            stats = view.stats(queues)
         return click.echo(metrics.exposition(stats), nl=False)
+    try:
+        with open_broker(ctx) as view:
+            view.stats(queues)  # a broker that is not sheppy:// stops it here
+    except Failure as exc:
+        if exc.exit_code != EXIT_UNAVAILABLE:
+            raise
+        # down now: serve all the same (scrapes answer 503 until it is back), as during
+        # an outage later
+        click.echo(f"warning: {exc.format_message()}; serving 503 until it answers",
+                   err=True)
 
     def ready(server):
         host, bound = server.server_address[:2]

@@ -533,3 +533,42 @@ def test_a_misspelt_transport_option_stops_the_worker_naming_only_options_it_acc
     # refused options (sheppy's key layout is fixed) are not offered
     assert "global_keyprefix" not in accepted and "sep" not in accepted
 
+
+def test_metrics_serve_starts_while_redis_is_down_and_recovers(ops):
+    # Given a broker that is down when the exporter starts
+    setup = ops()
+    setup.server.kill()
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as out:
+        server = subprocess.Popen(setup.command("metrics", "--serve", str(port)), env=setup.env,
+                                  cwd=str(ROOT), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}/metrics"
+            failures = []
+
+            def answered(expect):
+                assert server.poll() is None, "the exporter exited"
+                try:
+                    with urllib.request.urlopen(url, timeout=10) as response:
+                        return expect == 200 and samples_of(response.read().decode())
+                except urllib.error.HTTPError as exc:
+                    failures.append(exc.read().decode())
+                    return exc.code == expect
+                except OSError:
+                    return False
+
+            # Then it serves, and a scrape says why it fails
+            wait_until(lambda: answered(503), 60, "a 503 from the exporter")
+            assert "cannot read the sheppy:// broker" in failures[-1]
+            # And once Redis is back, scrapes succeed
+            setup.server.start()
+            setup.sig("add", 1, 1).delay()
+            wait_until(lambda: answered(200), 60, "a scrape to succeed")
+            server.send_signal(signal.SIGINT)
+            assert server.wait(30) == 0
+            out.seek(0)
+            assert "serving 503 until it answers" in out.read()
+        finally:
+            server.kill()
+            server.wait()
+

@@ -55,6 +55,10 @@ class NotSheppyBroker(RuntimeError):
     """The app's broker is not ``sheppy://``."""
 
 
+class UnknownQueue(ValueError):
+    """A queue named by the caller that this broker has no trace of."""
+
+
 class ResultsUnreachable(RuntimeError):
     """The ``sheppy://`` result backend, where the result counters live, cannot be reached."""
 
@@ -125,12 +129,17 @@ class Inspector:
     def url(self):
         return broker_url(self.connection)
 
-    def queues(self, only=None):
+    def queues(self, only=None, known=False):
         """Queue names: ``only`` (checked), else the configured ones and sheppy's registry
-        (on a Redis Cluster their sheppy names ``{q}``, without the result shards)."""
+        (on a Redis Cluster their sheppy names ``{q}``, without the result shards).
+        ``known``: UnknownQueue for a name of ``only`` that is none of those and has no
+        stream, scheduled set or dead letters (a typo would show a row of zeros)."""
         if only:
-            return list(dict.fromkeys(keys.broker_queue(keys.check_queue(name), self.cluster)
-                                      for name in only))
+            named = list(dict.fromkeys(keys.broker_queue(keys.check_queue(name), self.cluster)
+                                       for name in only))
+            if known:
+                self._check_known(named)
+            return named
         names = {self.app.conf.task_default_queue, *self.app.amqp.queues.keys()}
         names = {keys.broker_queue(name, self.cluster) for name in names}
         for name in self.client.hkeys(keys.queue_registry()):
@@ -138,6 +147,23 @@ class Inspector:
         shards = set(self.app.backend.result_queues) if self.cluster and isinstance(
             self.app.backend, SheppyBackend) else set()
         return sorted(name for name in names if _usable(name) and name not in shards)
+
+    def _check_known(self, names):
+        listed = set(self.queues())
+        others = [name for name in names if name not in listed]
+        if not others:
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for name in others:  # one slot per queue on a Redis Cluster: one command each
+                pipe.exists(*self.settings.streams.of(name), keys.scheduled_set(name),
+                            keys.dead_letter_stream(name))
+            found = pipe.execute()
+        unknown = [name for name, count in zip(others, found) if not count]
+        if unknown:
+            raise UnknownQueue(
+                f"no queue {', '.join(map(repr, unknown))} on {self.url}: not among the app's "
+                "queues nor in sheppy's registry, and no stream, scheduled or dead letters "
+                f"under that name (queues: {', '.join(sorted(listed)) or 'none'})")
 
     def now(self):
         """Redis's clock in epoch seconds: the clock stream ids are made of."""

@@ -27,7 +27,7 @@ def status(ctx, queues, as_json, watch):
     with open_broker(ctx) as view:
         try:
             while True:
-                stats = view.stats(queues)
+                stats = view.stats(view.queues(queues, known=True))
                 if as_json:
                     document = {"broker": view.url, "time": view.now(),
                                 "lease": view.settings.lease,
@@ -89,11 +89,11 @@ def metrics_command(ctx, queues, port, bind):
     """Prometheus text exposition of the queue counts (print once, or --serve)."""
     if port is None:
         with open_broker(ctx) as view:
-            stats = view.stats(queues)
+            stats = view.stats(view.queues(queues, known=True))
         return click.echo(metrics.exposition(stats), nl=False)
     try:
         with open_broker(ctx) as view:
-            view.stats(queues)  # a broker that is not sheppy:// stops it here
+            view.stats(view.queues(queues, known=True))  # not sheppy://, a typo: stop
     except Failure as exc:
         if exc.exit_code != EXIT_UNAVAILABLE:
             raise

@@ -251,6 +251,14 @@ def test_errors_name_the_fault_and_exit_with_codes_scripts_can_use(ops):
     result = setup.cli("dead", "show", "not-an-id")
     assert result.returncode == 2 and "'not-an-id' is not a stream entry id" in result.stderr
 
+    # a queue the broker has no trace of (a typo) is named, not shown as a row of zeros
+    setup.sig("add", 1, 1).apply_async(queue="mail")  # known by its stream only
+    for command in (["status"], ["metrics"], ["dead", "list"], ["scheduled", "list"], ["stuck"]):
+        result = setup.cli(*command, "-Q", "celery,mial")
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert "no queue 'mial'" in result.stderr and "mail" in result.stderr
+    assert setup.cli("status", "-Q", "celery,mail").returncode == 0
+
 
 # -- stuck ------------------------------------------------------------------------------
 

@@ -4,9 +4,10 @@ The result side (results.py) and the broker side (messages.py) build on these; t
 package's ``__init__`` names the whole mapping.
 """
 
+import hashlib
 import re
 from datetime import datetime, timezone
-from uuid import UUID, uuid5
+from uuid import UUID
 
 from celery import states
 from kombu.utils import json as kombu_json
@@ -72,7 +73,14 @@ def sheppy_id(task_id):
     task_id = str(task_id)
     if _CANONICAL_UUID.fullmatch(task_id):
         return task_id
-    return str(uuid5(CELERY_ID_NAMESPACE, task_id))
+    return str(_uuid5(CELERY_ID_NAMESPACE, task_id))
+
+
+def _uuid5(namespace, name):
+    """``uuid.uuid5``, with hashlib imported up front: uuid5 imports it at each call, which
+    fails at interpreter exit, when Celery's ``AsyncResult.__del__`` still asks for ids."""
+    digest = hashlib.sha1(namespace.bytes + name.encode("utf-8")).digest()
+    return UUID(bytes=digest[:16], version=5)
 
 
 def status_for(state):

@@ -5,6 +5,8 @@ results live on db 0 in Sheppy's layout.
 """
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -264,3 +266,33 @@ def test_chord_with_a_generator_header_fires_once_in_header_order(worker, app, c
     assert result.get(timeout=30) == [0.4, 0.0, 0.2]
     time.sleep(0.5)
     assert counter.llen(key) == 1
+
+
+CLIENT_WITH_NON_UUID_IDS = """
+import sys
+from celery import Celery
+
+app = Celery("client", broker=sys.argv[1], backend=sys.argv[1])
+result = app.send_task("t.integration.tasks.add", (1, 2), task_id="my-id")
+assert result.get(timeout=30) == 3
+app.send_task("t.integration.tasks.add", (2, 2), task_id="my-other-id")  # not waited for
+print("done")
+"""
+
+
+def test_a_script_sending_tasks_with_non_uuid_ids_exits_without_a_traceback(
+        make_redis_server, start_worker, tmp_path):
+    # Given a worker, and a script that sends tasks with ids that are not UUIDs (their
+    # records are kept under a UUIDv5 of the id), one waited for, one not
+    server = make_redis_server()
+    start_worker(server.sheppy_url(), server.sheppy_url())
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT_WITH_NON_UUID_IDS)
+
+    # When it runs to its end (its AsyncResults are freed as the interpreter shuts down)
+    for _ in range(3):
+        run = subprocess.run([sys.executable, str(script), server.sheppy_url()],
+                             capture_output=True, text=True, timeout=120)
+
+        # Then it says nothing on stderr
+        assert (run.returncode, run.stdout, run.stderr) == (0, "done\n", "")

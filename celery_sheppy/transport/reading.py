@@ -272,11 +272,16 @@ class Reader:
 
     def drop_if_overdue(self, health_check_interval):
         """Drop the outstanding read when its reply is late enough to suspect a dead
-        socket: ``(True, its file descriptor or None)``, else ``(False, None)``."""
+        socket: ``(True, its file descriptor or None)``, else ``(False, None)``. A reply
+        that did come is read instead: nobody drained the connection meanwhile (a pooled
+        connection, as a remote-control client's, reused after its read ended)."""
         sent = self._sent_at
         if self._reading is None or sent is None:
             return False, None
         if monotonic() - sent <= self.block_seconds() + health_check_interval:
+            return False, None
+        if _has_reply(self._reading):
+            self.finish()  # its entries (if any) go to the buffer, delivered as usual
             return False, None
         fd = self.fileno
         self._reading.disconnect()
@@ -368,6 +373,13 @@ class Reader:
             return None
         properties["delivery_tag"] = tag
         return message
+
+
+def _has_reply(conn):
+    try:
+        return conn.can_read(timeout=0)
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
 
 
 def _expired(entry_id, ttl):

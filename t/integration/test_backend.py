@@ -5,6 +5,7 @@ results live on db 0 in Sheppy's layout.
 """
 
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ from celery.exceptions import ChordError, TimeoutError as CeleryTimeoutError
 from celery.result import GroupResult
 
 from celery_sheppy import keys, records
-from conftest import Worker, client_app
+from conftest import ROOT, Worker, client_app
 
 TASKS = "t.integration.tasks"
 
@@ -296,3 +297,40 @@ def test_a_script_sending_tasks_with_non_uuid_ids_exits_without_a_traceback(
 
         # Then it says nothing on stderr
         assert (run.returncode, run.stdout, run.stderr) == (0, "done\n", "")
+
+
+def documented_records():
+    """The example records of docs/backend.md ("The record"), in order."""
+    text = (ROOT / "docs" / "backend.md").read_text()
+    section = text.split("## The record", 1)[1].split("\n## ", 1)[0]
+    return [json.loads(block) for block in re.findall(r"```json\n(.*?)```", section, re.S)]
+
+
+def shape(value):
+    """A record's keys, nested, without its values (ids and times differ)."""
+    if isinstance(value, dict):
+        return {key: shape(item) for key, item in value.items()}
+    return type(value).__name__
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_the_documented_record_is_what_a_worker_stores(make_redis_server, start_worker,
+                                                       extended):
+    # Given a worker and a client with Celery's default result_extended (False), or True
+    server = make_redis_server()
+    conf = {"result_extended": extended}
+    start_worker(server.sheppy_url(), server.sheppy_url(),
+                 extra_env={"CELERY_SHEPPY_CONF": json.dumps(conf)})
+    app = client_app(server.sheppy_url(), server.sheppy_url(), **conf)
+    try:
+        # When add(40, 2) runs
+        result = sig(app, "add", 40, 2).delay()
+        assert result.get(timeout=30) == 42
+        record = record_of(server.client(), result.id)
+    finally:
+        app.close()
+
+    # Then its record has the shape docs/backend.md shows for that setting
+    documented = documented_records()[1 if extended else 0]
+    assert shape(record) == shape(documented)
+    assert record["spec"] == documented["spec"] and record["result"] == documented["result"]

@@ -178,6 +178,15 @@ class Inspector:
         return backend.client if isinstance(backend, SheppyBackend) else None
 
     @property
+    def results_queue(self):
+        """The queue whose row holds the result counters of every task queue (the
+        ``sheppy://`` result backend's queue), or None when results go elsewhere."""
+        backend = self.app.backend
+        if isinstance(backend, SheppyBackend):
+            return keys.broker_queue(backend.queue, self.cluster)
+        return None
+
+    @property
     def result_namespaces(self):
         """{queue: the queues its result counters are kept in}: on a Redis Cluster the
         backend's queue counts in each of its result shards (keys.result_shards)."""

@@ -35,9 +35,12 @@ METRICS = [
      "In-flight messages held by dead consumers (past the lease, not taken over yet).",
      lambda s: s.stuck),
     ("sheppy_queue_completed_total", "counter",
-     "Results stored with a terminal state (success, failure, revoke): sheppy's counter.",
-     lambda s: s.completed),
-    ("sheppy_queue_failed_total", "counter", "FAILURE results stored.", lambda s: s.failed),
+     "Results stored with a terminal state (success, failure, revoke) under this queue: "
+     "the sheppy:// result backend counts every task queue's results under its own queue "
+     "(sheppy's counter).", lambda s: s.completed),
+    ("sheppy_queue_failed_total", "counter",
+     "FAILURE results stored under this queue (of every task queue, as completed).",
+     lambda s: s.failed),
 ]
 
 CONSUMERS = ("sheppy_queue_consumers", "gauge",

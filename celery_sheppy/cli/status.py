@@ -59,6 +59,9 @@ def status_lines(view, stats):
          Column("DONE", right=True), Column("FAILED", right=True)],
         [[s.queue, s.ready, s.in_flight, duration(s.oldest_ready_age), s.scheduled,
           s.dead_letters, s.completed, s.failed] for s in stats])
+    counted = view.results_queue
+    if counted is not None and any(s.completed is not None for s in stats):
+        lines.append(f"DONE, FAILED: the results of every queue's tasks, counted under {counted}")
     consumers = [(s, c) for s in stats for c in s.consumers]
     lines.append("")
     if not consumers:

@@ -154,6 +154,9 @@ def test_status_counts_ready_in_flight_scheduled_dead_and_results_per_queue(ops)
     assert rows[QUEUE][1:3] == ["3", "2"] and rows[QUEUE][4:] == ["1", "1", "2", "1"]
     assert rows["other"][1:3] == ["2", "0"]
     assert "consumers: 1 alive, 0 dead; 0 message(s) stuck past the lease" in table.stdout
+    # the result counters are the backend's, of every queue: the table says so
+    assert "DONE, FAILED: the results of every queue's tasks, counted under celery" in \
+        table.stdout
     assert setup.cli("status", "-Q", "other", "--json").stdout.count('"queue"') == 1
     worker.kill()  # its tasks run for 30 s more: no warm shutdown
 

@@ -22,8 +22,8 @@ from .base import (CELERY_ID_NAMESPACE, HEAD_FIELDS, SPEC_FUNC, STATE_BY_STATUS,
                    TERMINAL_STATES, RecordError, aware_iso, celery_task, compact_utc, dumps,
                    expand_utc, loads, sheppy_id, status_for)
 from .messages import (RAW_CONTENT_TYPES, FieldsWithoutData, check_content_type,
-                       flag_redelivered, mark_redelivered, pending_record, prior_deliveries, record_to_message, reset_deliveries,
-                       scheduled_record)
+                       flag_redelivered, mark_redelivered, pending_record, prior_deliveries,
+                       record_to_message, reset_deliveries, scheduled_record)
 from .results import build_record, error_text, meta_from_record
 
 __all__ = [

@@ -21,7 +21,8 @@ from uuid import uuid4
 from kombu import serialization
 from kombu.utils import json as kombu_json
 
-from .base import SPEC_FUNC, RecordError, aware_iso, dumps, loads, record_head, sheppy_id
+from .base import (SPEC_FUNC, RecordError, RequeuedBySheppy, aware_iso, dumps, loads,
+                   record_head, sheppy_id)
 
 
 _JSON = "application/json"
@@ -103,6 +104,8 @@ def record_to_message(raw):
     extras = record.get("celery")
     message = extras.get("message") if isinstance(extras, dict) else None
     if not isinstance(message, dict) or not isinstance(message.get("properties"), dict):
+        if (record.get("spec") or {}).get("func") == SPEC_FUNC and extras is None:
+            raise RequeuedBySheppy(record.get("id"))
         raise RecordError(f"record {record.get('id')} carries no Celery message")
     message = dict(message, properties=dict(message["properties"]))
     if "body" not in message:

@@ -333,6 +333,14 @@ class Reader:
                 return message
         return None
 
+    def _give_back_ttl(self, stream, sheppy_id):
+        """sheppy's retry rewrote a Celery record without a TTL (``SET`` alone): give it
+        the one sheppy gives its own records, unless it has one (``EXPIRE NX``)."""
+        queue = keys.queue_of_stream(stream)
+        if queue and sheppy_id:
+            self.conns.client.execute_command(
+                "EXPIRE", keys.task_record(queue, sheppy_id), records.SHEPPY_RECORD_TTL, "NX")
+
     def claim(self, queue, stream, entry_id, data, counter):
         """Buffer an entry a reclaim took over; ``counter``: the group's delivery count."""
         self._claimed[(stream, entry_id)] = int(counter)
@@ -349,6 +357,8 @@ class Reader:
             logger.error("Cannot decode message %s of %s, moved to the dead letters: %s",
                          entry_id, stream, exc)
             self.letters.move(queue, stream, entry_id, f"undecodable: {exc}", counter, data)
+            if isinstance(exc, records.RequeuedBySheppy):
+                self._give_back_ttl(stream, exc.sheppy_id)
             return None
         deliveries = records.prior_deliveries(record) + counter
         if deliveries > self.max_deliveries:

@@ -4,9 +4,9 @@
 metrics`` and Flower's Broker page. Per queue it costs a fixed number of commands per
 stream (``XLEN``, ``XINFO GROUPS``, ``XINFO CONSUMERS``, at most one ``XRANGE … COUNT 1``)
 plus ``ZCARD``, ``XLEN`` and two ``GET`` of the result counters (on the ``sheppy://``
-result backend's own Redis, where they are written), and one ``ZRANGE`` of the consumer
-registry: never a scan over task records. Four pipelined round trips, whatever the
-number of queues.
+result backend's own Redis, where they are written), and one ``EXISTS`` of the
+registration of each consumer that holds nothing: never a scan over task records. At
+most five pipelined round trips, whatever the number of queues.
 
 Definitions (``docs/operations.md`` explains them for operators):
 
@@ -22,8 +22,8 @@ Definitions (``docs/operations.md`` explains them for operators):
 * **consumer state**: a consumer holding messages renews their lease every quarter
   lease, which resets its idle time: it is *alive* while idle <= lease, else *dead*
   (its messages are past the lease: *stuck* until a live worker takes them over).
-  A consumer holding nothing is *alive* while its registration in
-  ``sheppy:celery::consumers`` lasts (its worker renews it every quarter lease:
+  A consumer holding nothing is *alive* while its registration
+  ``sheppy:celery::consumer:<name>`` lasts (its worker renews it every quarter lease:
   ``transport/presence.py``), else *dead* (gone; the reaper removes it). Neither uses
   the idle time of empty reads, which Redis counts only from 7.2 on: the same on every
   server.
@@ -39,6 +39,7 @@ from . import keys
 from .backend import SheppyBackend
 from .connection import CONNECTION_ERRORS, redact
 from .transport import Transport
+from .transport import presence
 from .transport.options import BY_NAME as TRANSPORT_OPTIONS
 from .transport.streams import QueueStreams
 
@@ -243,13 +244,13 @@ def is_sheppy(app):
 
 
 def collect(client, queues, settings, results_client=None, result_namespaces=None):
-    """[QueueStats] of ``queues`` in three round trips: the streams, the result counters
-    (from ``results_client`` when given, else from ``client``; summed over
-    ``result_namespaces[queue]`` when given), the first ready entries."""
+    """[QueueStats] of ``queues`` in up to four round trips: the streams, the result
+    counters (from ``results_client`` when given, else from ``client``; summed over
+    ``result_namespaces[queue]`` when given), the first ready entries, the registrations
+    of the consumers that hold nothing."""
     streams = {queue: settings.streams.of(queue) for queue in queues}
     with client.pipeline(transaction=False) as pipe:
         pipe.execute_command("TIME")  # (pipe.time() is refused by a Cluster's pipeline)
-        pipe.zrange(keys.consumer_registry(), 0, -1, withscores=True)
         for queue in queues:
             for stream in streams[queue]:
                 pipe.xlen(stream)
@@ -260,8 +261,6 @@ def collect(client, queues, settings, results_client=None, result_namespaces=Non
         replies = iter(pipe.execute(raise_on_error=False))
     seconds, micros = _value(next(replies))
     now_ms = seconds * 1000 + micros // 1000
-    registered = {bytes_to_str(name) for name, ends in _value(next(replies), [])
-                  if ends >= now_ms}
     results = iter(_counters(results_client or client, queues, result_namespaces or {}))
     parts = []
     for queue in queues:
@@ -271,6 +270,7 @@ def collect(client, queues, settings, results_client=None, result_namespaces=Non
         counters = [_value(next(replies)), _value(next(replies)), next(results), next(results)]
         parts.append((queue, per_stream, counters))
     firsts = _first_ready(client, [p for _, per_stream, _ in parts for p in per_stream])
+    registered = presence.registered(client, _holding_nothing(parts))
     return [_queue_stats(queue, per_stream, counters, firsts, now_ms, settings, registered)
             for queue, per_stream, counters in parts]
 
@@ -314,6 +314,18 @@ def _stream_part(stream, length, groups, consumers):
         last_id = bytes_to_str(group["last-delivered-id"])
     return {"stream": stream, "ready": ready, "last_id": last_id,
             "consumers": [(bytes_to_str(c["name"]), c["pending"], c["idle"]) for c in consumers]}
+
+
+def _holding_nothing(parts):
+    """Names of the consumers that hold nothing in some queue: judged by registration."""
+    names = set()
+    for _, per_stream, _ in parts:
+        held = {}
+        for part in per_stream:
+            for name, pending, _ in part["consumers"]:
+                held[name] = held.get(name, 0) + pending
+        names.update(name for name, count in held.items() if not count)
+    return names
 
 
 def _first_ready(client, parts):

@@ -80,7 +80,7 @@ rate limit, unique and beat claims, cron table  the slot of tag ``q``, so each b
                                                 read in the publish pipeline, not atomic with
                                                 the XADDs)
 ``sheppy:celery::revoked``                      its own slot (single-key commands)
-``sheppy:celery::consumers``                    its own slot (single-key commands)
+``sheppy:celery::consumer:<name>``              its own slot (single-key commands)
 ``sheppy:celery::probe:<token>``                its own slot (one key per command)
 =============================================  ==============================================
 
@@ -228,11 +228,10 @@ def exchange_bindings(exchange):
 # ``sheppy:celery::revoked``               zset    revoked Celery task ids, score = revoke time
 #                                                  (epoch ms); entries older than the revoke
 #                                                  expiry are dropped
-# ``sheppy:celery::consumers``             zset    live consumers: member = consumer name (as
-#                                                  in the groups), score = the end of its
-#                                                  registration (epoch ms, Redis's clock); each
-#                                                  consuming channel renews its own every
-#                                                  quarter lease for one lease (presence.py)
+# ``sheppy:celery::consumer:<name>``       string  consumer ``name`` (as in the groups) is
+#                                                  alive: its channel sets it for one lease
+#                                                  (value: the lease, ms), every quarter lease
+#                                                  (transport/presence.py)
 # ``sheppy:celery::probe:<token>``         string  a random token, for 10 s: the result backend
 #                                                  writes it and reads it through the broker's
 #                                                  connection to learn whether both are one db
@@ -288,9 +287,9 @@ def revoked_set():
     return f"{PREFIX}:celery::revoked"
 
 
-def consumer_registry():
-    """Consumer names of live consumers -> the end of their registration (epoch ms)."""
-    return f"{PREFIX}:celery::consumers"
+def consumer_registration(consumer_name):
+    """Exists while consumer ``consumer_name`` is alive (set for one lease, renewed)."""
+    return f"{PREFIX}:celery::consumer:{consumer_name}"
 
 
 def queue_of_stream(stream):

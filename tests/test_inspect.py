@@ -11,7 +11,7 @@ import pytest
 import redis
 from kombu import Queue
 
-from celery_sheppy import keys, metrics, scripts
+from celery_sheppy import keys, metrics
 from celery_sheppy.inspect import ALIVE, DEAD, Inspector, Settings, collect
 from celery_sheppy.tables import Column, duration, render
 from conftest import client_app
@@ -99,10 +99,9 @@ def test_a_consumer_holding_nothing_is_alive_while_registered_whatever_its_reads
     redis_client.xack(PENDING, GROUP, entry_id)
     redis_client.xdel(PENDING, entry_id)
     redis_client.xreadgroup(GROUP, "c1", {PENDING: ">"}, count=1)  # an empty read
-    register = scripts.registry()["register_consumer"]
 
-    # When it registers for 500 ms (as its worker does every quarter lease), it is alive
-    register(redis_client, keys=[keys.consumer_registry()], args=["c1", 500])
+    # When it is registered for 500 ms (as its worker is every quarter lease), it is alive
+    redis_client.set(keys.consumer_registration("c1"), 500, px=500)
     consumer = stats_of(redis_client, lease=0.5).consumers[0]
     assert (consumer.name, consumer.state, consumer.in_flight) == ("c1", ALIVE, 0)
 
@@ -112,11 +111,6 @@ def test_a_consumer_holding_nothing_is_alive_while_registered_whatever_its_reads
     redis_client.xreadgroup(GROUP, "c1", {PENDING: ">"}, count=1)
     assert stats_of(redis_client, lease=0.5).consumers[0].state == DEAD
     assert stats_of(redis_client, lease=0.5).stuck == 0
-
-    # And a registration made later drops the ended one; the key ends with the last
-    register(redis_client, keys=[keys.consumer_registry()], args=["c2", 60000])
-    assert redis_client.zrange(keys.consumer_registry(), 0, -1) == [b"c2"]
-    assert 59000 < redis_client.pttl(keys.consumer_registry()) <= 60000
 
 
 def test_scheduled_dead_letters_and_result_counters_are_read_per_queue(redis_client):

@@ -4,8 +4,9 @@
 -- ARGV[1]  consumer group ("workers")
 -- ARGV[2]  idle time in ms after which a consumer with an empty pending list is gone
 -- ARGV[3]  a consumer to remove now if its pending list is empty ("" for none)
--- ARGV[4..] registered consumers (sheppy:celery::consumers): alive, never removed for
---           being idle (on Redis 7.0 an idle consumer's reads do not reset its idle time)
+-- ARGV[4..] registered consumers (sheppy:celery::consumer:<name> exists): alive, never
+--           removed for being idle (on Redis 7.0 an idle consumer's reads do not reset
+--           its idle time)
 --
 -- A consumer with pending entries is never removed: XGROUP DELCONSUMER would drop
 -- them. A live consumer that is removed by mistake is recreated by its next read.

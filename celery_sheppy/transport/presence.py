@@ -3,17 +3,18 @@
 A consumer that holds messages shows it lives by renewing their lease (``upkeep``'s
 ``renew_leases``). One that holds nothing leaves no such trace, and its reads do not
 either on Redis 7.0 (``XINFO CONSUMERS`` counts empty reads in its idle time only from
-7.2 on). So a channel that consumes a leased queue registers its consumer name in
-``sheppy:celery::consumers`` (``register_consumer.lua``) for one lease, renewed every
-quarter lease, and removes it when it closes: the same on every server. It joins the
-groups of its queues when it starts consuming them, as Redis 7.2+ would at its first read. One command per
-quarter lease per consuming channel (every 7.5 s with the default lease), whatever the
-number of queues; ``celery sheppy status`` and the consumer reaper read the registry.
+7.2 on; 7.0 does not even add a consumer to a group before it is given an entry). So a
+channel that consumes a leased queue joins its groups when it starts consuming it
+(``XGROUP CREATECONSUMER``) and keeps ``sheppy:celery::consumer:<name>`` set for one
+lease (``SET … PX``, Redis's clock), renewed every quarter lease, deleted when it closes:
+the same on every server. One command per quarter lease per consuming channel (every
+7.5 s with the default lease), whatever the number of queues. ``celery sheppy status``
+and the consumer reaper ask for the registrations of the consumers they see.
 """
 
 from time import monotonic
 
-from .. import keys, scripts
+from .. import keys
 
 
 class Registration:
@@ -35,9 +36,8 @@ class Registration:
             return
         if not self.queues.leased(self.read_from):
             return  # remote-control and event queues only: nobody counts those consumers
-        scripts.registry()["register_consumer"](
-            self.conns.client, keys=[keys.consumer_registry()],
-            args=[self.consumer_name, self.lease_ms])
+        self.conns.client.set(keys.consumer_registration(self.consumer_name), self.lease_ms,
+                              px=self.lease_ms)
         self._registered_at = now
 
     def join(self, streams):
@@ -54,11 +54,17 @@ class Registration:
     def remove(self):
         """Unregister (the channel closes); the reaper may then remove its consumer."""
         if self._registered_at is not None:
-            self.conns.client.zrem(keys.consumer_registry(), self.consumer_name)
+            self.conns.client.delete(keys.consumer_registration(self.consumer_name))
             self._registered_at = None
 
 
-def registered(client):
-    """``{consumer name: end of its registration (epoch ms)}``: ended ones included."""
-    return {name.decode() if isinstance(name, bytes) else name: score
-            for name, score in client.zrange(keys.consumer_registry(), 0, -1, withscores=True)}
+def registered(client, names):
+    """Those of consumer ``names`` whose registration lasts (one round trip; none if no
+    names)."""
+    names = sorted(set(names))
+    if not names:
+        return set()
+    with client.pipeline(transaction=False) as pipe:
+        for name in names:  # one key each: one slot each on a Redis Cluster
+            pipe.exists(keys.consumer_registration(name))
+        return {name for name, found in zip(names, pipe.execute()) if found}

@@ -114,14 +114,26 @@ class ConsumerReaper:
             return
         self._reaped_at = now
         queues = sorted(self.read_from) if own else self.consumed()
-        if not queues:
+        streams = [stream for queue in queues for stream in self.queues.streams(queue)]
+        if not streams:
             return
-        alive = [name for name in presence.registered(self.conns.client)
-                 if name != self.consumer_name or not own]
+        alive = presence.registered(self.conns.client, self._idle(streams))
+        alive.discard(self.consumer_name if own else None)
         calls = [([stream], [GROUP, int(self.reap_after * 1000),
-                             self.consumer_name if own else "", *alive])
-                 for queue in queues for stream in self.queues.streams(queue)]
+                             self.consumer_name if own else "", *sorted(alive)])
+                 for stream in streams]
         scripts.registry()["reap_consumers"].many(self.conns.client, calls, raise_on_error=False)
+
+    def _idle(self, streams):
+        """Names of the consumers of ``streams`` the script would remove for being idle
+        (nothing pending, idle past ``reap_after``): their registrations are asked for."""
+        with self.conns.client.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xinfo_consumers(stream, GROUP)
+            replies = pipe.execute(raise_on_error=False)
+        limit_ms = self.reap_after * 1000
+        return {bytes_to_str(c["name"]) for reply in replies if isinstance(reply, list)
+                for c in reply if c["pending"] == 0 and c["idle"] > limit_ms}
 
 
 class StreamDiscovery:

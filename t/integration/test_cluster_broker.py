@@ -7,7 +7,6 @@ Task runs are counted in a side Redis the system under test never touches.
 """
 
 import json
-import threading
 import time
 from collections import Counter
 
@@ -141,10 +140,21 @@ def test_status_reads_the_hash_tagged_queue_and_its_result_shards(worker, app):
     assert [s.queue for s in queue_stats(app, ["celery"])] == ["{celery}"]
 
 
-def test_a_worker_started_while_the_cluster_is_down_waits_and_then_works(start_worker):
+class StartingWorker(Worker):
+    """A Worker that returns as soon as its process runs (ready or not)."""
+
+    def wait_for_log(self, text, timeout=60):
+        if text == "ready." and not getattr(self, "_started", False):
+            self._started = True
+            return
+        super().wait_for_log(text, timeout)
+
+
+def test_a_worker_started_while_the_cluster_is_down_waits_and_then_works():
     # Given a cluster of its own whose slots are not all served: a master without a
     # replica is down, so every node answers CLUSTERDOWN
     cluster = RedisCluster(masters=3, replicas=0)
+    worker = None
     try:
         url = cluster.sheppy_url()
         down = cluster.nodes[2]
@@ -153,31 +163,28 @@ def test_a_worker_started_while_the_cluster_is_down_waits_and_then_works(start_w
             "CLUSTER", "INFO"), 30)
 
         # When a worker starts (Celery's defaults: mingle declares a reply queue first)
-        outcome = {}
+        worker = StartingWorker(url, url, pool="threads")
 
-        def start():
-            try:
-                outcome["worker"] = start_worker(url, url, pool="threads")
-            except Exception as exc:  # pylint: disable=broad-except  (asserted below)
-                outcome["error"] = exc
+        # Then it meets the down cluster, and waits and retries instead of exiting
+        wait_until(lambda: "ClusterDownError" in worker.output()
+                   or worker.process.poll() is not None, 120)
+        time.sleep(2)  # an unrecoverable error ends the process within this
+        log = worker.output()
+        assert worker.process.poll() is None and "Unrecoverable error" not in log, log[-3000:]
+        assert "Trying to re-establish the connection" in log, log[-3000:]
 
-        starting = threading.Thread(target=start)
-        starting.start()
-        time.sleep(8)
-        assert "error" not in outcome, outcome["error"]  # it did not exit
-
-        # Then it waits, and is ready and runs tasks once the cluster serves again
+        # And once the cluster serves again it is ready and runs tasks
         down.start()
         cluster.wait_until_ok()
-        starting.join(90)
-        assert "worker" in outcome, outcome.get("error")
-        assert "ClusterDownError" in outcome["worker"].output()  # it met the down cluster
+        worker.wait_for_log("ready.", timeout=120)
         app = client_app(url, url)
         try:
             assert sig(app, "add", 2, 3).delay().get(timeout=30) == 5
         finally:
             app.close()
     finally:
+        if worker is not None:
+            worker.stop()
         cluster.close()
 
 

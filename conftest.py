@@ -8,6 +8,7 @@ import atexit
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -134,9 +135,11 @@ class Worker:
         env = dict(os.environ, CELERY_SHEPPY_BROKER=broker, CELERY_SHEPPY_BACKEND=backend,
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    **(extra_env or {}))
+        self.name = f"w{free_port()}@{socket.gethostname()}"  # tasks see it as request.hostname
+        self.pool, self.concurrency = pool, concurrency
         cmd = [sys.executable, "-m", "celery", "-A", "t.integration.tasks", "worker",
                "-P", pool, "-c", str(concurrency), "-Q", queues, "-l", "INFO",
-               "-n", f"w{free_port()}@%h", *args]  # Celery's defaults: mingle, gossip, heartbeat
+               "-n", self.name, *args]  # Celery's defaults: mingle, gossip, heartbeat
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                         cwd=str(ROOT), start_new_session=True)
         atexit.register(self.kill)

@@ -184,6 +184,19 @@ def reset_deliveries(raw):
     return dumps(dict(record, celery=extras))
 
 
+def due_time(message):
+    """When the Celery task in kombu message dict ``message`` is due (its ``eta`` header,
+    epoch seconds), or None: no eta, not a task, or an eta that cannot be read."""
+    headers = message.get("headers") or {}
+    eta = headers.get("eta")
+    if not eta or not headers.get("task") or not headers.get("id"):
+        return None
+    try:
+        return datetime.fromisoformat(aware_iso(eta)).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
 def scheduled_record(record):
     """The sheppy record (status ``scheduled``, as text) of a delayed message's pending
     ``record`` (a dict, see :func:`pending_record`)."""

@@ -8,6 +8,10 @@
 -- delivered and pending (unacked), and stay. Without the group, every entry waits.
 -- Returns the number of entries deleted (call again while it equals ARGV[2]).
 
+-- Lua's unpack() fails past ~8 000 values ("too many results to unpack"): XDEL takes
+-- the ids in slices of this many.
+local XDEL_SLICE = 1000
+
 if redis.call('EXISTS', KEYS[1]) == 0 then
     return 0
 end
@@ -27,11 +31,13 @@ for _, group in ipairs(groups) do
     end
 end
 local entries = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', tonumber(ARGV[2]))
-if #entries == 0 then
-    return 0
-end
 local ids = {}
 for i, entry in ipairs(entries) do
     ids[i] = entry[1]
 end
-return redis.call('XDEL', KEYS[1], unpack(ids))
+local deleted = 0
+for first = 1, #ids, XDEL_SLICE do
+    deleted = deleted + redis.call('XDEL', KEYS[1], unpack(ids, first,
+                                                           math.min(first + XDEL_SLICE - 1, #ids)))
+end
+return deleted

@@ -10,6 +10,9 @@
 -- one stopped renewing is not taken back. Returns the ids that were not renewed
 -- (acked meanwhile, or reclaimed by another consumer).
 
+-- Lua's unpack() fails past ~8 000 values: XCLAIM takes the ids in slices of this many.
+local XCLAIM_SLICE = 1000
+
 local mine = {}
 local lost = {}
 for i = 3, #ARGV do
@@ -21,8 +24,9 @@ for i = 3, #ARGV do
         table.insert(lost, id)
     end
 end
-if #mine > 0 then
-    table.insert(mine, 'JUSTID')
-    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
+for first = 1, #mine, XCLAIM_SLICE do
+    local slice = {unpack(mine, first, math.min(first + XCLAIM_SLICE - 1, #mine))}
+    table.insert(slice, 'JUSTID')
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(slice))
 end
 return lost

@@ -23,6 +23,7 @@ from contextlib import nullcontext
 from queue import Empty
 from uuid import uuid4
 
+import redis
 from kombu.exceptions import ChannelError
 from kombu.log import get_logger
 from kombu.transport import virtual
@@ -219,13 +220,20 @@ class Channel(virtual.Channel):
         delivered ones stay. Returns the count."""
         purged = 0
         script = scripts.registry()["purge"]
-        for stream in self.queues.streams(queue):
-            while True:
-                deleted = script(self.client, keys=[stream], args=[GROUP, PURGE_CHUNK])
-                purged += deleted
-                if deleted < PURGE_CHUNK:
-                    break
-        return purged + self._purge_scheduled(queue)
+        try:
+            for stream in self.queues.streams(queue):
+                while True:
+                    deleted = script(self.client, keys=[stream], args=[GROUP, PURGE_CHUNK])
+                    purged += deleted
+                    if deleted < PURGE_CHUNK:
+                        break
+            return purged + self._purge_scheduled(queue)
+        except redis.ResponseError as exc:
+            # `celery purge` takes a channel error for "no such queue" and says nothing
+            # was purged: say what went wrong.
+            logger.error("sheppy: purge of queue %r stopped after %d message(s): Redis "
+                         "refused a command: %s", queue, purged, exc)
+            raise
 
     def _purge_scheduled(self, queue):
         name = self.queues.named(queue)

@@ -14,6 +14,9 @@ from . import claims
 
 GROUP = keys.CONSUMER_GROUP
 
+#: Dead letters one round trip replays (a replay of 50 000 letters is 50 round trips).
+REPLAY_BATCH = 1000
+
 
 class DeadLetters:
     """A channel's dead-letter streams: moving entries there, listing, replay and purge."""
@@ -59,13 +62,17 @@ class DeadLetters:
         self.groups.ensure(queue)
         script = scripts.registry()["replay"]
         replayed = 0
+        calls = []
         for letter in self._letters(queue, ids):
             stream = letter["stream"]
             if keys.queue_of_stream(stream) != name:
                 stream = keys.pending_stream(name)
-            if script(self.conns.client, keys=[dead, stream],
-                      args=[letter["id"], records.reset_deliveries(letter["data"]), GROUP]):
-                replayed += 1
+            calls.append(([dead, stream],
+                          [letter["id"], records.reset_deliveries(letter["data"]), GROUP]))
+            if len(calls) == REPLAY_BATCH:
+                replayed += sum(1 for reply in script.many(self.conns.client, calls) if reply)
+                calls = []
+        replayed += sum(1 for reply in script.many(self.conns.client, calls) if reply)
         return replayed
 
     def purge(self, queue, ids=None):
@@ -79,21 +86,27 @@ class DeadLetters:
         return client.xdel(dead, *ids) if ids else 0
 
     def _letters(self, queue, ids):
+        """The letters ``ids``, or all of them up to the newest one now: a letter a
+        replayed message becomes meanwhile is not replayed again by the same call."""
+        client = self.conns.client
+        dead = keys.dead_letter_stream(self._named(queue))
         if ids is not None:
-            dead = keys.dead_letter_stream(self._named(queue))
-            with self.conns.client.pipeline(transaction=False) as pipe:
+            with client.pipeline(transaction=False) as pipe:
                 for entry_id in ids:
                     pipe.xrange(dead, min=entry_id, max=entry_id)
                 rows = [row for reply in pipe.execute() for row in reply]
             yield from (_letter(entry_id, fields) for entry_id, fields in rows)
             return
-        start = "-"
+        newest = client.xrevrange(dead, count=1)
+        if not newest:
+            return
+        start, end = "-", newest[0][0]
         while True:
-            letters = self.list(queue, count=1000, start=start)
-            yield from letters
-            if len(letters) < 1000:
+            rows = client.xrange(dead, min=start, max=end, count=REPLAY_BATCH)
+            yield from (_letter(entry_id, fields) for entry_id, fields in rows)
+            if len(rows) < REPLAY_BATCH:
                 return
-            start = "(" + letters[-1]["id"]
+            start = "(" + bytes_to_str(rows[-1][0])
 
 
 _LETTER_FIELDS = ("reason", "deliveries", "stream", "entry", "data")

@@ -12,8 +12,17 @@ it had delivered to this process's :class:`OrphanLedger`, which
 * keeps renewing their leases, under the lost channel's consumer name, while Celery
   still holds the message object (a worker's request keeps it alive until it acks);
 * puts back in their streams (``requeue.lua``, marked redelivered) the messages Celery
-  let go of without acking (the prefork pool's unsent jobs, cancelled ETA timers: the
-  message object was freed) and the entries read but never delivered.
+  let go of without acking (the prefork pool's unsent jobs: the message object was freed),
+  the countdown (ETA) tasks Celery did not start when they came due, and the entries read
+  but never delivered.
+
+Countdown tasks are judged by their due time, not by whether Celery still references
+them: on a lost connection Celery 5.3–5.5 clears its timer, 5.6 keeps the entries and
+runs them when due, 5.7 cancels them but keeps the cancelled entries (with the request and
+its message) until the next reconnect. A held countdown task whose id Celery's worker
+state does not know (``celery.worker.state.requests``: scheduled, reserved or running)
+:data:`ETA_GRACE` seconds after it came due, and again ETA_GRACE later, will not be run
+by Celery and goes back to its stream.
 
 Acks that cannot be sent (Redis down) are kept and retried by the upkeep of any live
 channel of the process; after ``GIVE_UP_AFTER`` leases they are logged and left to
@@ -22,9 +31,10 @@ idle reaping of live channels once its pending list is empty.
 """
 
 import os
+import sys
 import threading
 import weakref
-from time import monotonic
+from time import monotonic, time
 
 import redis
 from kombu.log import get_logger
@@ -39,11 +49,16 @@ GIVE_UP_AFTER = 4
 #: Seconds between two tries to reach Redis while it is unreachable.
 RETRY_INTERVAL = 1.0
 
+#: Seconds after its due time by which Celery has handed a countdown task it still
+#: holds to its pool (its timer fires on the event loop the upkeep also runs on).
+ETA_GRACE = 1.0
+
 
 class Orphan:
     """One delivery of a lost channel."""
 
-    __slots__ = ("stream", "entry_id", "record", "deliveries", "message", "since")
+    __slots__ = ("stream", "entry_id", "record", "deliveries", "message", "since", "task_id",
+                 "due", "unknown_since")
 
     def __init__(self, stream, entry_id, record, deliveries, message):
         self.stream = stream
@@ -53,9 +68,25 @@ class Orphan:
         # weakref to the kombu message Celery holds; None: read, never delivered
         self.message = weakref.ref(message) if message is not None else None
         self.since = monotonic()
+        carried = (record.get("celery") or {}).get("message") or {}
+        self.task_id = (carried.get("headers") or {}).get("id")
+        self.due = records.due_time(carried)  # a countdown task's due time (epoch s)
+        self.unknown_since = None  # first upkeep that found it due and unknown to Celery
 
-    def released_by_celery(self):
-        return self.message is None or self.message() is None
+    def released_by_celery(self, now):
+        """True when Celery will not run it: it freed the message, or it is a countdown
+        task Celery did not take up when due (seen at two upkeeps in a row, since a
+        task that just finished leaves Celery's state a moment before its ack comes, and
+        every channel's upkeep runs the ledger's: ETA_GRACE apart)."""
+        if self.message is None or self.message() is None:
+            return True
+        if self.due is None or now < self.due + ETA_GRACE or celery_knows(self.task_id):
+            self.unknown_since = None
+            return False
+        if self.unknown_since is None:
+            self.unknown_since = now
+            return False
+        return now - self.unknown_since >= ETA_GRACE
 
 
 class OrphanLedger:
@@ -199,9 +230,10 @@ class OrphanLedger:
 
     def _release_dropped(self):
         """Messages Celery let go of without acking: they go back to their streams."""
+        now = time()
         with self._lock:
             for tag, orphan in list(self._orphans.items()):
-                if orphan.released_by_celery():
+                if orphan.released_by_celery(now):
                     del self._orphans[tag]
                     self._requeues[tag] = (orphan, False)
 
@@ -274,6 +306,15 @@ def still_held(tag, consumer):
     with _ledgers_lock:
         ledgers = list(_ledgers.values()) if os.getpid() == _pid else []
     return any(ledger.moved_to(tag, consumer) for ledger in ledgers)
+
+
+def celery_knows(task_id):
+    """True when this process's Celery worker has task ``task_id`` scheduled, reserved or
+    running (``celery.worker.state.requests``), or when no Celery worker runs here."""
+    state = sys.modules.get("celery.worker.state")
+    if state is None or task_id is None:
+        return True
+    return str(task_id) in state.requests
 
 
 def upkeep():

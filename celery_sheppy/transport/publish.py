@@ -15,7 +15,6 @@ On a lost connection a publish is retried by the transport's retry options
 (``max_retries`` ...); a batch's flush, while those are unset, by Celery's default policy.
 """
 
-from datetime import datetime
 from time import time
 
 from kombu.log import get_logger
@@ -63,15 +62,8 @@ class Outgoing:
 
 def due_later(message, threshold):
     """Due time (epoch seconds) of a task message due more than ``threshold`` s from now."""
-    headers = message.get("headers") or {}
-    eta = headers.get("eta")
-    if not eta or not headers.get("task") or not headers.get("id"):
-        return None
-    try:
-        due = datetime.fromisoformat(records.aware_iso(eta)).timestamp()
-    except (TypeError, ValueError):
-        return None
-    return due if due - time() > threshold else None
+    due = records.due_time(message)
+    return due if due is not None and due - time() > threshold else None
 
 
 class Publisher:

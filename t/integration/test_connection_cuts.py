@@ -1,0 +1,199 @@
+"""Connection cuts and Redis restarts while a default worker holds tasks (issue 19).
+
+A worker with Celery's defaults keeps countdown tasks in memory until they are due,
+prefetches, and sends its acks without waiting. Each test cuts its connections
+(``CLIENT KILL``) or restarts Redis (SIGKILL, then the append-only file) at such a
+moment and counts every run in a side Redis the server under test never touches.
+Workers use a short lease (LEASE seconds) so the tests finish quickly.
+"""
+
+import json
+import time
+from collections import Counter
+
+import pytest
+from celery import chord, group
+
+from conftest import Worker, client_app
+
+pytestmark = pytest.mark.usefixtures("counter")
+
+TASKS = "t.integration.tasks"
+LEASE = 4  # seconds: the workers' visibility_timeout in these tests
+
+
+def settings(**conf):
+    return dict({"broker_transport_options": {"visibility_timeout": LEASE}}, **conf)
+
+
+def start(server, pool="prefork", concurrency=2, **conf):
+    url = server.sheppy_url()
+    return Worker(url, url, pool=pool, concurrency=concurrency,
+                  extra_env={"CELERY_SHEPPY_CONF": json.dumps(settings(**conf))})
+
+
+def runs(counter, key):
+    """``[(value, worker, time), ...]`` that the ``tracked`` tasks recorded."""
+    return [tuple(json.loads(item)) for item in counter.lrange(key, 0, -1)]
+
+
+def wait_until(predicate, timeout, message, interval=0.2):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+@pytest.mark.parametrize("acks_late", [False, True], ids=["early-ack", "acks-late"])
+def test_countdown_tasks_held_by_a_worker_whose_connection_is_cut_run_once_when_due(
+        make_redis_server, workers, counter, pool, acks_late):
+    # Given a default worker holding 5 countdown tasks in memory (due in 8 s)
+    server = make_redis_server()
+    worker = start(server, pool=pool)
+    workers.append(worker)
+    url = server.sheppy_url()
+    app = client_app(url, url, **settings())
+    task = "tracked" if acks_late else "tracked_early_ack"
+    sent = time.time()
+    results = [app.signature(f"{TASKS}.{task}", args=("eta", n)).apply_async(countdown=8)
+               for n in range(5)]
+    wait_until(lambda: worker.output().count("] received") >= 5, 30, "the worker to hold them")
+
+    # When its connections are cut 2 s later (it reconnects and lives on)
+    time.sleep(2)
+    assert server.client().client_kill_filter(_type="normal", skipme=True) >= 1
+
+    # Then each runs exactly once, when due and within one lease of it
+    assert [r.get(timeout=8 + 3 * LEASE) for r in results] == list(range(5))
+    time.sleep(2 * LEASE)  # a second run (a reclaim of a lease nobody renews) comes by now
+    recorded = runs(counter, "eta")
+    assert Counter(value for value, _, _ in recorded) == {n: 1 for n in range(5)}
+    assert all(sent + 8 - 0.5 <= at <= sent + 8 + LEASE for _, _, at in recorded), recorded
+    app.close()
+
+
+# -- acks Redis never applied ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pool,task", [("prefork", "tracked_early_ack"), ("threads", "tracked")])
+def test_acks_redis_held_unapplied_when_it_was_killed_are_sent_again_and_nothing_runs_twice(
+        make_redis_server, workers, counter, pool, task):
+    # Given a default worker draining 600 tasks from Redis with an append-only file
+    server = make_redis_server("--appendonly", "yes", "--appendfsync", "always")
+    url = server.sheppy_url()
+    workers.append(start(server, pool=pool, concurrency=4))
+    app = client_app(url, url, **settings())
+    tasks = app.signature(f"{TASKS}.{task}")
+    group(tasks.clone(args=("acked", n, 0.05)) for n in range(600)).apply_async(ignore_result=True)
+
+    # When, three times, Redis holds every write for a second (CLIENT PAUSE WRITE: the acks
+    # the worker sends meanwhile are not applied) and is then killed and restarted
+    for fault in range(3):
+        wait_until(lambda: counter.llen("acked") >= 120 * (fault + 1), 120, "tasks to run")
+        server.client().execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+        time.sleep(1.0)
+        server.restart(downtime=0.5)
+
+    # Then every task runs once: the worker sent those acks again after each restart
+    wait_until(lambda: len({value for value, _, _ in runs(counter, "acked")}) == 600, 180,
+               "every task to run")
+    time.sleep(2 * LEASE)  # an entry left unacked is taken over and run again by now
+    counts = Counter(value for value, _, _ in runs(counter, "acked"))
+    assert sorted(value for value, count in counts.items() if count > 1) == []
+    app.close()
+
+
+# -- chaos: worker kills, connection cuts and Redis restarts together --------------------------
+
+CHAOS_TASKS = 3000
+CHAOS_CHORDS = 20  # of 5 parts each
+CHAOS_COUNTDOWNS = 10
+IN_FLIGHT_BEFORE_KILL = 5.0  # s: a run this close before its worker's SIGKILL may repeat
+
+
+@pytest.mark.slow
+def test_chaos_of_worker_kills_connection_cuts_and_redis_restarts_loses_nothing(
+        make_redis_server, workers, counter):
+    # Given three default workers (two prefork, one threads) on Redis with an append-only
+    # file, and plain, chord and countdown tasks (acks_late: a worker kill loses none)
+    server = make_redis_server("--appendonly", "yes", "--appendfsync", "always")
+    url = server.sheppy_url()
+    pools = ["prefork", "prefork", "threads"]
+    live = [start(server, pool=pool, concurrency=2 if pool == "prefork" else 4) for pool in pools]
+    workers.extend(live)
+    app = client_app(url, url, **settings())
+    scheduled = client_app(url, url, **settings(broker_transport_options={
+        "visibility_timeout": LEASE, "delay_threshold": 4}))  # these wait in Redis, not a worker
+    tracked = app.signature(f"{TASKS}.tracked")
+    plain = group(tracked.clone(args=("plain", n, 0.03)) for n in range(CHAOS_TASKS)).apply_async()
+    chords = [chord(tracked.clone(args=("parts", f"{c}.{p}", 0.03)) for p in range(5))(
+        app.signature(f"{TASKS}.record_run", args=("bodies",))) for c in range(CHAOS_CHORDS)]
+    countdowns = [(scheduled if n % 2 else app).signature(
+        f"{TASKS}.tracked", args=("countdown", n)).apply_async(countdown=3 + n)
+        for n in range(CHAOS_COUNTDOWNS)]
+    began = time.time()
+
+    # When workers are SIGKILLed (and replaced), connections cut and Redis restarted
+    kills = {}  # node name -> when it was killed
+
+    def kill_worker(index):
+        victim = live[index]
+        kills[victim.name] = time.time()
+        victim.kill()
+        live[index] = start(server, pool=pools[index], concurrency=victim.concurrency)
+        workers.append(live[index])
+
+    def cut_connections():
+        server.client().client_kill_filter(_type="normal", skipme=True)
+
+    for delay, fault in [(1.5, lambda: kill_worker(0)), (1.5, cut_connections),
+                         (1.5, lambda: server.restart(downtime=1.0)), (2.0, lambda: kill_worker(2)),
+                         (1.5, cut_connections), (1.5, lambda: server.restart(downtime=1.0)),
+                         (1.0, cut_connections)]:
+        time.sleep(delay)
+        fault()
+    faults_ended = time.time()
+
+    # Then every result is readable, every chord body ran once, every countdown task ran
+    # once, and a task ran twice only when its worker was killed while running it
+    assert plain.get(timeout=300) == list(range(CHAOS_TASKS))
+    assert [c.get(timeout=120) for c in chords] == [
+        [f"{c}.{p}" for p in range(5)] for c in range(CHAOS_CHORDS)]
+    assert [r.get(timeout=120) for r in countdowns] == list(range(CHAOS_COUNTDOWNS))
+    settled = time.time()
+    time.sleep(2 * LEASE)  # a repeat of anything unacked comes within this
+
+    def repeats(key):
+        seen, repeated = {}, []
+        for value, node, at in runs(counter, key):
+            if value in seen:
+                first_node, first_at = seen[value]
+                in_flight = (first_node in kills
+                             and kills[first_node] - IN_FLIGHT_BEFORE_KILL <= first_at
+                             <= kills[first_node])
+                repeated.append((value, in_flight))
+            else:
+                seen[value] = (node, at)
+        return seen, repeated
+
+    report = {}
+    for key, expected in [("plain", set(range(CHAOS_TASKS))),
+                          ("parts", {f"{c}.{p}" for c in range(CHAOS_CHORDS) for p in range(5)}),
+                          ("countdown", set(range(CHAOS_COUNTDOWNS)))]:
+        seen, repeated = repeats(key)
+        assert set(seen) == expected, f"{key}: lost {sorted(expected - set(seen))[:20]}"
+        unexplained = [value for value, in_flight in repeated if not in_flight]
+        report[key] = (len(repeated), unexplained)
+    bodies = [json.loads(item) for item in counter.lrange("bodies", 0, -1)]
+    print(f"\nchaos: kills at {[round(at - began, 1) for at in kills.values()]} s, faults "
+          f"ended at {faults_ended - began:.1f} s, all settled at {settled - began:.1f} s; "
+          f"re-runs (total, unexplained): {report}; chord bodies {len(bodies)}")
+    assert len(bodies) == CHAOS_CHORDS
+    assert all(not unexplained for _, unexplained in report.values()), report
+    for worker in live:
+        assert worker.process.poll() is None, worker.output()[-4000:]
+    app.close()
+    scheduled.close()

@@ -19,10 +19,22 @@ from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 
 SCHEMES = {"sheppy": False, "sheppys": True}  # scheme -> TLS
 
-#: Errors that mean "the connection is gone or the server is not serving yet": worth a retry.
+#: Replies of a Redis Cluster that cannot serve a slot now: CLUSTERDOWN (a master down and
+#: not failed over yet), MASTERDOWN, TRYAGAIN (resharding), a slot no node serves, no node
+#: reachable. They pass as a failover or a restart ends, as a lost connection does.
+CLUSTER_UNAVAILABLE = (
+    redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
+    *((redis.exceptions.RedisClusterUnreachableError,)  # redis-py >= 8.1
+      if hasattr(redis.exceptions, "RedisClusterUnreachableError") else ()),
+)
+
+#: Errors that mean "the connection is gone or the server is not serving yet": worth a
+#: retry. The transport's ``connection_errors``: Celery's consumer and kombu reconnect and
+#: retry on these, at a worker's start as later (a channel error would stop the worker).
 CONNECTION_ERRORS = (
     redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, OSError,
-    redis.exceptions.InvalidResponse,
+    redis.exceptions.InvalidResponse, *CLUSTER_UNAVAILABLE,
 )
 
 #: Errors of a command that reached the server: a retry would fail the same way.

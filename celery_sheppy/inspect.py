@@ -4,14 +4,16 @@
 metrics`` and Flower's Broker page. Per queue it costs a fixed number of commands per
 stream (``XLEN``, ``XINFO GROUPS``, ``XINFO CONSUMERS``, at most one ``XRANGE … COUNT 1``)
 plus ``ZCARD``, ``XLEN`` and two ``GET`` of the result counters (on the ``sheppy://``
-result backend's own Redis, where they are written): never a scan over task records.
-Four pipelined round trips, whatever the number of queues.
+result backend's own Redis, where they are written), and one ``EXISTS`` of the
+registration of each consumer that holds nothing: never a scan over task records. At
+most five pipelined round trips, whatever the number of queues.
 
 Definitions (``docs/operations.md`` explains them for operators):
 
-* **ready**: entries after the group's last-delivered id (``XINFO GROUPS`` ``lag``;
-  when Redis cannot tell, ``lag`` is null and ``XLEN - pending`` is used: acked entries
-  are deleted, so the stream holds exactly the ready and the in-flight ones).
+* **ready**: entries after the group's last-delivered id: ``XLEN - pending`` (acked
+  entries are deleted, so the stream holds exactly the ready and the in-flight ones),
+  or ``XINFO GROUPS`` ``lag`` when that is smaller. ``lag`` alone can overcount: Redis
+  7.0 keeps a stale one after ``XDEL`` emptied the stream (a purge).
 * **oldest ready age**: now (Redis ``TIME``) minus the id of the first entry after the
   last-delivered id, which is when it was added (published, requeued, replayed or
   moved from the scheduled set).
@@ -20,9 +22,11 @@ Definitions (``docs/operations.md`` explains them for operators):
 * **consumer state**: a consumer holding messages renews their lease every quarter
   lease, which resets its idle time: it is *alive* while idle <= lease, else *dead*
   (its messages are past the lease: *stuck* until a live worker takes them over).
-  A consumer holding nothing is judged by its reads on Redis >= 7.2 (their idle time
-  counts empty reads: alive while idle <= max(lease, 2 * polling_interval)); Redis 7.0
-  records no empty reads, so such a consumer is *idle*: alive or gone, it holds nothing.
+  A consumer holding nothing is *alive* while its registration
+  ``sheppy:celery::consumer:<name>`` lasts (its worker renews it every quarter lease:
+  ``transport/presence.py``), else *dead* (gone; the reaper removes it). Neither uses
+  the idle time of empty reads, which Redis counts only from 7.2 on: the same on every
+  server.
 """
 
 from contextlib import contextmanager
@@ -35,14 +39,14 @@ from . import keys
 from .backend import SheppyBackend
 from .connection import CONNECTION_ERRORS, redact
 from .transport import Transport
+from .transport import presence
 from .transport.options import BY_NAME as TRANSPORT_OPTIONS
 from .transport.streams import QueueStreams
 
 #: Stock values of the transport options read here (docs/transport.md).
 DEFAULT_LEASE = float(TRANSPORT_OPTIONS["visibility_timeout"].default)
-DEFAULT_POLLING_INTERVAL = float(TRANSPORT_OPTIONS["polling_interval"].default)
 
-ALIVE, DEAD, IDLE = "alive", "dead", "idle"
+ALIVE, DEAD = "alive", "dead"
 
 # Replies that mean "no such stream or group yet": counted as empty, not as errors.
 _ABSENT = ("no such key", "nogroup")
@@ -50,6 +54,10 @@ _ABSENT = ("no such key", "nogroup")
 
 class NotSheppyBroker(RuntimeError):
     """The app's broker is not ``sheppy://``."""
+
+
+class UnknownQueue(ValueError):
+    """A queue named by the caller that this broker has no trace of."""
 
 
 class ResultsUnreachable(RuntimeError):
@@ -61,7 +69,7 @@ class ConsumerStats:
     name: str
     in_flight: int
     idle: float  #: seconds since the consumer last read, renewed or claimed (min over streams)
-    state: str  #: ALIVE, DEAD or IDLE (see the module docstring)
+    state: str  #: ALIVE or DEAD (see the module docstring)
 
 
 @dataclass
@@ -87,7 +95,7 @@ class QueueStats:
     def as_dict(self):
         data = asdict(self)
         data.update(stuck=self.stuck, consumers_alive=self.count(ALIVE),
-                    consumers_dead=self.count(DEAD), consumers_idle=self.count(IDLE))
+                    consumers_dead=self.count(DEAD))
         return data
 
 
@@ -96,7 +104,6 @@ class Settings:
     """The broker transport options this view depends on, in seconds."""
 
     lease: float = DEFAULT_LEASE
-    polling_interval: float = DEFAULT_POLLING_INTERVAL
     streams: QueueStreams = field(default_factory=QueueStreams)
 
     @classmethod
@@ -105,14 +112,7 @@ class Settings:
         kwargs = {}
         if options.get("priority_steps") is not None:
             kwargs["streams"] = QueueStreams(options["priority_steps"])
-        return cls(lease=float(options.get("visibility_timeout") or DEFAULT_LEASE),
-                   polling_interval=float(options.get("polling_interval")
-                                          or DEFAULT_POLLING_INTERVAL), **kwargs)
-
-    @property
-    def read_every(self):
-        """Longest idle time of a live consumer that holds nothing (Redis >= 7.2)."""
-        return max(self.lease, 2 * self.polling_interval)
+        return cls(lease=float(options.get("visibility_timeout") or DEFAULT_LEASE), **kwargs)
 
 
 class Inspector:
@@ -130,12 +130,17 @@ class Inspector:
     def url(self):
         return broker_url(self.connection)
 
-    def queues(self, only=None):
+    def queues(self, only=None, known=False):
         """Queue names: ``only`` (checked), else the configured ones and sheppy's registry
-        (on a Redis Cluster their sheppy names ``{q}``, without the result shards)."""
+        (on a Redis Cluster their sheppy names ``{q}``, without the result shards).
+        ``known``: UnknownQueue for a name of ``only`` that is none of those and has no
+        stream, scheduled set or dead letters (a typo would show a row of zeros)."""
         if only:
-            return list(dict.fromkeys(keys.broker_queue(keys.check_queue(name), self.cluster)
-                                      for name in only))
+            named = list(dict.fromkeys(keys.broker_queue(keys.check_queue(name), self.cluster)
+                                       for name in only))
+            if known:
+                self._check_known(named)
+            return named
         names = {self.app.conf.task_default_queue, *self.app.amqp.queues.keys()}
         names = {keys.broker_queue(name, self.cluster) for name in names}
         for name in self.client.hkeys(keys.queue_registry()):
@@ -143,6 +148,23 @@ class Inspector:
         shards = set(self.app.backend.result_queues) if self.cluster and isinstance(
             self.app.backend, SheppyBackend) else set()
         return sorted(name for name in names if _usable(name) and name not in shards)
+
+    def _check_known(self, names):
+        listed = set(self.queues())
+        others = [name for name in names if name not in listed]
+        if not others:
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for name in others:  # one slot per queue on a Redis Cluster: one command each
+                pipe.exists(*self.settings.streams.of(name), keys.scheduled_set(name),
+                            keys.dead_letter_stream(name))
+            found = pipe.execute()
+        unknown = [name for name, count in zip(others, found) if not count]
+        if unknown:
+            raise UnknownQueue(
+                f"no queue {', '.join(map(repr, unknown))} on {self.url}: not among the app's "
+                "queues nor in sheppy's registry, and no stream, scheduled or dead letters "
+                f"under that name (queues: {', '.join(sorted(listed)) or 'none'})")
 
     def now(self):
         """Redis's clock in epoch seconds: the clock stream ids are made of."""
@@ -155,6 +177,15 @@ class Inspector:
         or None when results go elsewhere: the counters are then read from the broker."""
         backend = self.app.backend
         return backend.client if isinstance(backend, SheppyBackend) else None
+
+    @property
+    def results_queue(self):
+        """The queue whose row holds the result counters of every task queue (the
+        ``sheppy://`` result backend's queue), or None when results go elsewhere."""
+        backend = self.app.backend
+        if isinstance(backend, SheppyBackend):
+            return keys.broker_queue(backend.queue, self.cluster)
+        return None
 
     @property
     def result_namespaces(self):
@@ -213,9 +244,10 @@ def is_sheppy(app):
 
 
 def collect(client, queues, settings, results_client=None, result_namespaces=None):
-    """[QueueStats] of ``queues`` in three round trips: the streams, the result counters
-    (from ``results_client`` when given, else from ``client``; summed over
-    ``result_namespaces[queue]`` when given), the first ready entries."""
+    """[QueueStats] of ``queues`` in up to four round trips: the streams, the result
+    counters (from ``results_client`` when given, else from ``client``; summed over
+    ``result_namespaces[queue]`` when given), the first ready entries, the registrations
+    of the consumers that hold nothing."""
     streams = {queue: settings.streams.of(queue) for queue in queues}
     with client.pipeline(transaction=False) as pipe:
         pipe.execute_command("TIME")  # (pipe.time() is refused by a Cluster's pipeline)
@@ -238,7 +270,8 @@ def collect(client, queues, settings, results_client=None, result_namespaces=Non
         counters = [_value(next(replies)), _value(next(replies)), next(results), next(results)]
         parts.append((queue, per_stream, counters))
     firsts = _first_ready(client, [p for _, per_stream, _ in parts for p in per_stream])
-    return [_queue_stats(queue, per_stream, counters, firsts, now_ms, settings)
+    registered = presence.registered(client, _holding_nothing(parts))
+    return [_queue_stats(queue, per_stream, counters, firsts, now_ms, settings, registered)
             for queue, per_stream, counters in parts]
 
 
@@ -266,19 +299,33 @@ def _counters(client, queues, namespaces):
 
 
 def _stream_part(stream, length, groups, consumers):
-    """One stream's counts: {stream, ready, last_id, consumers: [(name, pending, idle ms)],
-    reads_counted (the server counts empty reads in a consumer's idle time)}."""
+    """One stream's counts: {stream, ready, last_id, consumers: [(name, pending, idle ms)]}."""
     group = next((g for g in groups if bytes_to_str(g["name"]) == keys.CONSUMER_GROUP), None)
     length = length or 0
     if group is None:
         ready, last_id = length, None
     else:
+        # Acked entries are deleted, so the stream holds the ready and the in-flight ones:
+        # XLEN - pending bounds the ready count. ``lag`` is exact when set, but Redis 7.0
+        # keeps a stale one once XDEL emptied the stream (a purge): it is clamped.
+        waiting = max(length - group["pending"], 0)
         lag = group.get("lag")
-        ready = lag if lag is not None else max(length - group["pending"], 0)
+        ready = waiting if lag is None else min(lag, waiting)
         last_id = bytes_to_str(group["last-delivered-id"])
     return {"stream": stream, "ready": ready, "last_id": last_id,
-            "reads_counted": any("inactive" in c for c in consumers),
             "consumers": [(bytes_to_str(c["name"]), c["pending"], c["idle"]) for c in consumers]}
+
+
+def _holding_nothing(parts):
+    """Names of the consumers that hold nothing in some queue: judged by registration."""
+    names = set()
+    for _, per_stream, _ in parts:
+        held = {}
+        for part in per_stream:
+            for name, pending, _ in part["consumers"]:
+                held[name] = held.get(name, 0) + pending
+        names.update(name for name, count in held.items() if not count)
+    return names
 
 
 def _first_ready(client, parts):
@@ -296,15 +343,15 @@ def _first_ready(client, parts):
             for part, rows in zip(wanted, replies) if isinstance(rows, list) and rows}
 
 
-def _queue_stats(queue, per_stream, counters, firsts, now_ms, settings):
-    held, idle, reads_counted = {}, {}, False
+def _queue_stats(queue, per_stream, counters, firsts, now_ms, settings, registered):
+    held, idle = {}, {}
     for part in per_stream:
-        reads_counted = reads_counted or part["reads_counted"]
         for name, pending, idle_ms in part["consumers"]:
             held[name] = held.get(name, 0) + pending
             idle[name] = min(idle.get(name, idle_ms), idle_ms)
     consumers = [ConsumerStats(name, held[name], idle[name] / 1000,
-                               _state(held[name], idle[name] / 1000, reads_counted, settings))
+                               _state(held[name], idle[name] / 1000, name in registered,
+                                      settings))
                  for name in sorted(held)]
     oldest = [int(firsts[p["stream"]].split("-")[0]) for p in per_stream if p["stream"] in firsts]
     scheduled, dead, completed, failed = counters
@@ -320,12 +367,12 @@ def _queue_stats(queue, per_stream, counters, firsts, now_ms, settings):
         consumers=consumers)
 
 
-def _state(in_flight, idle, reads_counted, settings):
+def _state(in_flight, idle, registered, settings):
+    """A consumer holding messages lives while it renews them; one holding nothing while
+    it is registered."""
     if in_flight:
         return ALIVE if idle <= settings.lease else DEAD
-    if reads_counted:
-        return ALIVE if idle <= settings.read_every else DEAD
-    return IDLE
+    return ALIVE if registered else DEAD
 
 
 def _value(reply, absent=None):

@@ -10,7 +10,7 @@ package; :func:`serve` answers ``GET /metrics`` with the standard library's HTTP
 import logging
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .inspect import ALIVE, DEAD, IDLE, queue_stats
+from .inspect import ALIVE, DEAD, queue_stats
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +35,18 @@ METRICS = [
      "In-flight messages held by dead consumers (past the lease, not taken over yet).",
      lambda s: s.stuck),
     ("sheppy_queue_completed_total", "counter",
-     "Results stored with a terminal state (success, failure, revoke): sheppy's counter.",
-     lambda s: s.completed),
-    ("sheppy_queue_failed_total", "counter", "FAILURE results stored.", lambda s: s.failed),
+     "Results stored with a terminal state (success, failure, revoke) under this queue: "
+     "the sheppy:// result backend counts every task queue's results under its own queue "
+     "(sheppy's counter).", lambda s: s.completed),
+    ("sheppy_queue_failed_total", "counter",
+     "FAILURE results stored under this queue (of every task queue, as completed).",
+     lambda s: s.failed),
 ]
 
 CONSUMERS = ("sheppy_queue_consumers", "gauge",
-             "Consumers of the queue's group by state: alive, dead (past the lease), idle "
-             "(holds nothing; Redis < 7.2 cannot tell whether it still reads).")
+             "Consumers of the queue's group by state: alive (renews its messages' lease, or "
+             "holds nothing and its worker's registration lasts), dead (past the lease, or "
+             "gone).")
 
 
 def samples(stats):
@@ -53,7 +57,7 @@ def samples(stats):
         families.append((name, kind, text, [(labels, v) for labels, v in values if v is not None]))
     name, kind, text = CONSUMERS
     families.append((name, kind, text, [({"queue": s.queue, "state": state}, s.count(state))
-                                        for s in stats for state in (ALIVE, DEAD, IDLE)]))
+                                        for s in stats for state in (ALIVE, DEAD)]))
     return families
 
 

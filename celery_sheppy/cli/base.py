@@ -2,9 +2,9 @@
 
 Exit codes (:data:`EXIT_CODES`, also in docs/operations.md): 0 done; 1 ``stuck`` found
 stuck messages, or a destructive command was not confirmed; 2 a bad option or queue
-name (click's usage error); 3 a dead letter asked for by id does not exist; 69 the
-broker (or the result backend holding the counters) cannot be reached; 78 the broker is
-not ``sheppy://``.
+name, or a ``-Q`` queue the broker has no trace of (click's usage error); 3 a dead letter
+asked for by id does not exist; 69 the broker (or the result backend holding the
+counters) cannot be reached; 78 the broker is not ``sheppy://``.
 """
 
 import json
@@ -16,7 +16,7 @@ from kombu.exceptions import OperationalError
 
 from .. import keys
 from ..connection import CONNECTION_ERRORS
-from ..inspect import NotSheppyBroker, ResultsUnreachable, broker_url, inspector
+from ..inspect import NotSheppyBroker, ResultsUnreachable, UnknownQueue, broker_url, inspector
 
 EXIT_STUCK = 1
 EXIT_NOT_FOUND = 3
@@ -81,6 +81,8 @@ def open_broker(ctx):
             yield view
     except NotSheppyBroker as exc:
         raise Failure(str(exc), EXIT_CONFIG) from None
+    except UnknownQueue as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param_hint="'-Q' / '--queue'") from None
     except ResultsUnreachable as exc:
         raise Failure(str(exc), EXIT_UNAVAILABLE) from None
     except (OperationalError, *CONNECTION_ERRORS) as exc:

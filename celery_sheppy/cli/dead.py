@@ -37,7 +37,7 @@ def _letter_rows(letters):
 def dead_list(ctx, queues, count, as_json):
     """The oldest dead letters of each queue."""
     with open_broker(ctx) as view:
-        letters = [letter for queue in view.queues(queues)
+        letters = [letter for queue in view.queues(queues, known=True)
                    for letter in listings.dead_letters(view, queue, count)]
     if as_json:
         return print_json(letters)
@@ -51,7 +51,7 @@ def dead_list(ctx, queues, count, as_json):
 def dead_show(ctx, ids, queues):
     """Every field of the dead letters IDS, and the original message."""
     with open_broker(ctx) as view:
-        names = view.queues(queues)
+        names = view.queues(queues, known=True)
         found = listings.find_dead_letters(view, names, ids)
     for entry_id in ids:
         letter = found.get(entry_id)
@@ -61,8 +61,11 @@ def dead_show(ctx, ids, queues):
                      "task_id", "args"):
             click.echo(f"{name + ':':12}{'-' if letter[name] is None else letter[name]}")
         click.echo(f"{'age:':12}{duration(letter['age'])}")
-        click.echo("data:")
-        click.echo(listings.pretty_data(letter["data"]))
+        for name, value in sorted(letter["other_fields"].items()):
+            click.echo(f"{name + ':':12}{value}")
+        click.echo("data:" if letter["data"] else "data:       (none: the entry has no data)")
+        if letter["data"]:
+            click.echo(listings.pretty_data(letter["data"]))
         click.echo()
     _missing(ids, found, names)
 
@@ -77,7 +80,7 @@ def _missing(ids, found, names):
 def _dead_action(ctx, ids, queues, yes, verb, done_verb, act):
     """Replay or purge: the letters ``ids`` (found in any queue), or all of ``queues``."""
     with open_broker(ctx) as view:
-        names = view.queues(queues)
+        names = view.queues(queues, known=True)
         if ids:
             found = listings.find_dead_letters(view, names, ids)
             by_queue = {}

@@ -23,7 +23,7 @@ def scheduled():
 def scheduled_list(ctx, queues, count, as_json):
     """The next scheduled messages of each queue, soonest first."""
     with open_broker(ctx) as view:
-        items = [item for queue in view.queues(queues)
+        items = [item for queue in view.queues(queues, known=True)
                  for item in listings.scheduled(view, queue, count)]
     if as_json:
         return print_json(items)
@@ -44,7 +44,7 @@ def stuck(ctx, queues, count, as_json):
     """Messages in flight past the lease (their consumer stopped renewing). Exit code 1
     when there are any: a live worker on the queue takes them over within half a lease."""
     with open_broker(ctx) as view:
-        names = view.queues(queues)
+        names = view.queues(queues, known=True)
         states = {s.queue: {c.name: c.state for c in s.consumers} for s in view.stats(names)}
         items = [item for queue in names
                  for item in listings.stuck(view, queue, count, states[queue])]

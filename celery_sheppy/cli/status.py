@@ -8,9 +8,9 @@ from datetime import datetime, timezone
 import click
 
 from .. import metrics
-from ..inspect import IDLE
 from ..tables import Column, duration, render
-from .base import echo_lines, json_option, open_broker, queue_option, sheppy
+from .base import (EXIT_UNAVAILABLE, Failure, echo_lines, json_option, open_broker,
+                   queue_option, sheppy)
 
 # -- status ----------------------------------------------------------------------------
 
@@ -27,7 +27,7 @@ def status(ctx, queues, as_json, watch):
     with open_broker(ctx) as view:
         try:
             while True:
-                stats = view.stats(queues)
+                stats = view.stats(view.queues(queues, known=True))
                 if as_json:
                     document = {"broker": view.url, "time": view.now(),
                                 "lease": view.settings.lease,
@@ -59,6 +59,9 @@ def status_lines(view, stats):
          Column("DONE", right=True), Column("FAILED", right=True)],
         [[s.queue, s.ready, s.in_flight, duration(s.oldest_ready_age), s.scheduled,
           s.dead_letters, s.completed, s.failed] for s in stats])
+    counted = view.results_queue
+    if counted is not None and any(s.completed is not None for s in stats):
+        lines.append(f"DONE, FAILED: the results of every queue's tasks, counted under {counted}")
     consumers = [(s, c) for s in stats for c in s.consumers]
     lines.append("")
     if not consumers:
@@ -72,9 +75,6 @@ def status_lines(view, stats):
     stuck = sum(s.stuck for s in stats)
     lines.append(f"consumers: {alive} alive, {dead} dead; {stuck} message(s) stuck "
                  "past the lease")
-    if any(c.state == IDLE for _, c in consumers):
-        lines.append("idle: holds nothing and read nothing for a lease; Redis < 7.2 does not "
-                     "record empty reads, so it may be alive or gone")
     return lines
 
 
@@ -90,10 +90,20 @@ def status_lines(view, stats):
 @click.pass_context
 def metrics_command(ctx, queues, port, bind):
     """Prometheus text exposition of the queue counts (print once, or --serve)."""
-    with open_broker(ctx) as view:
-        stats = view.stats(queues)  # also proves the broker works before serving
     if port is None:
+        with open_broker(ctx) as view:
+            stats = view.stats(view.queues(queues, known=True))
         return click.echo(metrics.exposition(stats), nl=False)
+    try:
+        with open_broker(ctx) as view:
+            view.stats(view.queues(queues, known=True))  # not sheppy://, a typo: stop
+    except Failure as exc:
+        if exc.exit_code != EXIT_UNAVAILABLE:
+            raise
+        # down now: serve all the same (scrapes answer 503 until it is back), as during
+        # an outage later
+        click.echo(f"warning: {exc.format_message()}; serving 503 until it answers",
+                   err=True)
 
     def ready(server):
         host, bound = server.server_address[:2]

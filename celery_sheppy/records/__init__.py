@@ -18,19 +18,21 @@ Celery id is then kept as ``celery.task_id``.
 - ``messages``: kombu messages <-> pending entries (the broker).
 """
 
-from .base import (CELERY_ID_NAMESPACE, HEAD_FIELDS, SPEC_FUNC, STATE_BY_STATUS, STATUS_BY_STATE,
-                   TERMINAL_STATES, RecordError, aware_iso, celery_task, compact_utc, dumps,
+from .base import (CELERY_ID_NAMESPACE, HEAD_FIELDS, SHEPPY_RECORD_TTL, SPEC_FUNC,
+                   STATE_BY_STATUS, STATUS_BY_STATE, TERMINAL_STATES, RecordError,
+                   RequeuedBySheppy, aware_iso, celery_task, compact_utc, dumps,
                    expand_utc, loads, sheppy_id, status_for)
-from .messages import (RAW_CONTENT_TYPES, check_content_type, due_time, flag_redelivered,
-                       mark_redelivered, pending_record, prior_deliveries, record_to_message,
-                       reset_deliveries, scheduled_record)
+from .messages import (RAW_CONTENT_TYPES, FieldsWithoutData, check_content_type, due_time,
+                       flag_redelivered, mark_redelivered, pending_record, prior_deliveries,
+                       record_to_message, reset_deliveries, scheduled_record)
 from .results import build_record, error_text, meta_from_record
 
 __all__ = [
     "CELERY_ID_NAMESPACE", "HEAD_FIELDS", "SPEC_FUNC", "STATE_BY_STATUS", "STATUS_BY_STATE",
-    "TERMINAL_STATES", "RecordError", "aware_iso", "celery_task", "compact_utc", "dumps",
-    "expand_utc", "loads", "sheppy_id", "status_for",
-    "RAW_CONTENT_TYPES", "check_content_type", "due_time", "flag_redelivered", "mark_redelivered",
+    "TERMINAL_STATES", "RecordError", "RequeuedBySheppy", "SHEPPY_RECORD_TTL", "aware_iso",
+    "celery_task", "compact_utc", "dumps", "expand_utc", "loads", "sheppy_id", "status_for",
+    "RAW_CONTENT_TYPES", "FieldsWithoutData", "check_content_type", "due_time",
+    "flag_redelivered", "mark_redelivered",
     "pending_record", "prior_deliveries", "record_to_message", "reset_deliveries",
     "scheduled_record",
     "build_record", "error_text", "meta_from_record",

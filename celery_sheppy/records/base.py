@@ -4,9 +4,10 @@ The result side (results.py) and the broker side (messages.py) build on these; t
 package's ``__init__`` names the whole mapping.
 """
 
+import hashlib
 import re
 from datetime import datetime, timezone
-from uuid import UUID, uuid5
+from uuid import UUID
 
 from celery import states
 from kombu.utils import json as kombu_json
@@ -49,13 +50,36 @@ STATE_BY_STATUS = {
 TERMINAL_STATES = frozenset(states.READY_STATES)
 
 
+#: Seconds sheppy keeps the records it writes (its ``RedisBackend`` ``ttl``): given back to
+#: a Celery record that sheppy's ``task retry`` rewrote without one.
+SHEPPY_RECORD_TTL = 30 * 24 * 3600
+
+
 class RecordError(ValueError):
     """Bytes that are not a task record we can read."""
 
 
+class RequeuedBySheppy(RecordError):
+    """A Celery task's record that sheppy put in a queue again (``sheppy task retry``,
+    ``Queue.retry``): sheppy dropped the Celery message it came from."""
+
+    def __init__(self, sheppy_id):
+        super().__init__(
+            f"record {sheppy_id} is a Celery task's record that sheppy queued again (sheppy "
+            "task retry): sheppy cannot retry a Celery task; send it again with Celery")
+        self.sheppy_id = sheppy_id
+
+
+class CeleryTaskInSheppyWorker(SystemExit):
+    """Raised in a sheppy worker that took a Celery task's entry. A SystemExit: the worker
+    stops at once, before it stores a result or acks what it took (an Exception would have
+    it store the Celery task as failed and ack its message: the task would be lost). A
+    Celery worker takes the entries over after their lease."""
+
+
 def celery_task(*args, **kwargs):
     """Stands in ``spec.func`` of Celery task records so sheppy can import it."""
-    raise RuntimeError(
+    raise CeleryTaskInSheppyWorker(
         "this sheppy record belongs to a Celery task: run it with a Celery worker "
         "(broker_url = 'sheppy://...'), not with a sheppy worker"
     )
@@ -72,7 +96,14 @@ def sheppy_id(task_id):
     task_id = str(task_id)
     if _CANONICAL_UUID.fullmatch(task_id):
         return task_id
-    return str(uuid5(CELERY_ID_NAMESPACE, task_id))
+    return str(_uuid5(CELERY_ID_NAMESPACE, task_id))
+
+
+def _uuid5(namespace, name):
+    """``uuid.uuid5``, with hashlib imported up front: uuid5 imports it at each call, which
+    fails at interpreter exit, when Celery's ``AsyncResult.__del__`` still asks for ids."""
+    digest = hashlib.sha1(namespace.bytes + name.encode("utf-8")).digest()
+    return UUID(bytes=digest[:16], version=5)
 
 
 def status_for(state):

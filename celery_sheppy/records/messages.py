@@ -21,7 +21,8 @@ from uuid import uuid4
 from kombu import serialization
 from kombu.utils import json as kombu_json
 
-from .base import SPEC_FUNC, RecordError, aware_iso, dumps, loads, record_head, sheppy_id
+from .base import (SPEC_FUNC, RecordError, RequeuedBySheppy, aware_iso, dumps, loads,
+                   record_head, sheppy_id)
 
 
 _JSON = "application/json"
@@ -79,15 +80,32 @@ def _task_body(message, headers):
     return None
 
 
+class FieldsWithoutData(str):
+    """Stands in the ``data`` of a stream entry that has none: its fields as JSON text,
+    so that the dead letter it becomes shows what the entry held."""
+
+    @classmethod
+    def of(cls, fields):
+        return cls(json.dumps({_text(key): _text(value) for key, value in fields.items()},
+                              sort_keys=True))
+
+
+def _text(value):
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def record_to_message(raw):
     """``(record, kombu message dict)`` from a pending entry's ``data``; RecordError if bad."""
-    if raw is None:
+    if raw is None or isinstance(raw, FieldsWithoutData):
         raise RecordError("the stream entry has no 'data' field (not written by celery-sheppy "
-                          "or sheppy)")
+                          "or sheppy)" + ("; its fields are kept as JSON in the dead letter's "
+                                          "data" if raw else ""))
     record = loads(raw)
     extras = record.get("celery")
     message = extras.get("message") if isinstance(extras, dict) else None
     if not isinstance(message, dict) or not isinstance(message.get("properties"), dict):
+        if (record.get("spec") or {}).get("func") == SPEC_FUNC and extras is None:
+            raise RequeuedBySheppy(record.get("id"))
         raise RecordError(f"record {record.get('id')} carries no Celery message")
     message = dict(message, properties=dict(message["properties"]))
     if "body" not in message:

@@ -13,7 +13,8 @@ A channel is one consumer of the ``workers`` group. It holds its parts and nothi
 * ``letters``: dead letters (dead_letters.py); ``revokes``: durable revokes (revokes.py);
 * ``fanout`` and ``subscriber``: bindings to fanout exchanges and the pub/sub connection
   their messages come on (fanout.py);
-* ``upkeep``: the named periodic jobs, ``reaper`` among them (upkeep.py).
+* ``upkeep``: the named periodic jobs, ``reaper`` and ``registration`` (presence.py)
+  among them (upkeep.py).
 
 The methods under "poller interface" are what the transport's Poller calls (poller.py).
 """
@@ -33,7 +34,7 @@ from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.encoding import bytes_to_str
 
 from .. import connection, keys, scripts
-from . import options, upkeep
+from . import options, presence, upkeep
 from .acks import Acker, InflightLedger
 from .connections import Connections, connparams
 from .dead_letters import DeadLetters
@@ -128,6 +129,9 @@ class Channel(virtual.Channel):
         self._broadcasts = deque()  # (queue, message) received from fanout exchanges
         self.reaper = upkeep.ConsumerReaper(conns, queues, lambda: self.read_queues,
                                             self.consumer_name, settings.consumer_reap_after)
+        self.registration = presence.Registration(conns, queues, self.consumer_name,
+                                                  self.reaper.read_from,
+                                                  settings.visibility_timeout)
         self.upkeep = self._upkeep_jobs()
         try:
             if conns.cluster:  # RedisCluster learnt the slot map from the seeds already
@@ -162,6 +166,7 @@ class Channel(virtual.Channel):
             upkeep.ExpiringQueues(conns, queues, self.router, lambda: self.read_queues,
                                   lambda queue: self.state.queue_bindings(queue)),
             upkeep.OrphanUpkeep(),
+            self.registration,
             self.reaper,
             upkeep.LeaseRenewal(conns, lambda: [self.ledger.held(), self.reader.buffer.held()],
                                 self.consumer_name, settings.visibility_timeout),
@@ -326,9 +331,10 @@ class Channel(virtual.Channel):
     # -- consuming -------------------------------------------------------------------------------
 
     def basic_consume(self, queue, no_ack, *args, **kwargs):
-        self.groups.ensure(queue)
+        present = self.groups.ensure(queue)
         if not self.queues.expiring(queue):
             self.revokes.read(force=True)  # revoked while no worker listened
+            self.registration.join(present)
         self.reaper.read_from.add(queue)
         if no_ack:
             self.reader.no_ack.add(queue)
@@ -337,6 +343,7 @@ class Channel(virtual.Channel):
         result = super().basic_consume(queue, no_ack, *args, **kwargs)
         self.reader.queues_changed(self.read_queues)
         self._subscribe()
+        self.registration.run(force=True)
         self.reaper.run(force=True)
         return result
 
@@ -463,6 +470,7 @@ class Channel(virtual.Channel):
         try:
             super().close()  # cancels consumers (auto_delete queues go), returns unacked
             self.acker.return_buffered(self.reader.buffer.drain())
+            self.registration.remove()
             self.reaper.run(own=True)
         except self.connection_errors as exc:
             logger.warning("sheppy: could not tidy up channel on close: %r", exc)

@@ -48,7 +48,8 @@ class DeadLetters:
 
     def list(self, queue, count=100, start="-"):
         """Dead letters of ``queue``, oldest first: dicts with ``id``, ``reason``,
-        ``deliveries`` (int), ``stream``, ``entry`` and ``data`` (the original entry)."""
+        ``deliveries`` (int), ``stream``, ``entry``, ``data`` (the original entry; "" if
+        none) and ``other_fields`` (any other field of the entry)."""
         rows = self.conns.client.xrange(keys.dead_letter_stream(self._named(queue)),
                                         min=start, count=count)
         return [_letter(entry_id, fields) for entry_id, fields in rows]
@@ -108,6 +109,9 @@ class DeadLetters:
             start = "(" + bytes_to_str(rows[-1][0])
 
 
+_LETTER_FIELDS = ("reason", "deliveries", "stream", "entry", "data")
+
+
 def _letter(entry_id, fields):
     fields = {bytes_to_str(key): bytes_to_str(value) for key, value in (fields or {}).items()}
     try:
@@ -116,7 +120,10 @@ def _letter(entry_id, fields):
         deliveries = 0
     return {"id": bytes_to_str(entry_id), "reason": fields.get("reason", ""),
             "deliveries": deliveries, "stream": fields.get("stream", ""),
-            "entry": fields.get("entry", ""), "data": fields.get("data", "")}
+            "entry": fields.get("entry", ""), "data": fields.get("data", ""),
+            # an entry someone else added to the stream may hold anything
+            "other_fields": {name: value for name, value in fields.items()
+                             if name not in _LETTER_FIELDS}}
 
 
 def dead_letters(connection, queue, count=100):

@@ -146,9 +146,11 @@ def check_names(options):
     """Refuse ``broker_transport_options`` this transport does not know, by name."""
     unknown = sorted(set(options) - set(BY_NAME) - STOCK_NOOP_OPTIONS)
     if unknown:
+        accepted = sorted(name for name, option in BY_NAME.items()
+                          if not isinstance(option.parser, _Fixed))  # refused: not offered
         raise ChannelError(
             f"unknown broker_transport_options for sheppy://: {unknown}; accepted: "
-            f"{', '.join(sorted(BY_NAME))}")
+            f"{', '.join(accepted)}")
 
 
 def parse(options):

@@ -204,8 +204,10 @@ class Reader:
             stream = bytes_to_str(stream)
             queue = queue_of[stream]
             for entry_id, fields in items:
-                entries.append((order[stream], queue, stream,
-                                bytes_to_str(entry_id), (fields or {}).get(b"data")))
+                data = (fields or {}).get(b"data")
+                if data is None and fields:  # not ours: keep what it holds for its dead letter
+                    data = records.FieldsWithoutData.of(fields)
+                entries.append((order[stream], queue, stream, bytes_to_str(entry_id), data))
         entries.sort(key=lambda entry: entry[0])  # priority first, then queue order; stable
         if entries:
             self._hot_streams = set(hot) | {entry[2] for entry in entries}
@@ -270,11 +272,16 @@ class Reader:
 
     def drop_if_overdue(self, health_check_interval):
         """Drop the outstanding read when its reply is late enough to suspect a dead
-        socket: ``(True, its file descriptor or None)``, else ``(False, None)``."""
+        socket: ``(True, its file descriptor or None)``, else ``(False, None)``. A reply
+        that did come is read instead: nobody drained the connection meanwhile (a pooled
+        connection, as a remote-control client's, reused after its read ended)."""
         sent = self._sent_at
         if self._reading is None or sent is None:
             return False, None
         if monotonic() - sent <= self.block_seconds() + health_check_interval:
+            return False, None
+        if _has_reply(self._reading):
+            self.finish()  # its entries (if any) go to the buffer, delivered as usual
             return False, None
         fd = self.fileno
         self._reading.disconnect()
@@ -326,6 +333,14 @@ class Reader:
                 return message
         return None
 
+    def _give_back_ttl(self, stream, sheppy_id):
+        """sheppy's retry rewrote a Celery record without a TTL (``SET`` alone): give it
+        the one sheppy gives its own records, unless it has one (``EXPIRE NX``)."""
+        queue = keys.queue_of_stream(stream)
+        if queue and sheppy_id:
+            self.conns.client.execute_command(
+                "EXPIRE", keys.task_record(queue, sheppy_id), records.SHEPPY_RECORD_TTL, "NX")
+
     def claim(self, queue, stream, entry_id, data, counter):
         """Buffer an entry a reclaim took over; ``counter``: the group's delivery count."""
         self._claimed[(stream, entry_id)] = int(counter)
@@ -342,6 +357,8 @@ class Reader:
             logger.error("Cannot decode message %s of %s, moved to the dead letters: %s",
                          entry_id, stream, exc)
             self.letters.move(queue, stream, entry_id, f"undecodable: {exc}", counter, data)
+            if isinstance(exc, records.RequeuedBySheppy):
+                self._give_back_ttl(stream, exc.sheppy_id)
             return None
         deliveries = records.prior_deliveries(record) + counter
         if deliveries > self.max_deliveries:
@@ -366,6 +383,13 @@ class Reader:
             return None
         properties["delivery_tag"] = tag
         return message
+
+
+def _has_reply(conn):
+    try:
+        return conn.can_read(timeout=0)
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        return False
 
 
 def _expired(entry_id, ttl):

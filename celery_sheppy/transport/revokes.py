@@ -1,4 +1,5 @@
-"""Durable revokes: task ids of ``revoke`` broadcasts, kept in ``sheppy:celery::revoked``.
+"""Durable revokes: task ids of ``revoke`` (and ``terminate``) broadcasts, kept in
+``sheppy:celery::revoked``.
 
 A worker that is online gets revokes as broadcasts (fanout.py: not kept for a worker
 that is not connected). The zset (task id -> revoke time, epoch ms, trimmed to
@@ -83,8 +84,13 @@ class Revokes:
                              if at > now_ms - expires_ms}
 
 
+#: Remote-control commands that revoke the tasks of their ``task_id`` argument
+#: (``celery control terminate SIGNAL ID`` sends ``terminate``, which revokes too).
+REVOKING_COMMANDS = frozenset({"revoke", "terminate"})
+
+
 def revoked_ids(message):
-    """Task ids of a ``revoke`` remote-control message, else []."""
+    """Task ids of a ``revoke`` or ``terminate`` remote-control message, else []."""
     body = message.get("body")
     try:
         if (message.get("properties") or {}).get("body_encoding") == "base64":
@@ -92,7 +98,7 @@ def revoked_ids(message):
         payload = json.loads(body)
     except (TypeError, ValueError):
         return []
-    if not isinstance(payload, dict) or payload.get("method") != "revoke":
+    if not isinstance(payload, dict) or payload.get("method") not in REVOKING_COMMANDS:
         return []
     ids = (payload.get("arguments") or {}).get("task_id")
     if isinstance(ids, (str, bytes)):

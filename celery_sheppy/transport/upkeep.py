@@ -7,7 +7,9 @@ idle. In order:
 ``expiring_queues``  renew expiring queues (their streams' TTL) and their bindings
 ``orphans``          acks, leases and put-backs of a lost connection (``orphans.py``),
                      before the reclaim: leases of what this worker still runs first
-``reap_consumers``   remove consumers idle past ``consumer_reap_after`` holding nothing
+``register_consumer`` renew this consumer's registration as alive (``presence.py``)
+``reap_consumers``   remove consumers idle past ``consumer_reap_after`` holding nothing,
+                     unless registered
 ``renew_leases``     reset the idle time of every entry this channel holds
 ``reclaim``          take over entries whose lease expired (XAUTOCLAIM, ``reclaim.lua``)
 ``promote``          move due messages from sheppy's scheduled set to their streams
@@ -21,7 +23,7 @@ from kombu.log import get_logger
 from kombu.utils.encoding import bytes_to_str
 
 from .. import keys, scripts
-from . import orphans
+from . import orphans, presence
 
 logger = get_logger(__name__)
 
@@ -96,7 +98,7 @@ class OrphanUpkeep:
 
 class ConsumerReaper:
     """Remove consumers of the group idle past ``consumer_reap_after`` with nothing pending
-    (every half of it); on close, this channel's own consumer."""
+    and no registration (every half of it); on close, this channel's own consumer."""
 
     name = "reap_consumers"
 
@@ -115,9 +117,26 @@ class ConsumerReaper:
             return
         self._reaped_at = now
         queues = sorted(self.read_from) if own else self.consumed()
-        calls = [([stream], [GROUP, int(self.reap_after * 1000), self.consumer_name if own else ""])
-                 for queue in queues for stream in self.queues.streams(queue)]
+        streams = [stream for queue in queues for stream in self.queues.streams(queue)]
+        if not streams:
+            return
+        alive = presence.registered(self.conns.client, self._idle(streams))
+        alive.discard(self.consumer_name if own else None)
+        calls = [([stream], [GROUP, int(self.reap_after * 1000),
+                             self.consumer_name if own else "", *sorted(alive)])
+                 for stream in streams]
         scripts.registry()["reap_consumers"].many(self.conns.client, calls, raise_on_error=False)
+
+    def _idle(self, streams):
+        """Names of the consumers of ``streams`` the script would remove for being idle
+        (nothing pending, idle past ``reap_after``): their registrations are asked for."""
+        with self.conns.client.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xinfo_consumers(stream, GROUP)
+            replies = pipe.execute(raise_on_error=False)
+        limit_ms = self.reap_after * 1000
+        return {bytes_to_str(c["name"]) for reply in replies if isinstance(reply, list)
+                for c in reply if c["pending"] == 0 and c["idle"] > limit_ms}
 
 
 class LeaseRenewal:

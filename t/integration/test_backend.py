@@ -5,6 +5,9 @@ results live on db 0 in Sheppy's layout.
 """
 
 import json
+import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -15,7 +18,7 @@ from celery.exceptions import ChordError, TimeoutError as CeleryTimeoutError
 from celery.result import GroupResult
 
 from celery_sheppy import keys, records
-from conftest import Worker, client_app
+from conftest import ROOT, Worker, client_app
 
 TASKS = "t.integration.tasks"
 
@@ -264,3 +267,70 @@ def test_chord_with_a_generator_header_fires_once_in_header_order(worker, app, c
     assert result.get(timeout=30) == [0.4, 0.0, 0.2]
     time.sleep(0.5)
     assert counter.llen(key) == 1
+
+
+CLIENT_WITH_NON_UUID_IDS = """
+import sys
+from celery import Celery
+
+app = Celery("client", broker=sys.argv[1], backend=sys.argv[1])
+result = app.send_task("t.integration.tasks.add", (1, 2), task_id="my-id")
+assert result.get(timeout=30) == 3
+app.send_task("t.integration.tasks.add", (2, 2), task_id="my-other-id")  # not waited for
+print("done")
+"""
+
+
+def test_a_script_sending_tasks_with_non_uuid_ids_exits_without_a_traceback(
+        make_redis_server, start_worker, tmp_path):
+    # Given a worker, and a script that sends tasks with ids that are not UUIDs (their
+    # records are kept under a UUIDv5 of the id), one waited for, one not
+    server = make_redis_server()
+    start_worker(server.sheppy_url(), server.sheppy_url())
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT_WITH_NON_UUID_IDS)
+
+    # When it runs to its end (its AsyncResults are freed as the interpreter shuts down)
+    for _ in range(3):
+        run = subprocess.run([sys.executable, str(script), server.sheppy_url()],
+                             capture_output=True, text=True, timeout=120)
+
+        # Then it says nothing on stderr
+        assert (run.returncode, run.stdout, run.stderr) == (0, "done\n", "")
+
+
+def documented_records():
+    """The example records of docs/backend.md ("The record"), in order."""
+    text = (ROOT / "docs" / "backend.md").read_text()
+    section = text.split("## The record", 1)[1].split("\n## ", 1)[0]
+    return [json.loads(block) for block in re.findall(r"```json\n(.*?)```", section, re.S)]
+
+
+def shape(value):
+    """A record's keys, nested, without its values (ids and times differ)."""
+    if isinstance(value, dict):
+        return {key: shape(item) for key, item in value.items()}
+    return type(value).__name__
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_the_documented_record_is_what_a_worker_stores(make_redis_server, start_worker,
+                                                       extended):
+    # Given a worker and a client with Celery's default result_extended (False), or True
+    server = make_redis_server()
+    conf = {"result_extended": extended}
+    start_worker(server.sheppy_url(), server.sheppy_url(),
+                 extra_env={"CELERY_SHEPPY_CONF": json.dumps(conf)})
+    app = client_app(server.sheppy_url(), server.sheppy_url(), **conf)
+    try:
+        # When add(40, 2) runs
+        result = sig(app, "add", 40, 2).delay()
+        assert result.get(timeout=30) == 42
+        record = record_of(server.client(), result.id)
+    finally:
+        app.close()
+
+    # Then its record has the shape docs/backend.md shows for that setting
+    documented = documented_records()[1 if extended else 0]
+    assert shape(record) == shape(documented)
+    assert record["spec"] == documented["spec"] and record["result"] == documented["result"]

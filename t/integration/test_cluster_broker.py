@@ -15,6 +15,7 @@ from celery import chord, group
 
 from celery_sheppy import keys
 from conftest import Worker, client_app
+from t.redis_server import RedisCluster
 
 TASKS = "t.integration.tasks"
 LEASE = 4  # seconds: the kill test's visibility_timeout, so it finishes quickly
@@ -137,3 +138,58 @@ def test_status_reads_the_hash_tagged_queue_and_its_result_shards(worker, app):
     assert "{celery}" in stats and not any(name.startswith("{celery.") for name in stats), stats
     assert stats["{celery}"].completed >= 20
     assert [s.queue for s in queue_stats(app, ["celery"])] == ["{celery}"]
+
+
+class StartingWorker(Worker):
+    """A Worker that returns as soon as its process runs (ready or not)."""
+
+    def wait_for_log(self, text, timeout=60):
+        if text == "ready." and not getattr(self, "_started", False):
+            self._started = True
+            return
+        super().wait_for_log(text, timeout)
+
+
+def test_a_worker_started_while_the_cluster_is_down_waits_and_then_works():
+    # Given a cluster of its own whose slots are not all served: a master without a
+    # replica is down, so every node answers CLUSTERDOWN
+    cluster = RedisCluster(masters=3, replicas=0)
+    worker = None
+    try:
+        url = cluster.sheppy_url()
+        down = cluster.nodes[2]
+        down.kill()
+        wait_until(lambda: b"cluster_state:fail" in cluster.nodes[0].client().execute_command(
+            "CLUSTER", "INFO"), 30)
+
+        # When a worker starts (Celery's defaults: mingle declares a reply queue first)
+        worker = StartingWorker(url, url, pool="threads")
+
+        # Then it meets the down cluster, and waits and retries instead of exiting
+        wait_until(lambda: "ClusterDownError" in worker.output()
+                   or worker.process.poll() is not None, 120)
+        time.sleep(2)  # an unrecoverable error ends the process within this
+        log = worker.output()
+        assert worker.process.poll() is None and "Unrecoverable error" not in log, log[-3000:]
+        assert "Trying to re-establish the connection" in log, log[-3000:]
+
+        # And once the cluster serves again it is ready and runs tasks
+        down.start()
+        cluster.wait_until_ok()
+        worker.wait_for_log("ready.", timeout=120)
+        app = client_app(url, url)
+        try:
+            assert sig(app, "add", 2, 3).delay().get(timeout=30) == 5
+        finally:
+            app.close()
+    finally:
+        if worker is not None:
+            worker.stop()
+        cluster.close()
+
+
+def wait_until(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)

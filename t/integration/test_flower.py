@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -125,3 +126,27 @@ def test_flower_without_the_line_does_not_know_the_sheppy_broker(setup, flowers)
     flowers.append(flower)
     status, body = flower.wait_answer("/api/queues/length")
     assert status == 404 and "'redis' broker is not supported" in body
+
+
+def test_flower_refreshing_its_workers_again_later_logs_no_dropped_read(make_redis_server,
+                                                                        start_worker, flowers):
+    # Short reads (1 s) and health checks (1 s): a read is overdue after 2 s, not 35 s
+    setup = Setup(make_redis_server(), start_worker, broker_transport_options={
+        "polling_interval": 1, "health_check_interval": 1})
+    try:
+        setup.worker()
+        flower = Flower(setup, FLOWER_LINE)
+        flowers.append(flower)
+        # When Flower asks its workers (4 remote-control broadcasts at once, on pooled
+        # connections), and again once the reads those left are overdue
+        status, body = flower.wait_answer("/api/workers?refresh=1")
+        assert status == 200 and len(json.loads(body)) == 1, body
+        time.sleep(4)
+        status, body = flower.get("/api/workers?refresh=1")
+        assert status == 200 and len(json.loads(body)) == 1, body
+        time.sleep(2)
+
+        # Then the replies those reads got were read, not dropped as lost connections
+        assert "no reply in time" not in flower.log.read_text()
+    finally:
+        setup.app.close()

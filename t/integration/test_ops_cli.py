@@ -45,8 +45,8 @@ class Setup:
                     CELERY_SHEPPY_COUNTER_URL=self.server.url,
                     PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
-    def worker(self, concurrency=2):
-        return self._start(self.url, self.backend, pool="threads", concurrency=concurrency,
+    def worker(self, concurrency=2, pool="threads"):
+        return self._start(self.url, self.backend, pool=pool, concurrency=concurrency,
                            extra_env={"CELERY_SHEPPY_CONF": json.dumps(self.conf),
                                       "CELERY_SHEPPY_COUNTER_URL": self.server.url})
 
@@ -154,8 +154,60 @@ def test_status_counts_ready_in_flight_scheduled_dead_and_results_per_queue(ops)
     assert rows[QUEUE][1:3] == ["3", "2"] and rows[QUEUE][4:] == ["1", "1", "2", "1"]
     assert rows["other"][1:3] == ["2", "0"]
     assert "consumers: 1 alive, 0 dead; 0 message(s) stuck past the lease" in table.stdout
+    # the result counters are the backend's, of every queue: the table says so
+    assert "DONE, FAILED: the results of every queue's tasks, counted under celery" in \
+        table.stdout
     assert setup.cli("status", "-Q", "other", "--json").stdout.count('"queue"') == 1
     worker.kill()  # its tasks run for 30 s more: no warm shutdown
+
+
+def celery_purge(setup):
+    """``celery -A app purge -f``, as an operator empties the app's queues."""
+    result = subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, "purge", "-f"],
+                            env=setup.env, cwd=str(ROOT), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_ready_counts_what_waits_after_a_purge_of_a_queue_workers_read_from(ops):
+    # Given a queue a worker has read from (its group has delivered entries), and no
+    # worker now
+    setup = ops()
+    worker = setup.worker()
+    assert [setup.sig("add", i, i).delay().get(timeout=30) for i in range(3)] == [0, 2, 4]
+    worker.stop()
+
+    def send_waiting():  # plain tasks, one of priority 9 (its own stream), one countdown
+        for i in range(3):
+            setup.sig("add", i, i).delay()
+        setup.sig("add", 9, 9).apply_async(priority=9)
+        setup.sig("add", 5, 5).apply_async(countdown=5)  # sooner than delay_threshold
+
+    def ready():
+        printed = setup.cli("metrics")
+        assert printed.returncode == 0, printed.stderr
+        metric = samples_of(printed.stdout)[("sheppy_queue_ready", (("queue", QUEUE),))]
+        status = setup.stats()[QUEUE]
+        assert status["ready"] == metric
+        return status["ready"]
+
+    # Then five tasks wait, and five are ready
+    send_waiting()
+    assert ready() == 5
+    # When the operator purges the queue: nothing waits, nothing is ready
+    assert "Purged 5 messages" in celery_purge(setup)
+    assert sum(setup.client.xlen(keys.priority_stream(QUEUE, step)) for step in (0, 3, 6, 9)) == 0
+    assert ready() == 0
+    # When a worker consumes new tasks, then more wait and are purged again
+    worker = setup.worker()
+    assert setup.sig("add", 1, 1).delay().get(timeout=30) == 2
+    assert ready() == 0
+    worker.stop()
+    send_waiting()
+    assert ready() == 5
+    assert "Purged 5 messages" in celery_purge(setup)
+    assert ready() == 0
 
 
 def test_status_watch_refreshes_until_interrupted(ops):
@@ -202,6 +254,14 @@ def test_errors_name_the_fault_and_exit_with_codes_scripts_can_use(ops):
     result = setup.cli("dead", "show", "not-an-id")
     assert result.returncode == 2 and "'not-an-id' is not a stream entry id" in result.stderr
 
+    # a queue the broker has no trace of (a typo) is named, not shown as a row of zeros
+    setup.sig("add", 1, 1).apply_async(queue="mail")  # known by its stream only
+    for command in (["status"], ["metrics"], ["dead", "list"], ["scheduled", "list"], ["stuck"]):
+        result = setup.cli(*command, "-Q", "celery,mial")
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert "no queue 'mial'" in result.stderr and "mail" in result.stderr
+    assert setup.cli("status", "-Q", "celery,mail").returncode == 0
+
 
 # -- stuck ------------------------------------------------------------------------------
 
@@ -237,6 +297,45 @@ def test_stuck_lists_a_killed_workers_messages_past_the_lease_and_exits_1_until_
     wait_until(lambda: setup.cli("stuck").returncode == 0, 30, "the messages to be taken over")
     assert [r.get(timeout=60) for r in held] == [8, 8]
     rescuer.stop()
+
+
+def test_an_idle_worker_counts_alive_on_every_server_and_a_killed_one_dead(ops):
+    # A 4 s lease, and idle consumers reaped after 2 s: a consumer that holds nothing
+    # lives by its worker's registration, not by its idle time, which Redis 7.0 does not
+    # reset on empty reads (7.2+ and Valkey do)
+    setup = ops(broker_transport_options={"visibility_timeout": LEASE,
+                                          "consumer_reap_after": 2})
+    doomed = setup.worker()
+
+    # When the worker holds nothing and reads nothing for two leases, before its first
+    # task (Redis 7.0 adds a consumer to a group at its first entry) and after it
+    time.sleep(2 * LEASE + 1)
+    celery = setup.stats()[QUEUE]
+    assert [(c["in_flight"], c["state"]) for c in celery["consumers"]] == [(0, "alive")]
+    assert setup.sig("add", 1, 1).delay().get(timeout=30) == 2
+    time.sleep(2 * LEASE + 1)
+
+    # Then it is one alive consumer, in status and in the metrics
+    celery = setup.stats()[QUEUE]
+    assert [(c["in_flight"], c["state"]) for c in celery["consumers"]] == [(0, "alive")]
+    assert (celery["consumers_alive"], celery["consumers_dead"]) == (1, 0)
+    values = samples_of(setup.cli("metrics").stdout)
+    assert values[("sheppy_queue_consumers", (("queue", QUEUE), ("state", "alive")))] == 1
+    alive = celery["consumers"][0]["name"]
+
+    # When it is killed, it is dead once its registration (one lease) ends
+    doomed.kill()
+    wait_until(lambda: setup.stats()[QUEUE]["consumers_alive"] == 0, 3 * LEASE,
+               "the killed worker to count dead")
+    assert [(c["name"], c["state"]) for c in setup.stats()[QUEUE]["consumers"]] == [
+        (alive, "dead")]
+
+    # And a new worker's reaper removes the dead consumer, not its own idle one
+    setup.worker()
+    wait_until(lambda: [c["state"] for c in setup.stats()[QUEUE]["consumers"]] == ["alive"],
+               30, "the dead consumer to be reaped")
+    time.sleep(2 * LEASE)
+    assert [c["state"] for c in setup.stats()[QUEUE]["consumers"]] == ["alive"]
 
 
 # -- dead letters ------------------------------------------------------------------------
@@ -297,6 +396,29 @@ def test_dead_letters_are_listed_shown_replayed_to_a_worker_and_purged(ops):
     assert setup.client.xlen(dead) == 0
 
 
+def test_dead_show_prints_what_an_entry_without_a_data_field_held(ops):
+    # Given an entry without a data field in the queue's stream (not written by
+    # celery-sheppy or sheppy), which a worker dead-letters, and a dead letter written
+    # by hand without one
+    setup = ops()
+    setup.worker()
+    setup.client.xadd(keys.pending_stream(QUEUE), {"note": "added by hand", "n": "7"})
+    dead = keys.dead_letter_stream(QUEUE)
+    wait_until(lambda: setup.client.xlen(dead) == 1, 30, "a dead letter")
+    by_hand = setup.client.xadd(dead, {"reason": "moved by hand", "origin": "ops"}).decode()
+    moved = setup.json("dead", "list")[0]["id"]
+
+    # When the operator shows them, then each shows what it holds
+    shown = setup.cli("dead", "show", moved)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^reason: +undecodable: .*no 'data' field", shown.stdout, re.M)
+    assert '"note": "added by hand"' in shown.stdout and '"n": "7"' in shown.stdout
+    shown = setup.cli("dead", "show", by_hand)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^origin: +ops$", shown.stdout, re.M)
+    assert re.search(r"^data: +\(none: the entry has no data\)$", shown.stdout, re.M)
+
+
 # -- scheduled, revoked -----------------------------------------------------------------
 
 
@@ -323,6 +445,24 @@ def test_scheduled_list_shows_countdown_tasks_soonest_first_and_revoked_list_the
     assert revoked["total"] == 1 and [i["task_id"] for i in revoked["revoked"]] == [later.id]
     table = setup.cli("revoked", "list")
     assert later.id in table.stdout and "1 of 1 shown" in table.stdout
+
+
+def test_revoked_list_shows_tasks_stopped_with_celery_control_terminate(ops):
+    # Given a running task (prefork: a thread cannot be terminated), stopped as an
+    # operator does with Celery's command line
+    setup = ops()
+    worker = setup.worker(pool="prefork")
+    (held, _) = setup.hold_two_and_wait()
+    result = subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, "control",
+                             "terminate", "SIGTERM", held.id], env=setup.env, cwd=str(ROOT),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: held.state == "REVOKED", 30, "the task to be revoked")
+
+    # Then the revoke is kept for workers that were away, and listed
+    revoked = setup.json("revoked", "list")
+    assert [i["task_id"] for i in revoked["revoked"]] == [held.id]
+    worker.kill()  # the other task runs for 30 s more: no warm shutdown
 
 
 # -- metrics --------------------------------------------------------------------------
@@ -389,3 +529,57 @@ def test_metrics_are_printed_and_served_for_prometheus_to_scrape(ops):
         finally:
             server.kill()
             server.wait()
+
+
+# -- configuration errors ------------------------------------------------------------
+
+
+def test_a_misspelt_transport_option_stops_the_worker_naming_only_options_it_accepts(ops):
+    setup = ops(broker_transport_options={"visibilty_timeout": 10})
+    with pytest.raises(RuntimeError, match="worker exited") as failed:
+        setup.worker()
+    message = next(line for line in str(failed.value).splitlines() if "visibilty_timeout" in line)
+    accepted = message.split("accepted: ", 1)[1].rstrip(")").split(", ")
+    assert "visibility_timeout" in accepted
+    # refused options (sheppy's key layout is fixed) are not offered
+    assert "global_keyprefix" not in accepted and "sep" not in accepted
+
+
+def test_metrics_serve_starts_while_redis_is_down_and_recovers(ops):
+    # Given a broker that is down when the exporter starts
+    setup = ops()
+    setup.server.kill()
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as out:
+        server = subprocess.Popen(setup.command("metrics", "--serve", str(port)), env=setup.env,
+                                  cwd=str(ROOT), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}/metrics"
+            failures = []
+
+            def answered(expect):
+                assert server.poll() is None, "the exporter exited"
+                try:
+                    with urllib.request.urlopen(url, timeout=10) as response:
+                        return expect == 200 and samples_of(response.read().decode())
+                except urllib.error.HTTPError as exc:
+                    failures.append(exc.read().decode())
+                    return exc.code == expect
+                except OSError:
+                    return False
+
+            # Then it serves, and a scrape says why it fails
+            wait_until(lambda: answered(503), 60, "a 503 from the exporter")
+            assert "cannot read the sheppy:// broker" in failures[-1]
+            # And once Redis is back, scrapes succeed
+            setup.server.start()
+            setup.sig("add", 1, 1).delay()
+            wait_until(lambda: answered(200), 60, "a scrape to succeed")
+            server.send_signal(signal.SIGINT)
+            assert server.wait(30) == 0
+            out.seek(0)
+            assert "serving 503 until it answers" in out.read()
+        finally:
+            server.kill()
+            server.wait()
+

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -428,3 +429,79 @@ def test_every_record_of_a_celery_run_is_a_valid_sheppy_task(celery_run):
                                "cancelled"}
         assert (task.finished_at is not None) == (task.status in {"completed", "failed",
                                                                   "cancelled"})
+
+
+# -- sheppy's tools writing to a Celery queue (docs/sheppy-tools.md: don't): no harm done --
+
+
+def run_sheppy(server, *args, timeout=60):
+    """``sheppy …`` in a subprocess, from an empty directory, on ``server``'s db 0."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SHEPPY_") and k != "PYTHONPATH"}
+    env.update(COLUMNS="400", NO_COLOR="1", PYTHONIOENCODING="utf-8")
+    cwd = tempfile.mkdtemp(prefix="celery-sheppy-cli-")
+    return subprocess.run([sys.executable, "-m", "sheppy.cli", *args, "--queue", QUEUE,
+                           "--backend-url", server.url], cwd=cwd, env=env,
+                          capture_output=True, encoding="utf-8", timeout=timeout)
+
+
+def test_a_sheppy_worker_on_a_celery_queue_stops_at_once_and_celery_runs_its_tasks(
+        make_redis_server, start_worker):
+    # Given Celery tasks waiting in a sheppy:// queue, no Celery worker
+    server = make_redis_server()
+    url = server.sheppy_url()
+    app = client_app(url, url, "json")
+    try:
+        results = [app.send_task(TASKS + "add", (i, 2)) for i in range(3)]
+
+        # When a sheppy worker is started on that queue
+        worker = run_sheppy(server, "work", timeout=120)
+
+        # Then it stops at once, saying why, and stores nothing for the Celery tasks
+        assert worker.returncode != 0
+        assert "belongs to a Celery task" in worker.stdout + worker.stderr
+        client = server.client()
+        assert not any(client.exists(keys.task_record(QUEUE, r.id)) for r in results)
+        # And a Celery worker takes the entries over after their lease and runs each
+        start_worker(url, url, pool="threads", extra_env={"CELERY_SHEPPY_CONF": json.dumps(
+            {"broker_transport_options": {"visibility_timeout": 4}})})
+        assert [r.get(timeout=60) for r in results] == [2, 3, 4]
+        assert client.xlen(keys.pending_stream(QUEUE)) == 0
+    finally:
+        app.close()
+
+
+def test_sheppy_task_retry_of_a_celery_record_is_dead_lettered_and_the_record_expires(
+        make_redis_server, start_worker):
+    # Given a Celery task that failed, on a sheppy:// broker and result backend
+    server = make_redis_server()
+    url = server.sheppy_url()
+    worker = start_worker(url, url, pool="threads")
+    app = client_app(url, url, "json")
+    client = server.client()
+    try:
+        failed = app.send_task(TASKS + "fail", ("boom",))
+        with pytest.raises(ValueError):
+            failed.get(timeout=30)
+        record = keys.task_record(QUEUE, failed.id)
+        assert client.ttl(record) > 0
+
+        # When sheppy is told to retry it (it rewrites the record without a TTL and queues
+        # a plain sheppy task where the Celery worker reads)
+        retried = run_sheppy(server, "task", "retry", failed.id)
+        assert retried.returncode == 0, retried.stdout + retried.stderr
+
+        # Then the Celery worker dead-letters that entry, saying what it is, and the record
+        # expires again; the worker goes on
+        dead = keys.dead_letter_stream(QUEUE)
+        deadline = time.monotonic() + 30
+        while not client.xlen(dead):
+            assert time.monotonic() < deadline, "no dead letter"
+            time.sleep(0.1)
+        (_, fields), = client.xrange(dead)
+        assert b"sheppy queued again (sheppy task retry)" in fields[b"reason"]
+        assert 0 < client.ttl(record) <= records.SHEPPY_RECORD_TTL
+        assert app.send_task(TASKS + "add", (1, 1)).get(timeout=30) == 2
+        assert worker.process.poll() is None
+    finally:
+        app.close()

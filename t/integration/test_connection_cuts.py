@@ -92,7 +92,7 @@ def test_acks_redis_held_unapplied_when_it_was_killed_are_sent_again_and_nothing
     # When, three times, Redis holds every write for a second (CLIENT PAUSE WRITE: the acks
     # the worker sends meanwhile are not applied) and is then killed and restarted
     for fault in range(3):
-        wait_until(lambda: counter.llen("acked") >= 120 * (fault + 1), 120, "tasks to run")
+        wait_until(lambda fault=fault: counter.llen("acked") >= 120 * (fault + 1), 120, "tasks to run")
         server.client().execute_command("CLIENT", "PAUSE", 5000, "WRITE")
         time.sleep(1.0)
         server.restart(downtime=0.5)

@@ -17,13 +17,14 @@ stopped by its PID. Large points (``--reps``) are repeated and their medians rep
 repetition starts the deployment anew, the two sides interleaved so both see the same load.
 
 A cost model, ``a + b·workers + c·workers² + d·workers·queues + e·queues``, is fitted to the
-medians of each side and metric (weighted least squares: every point counts by its relative
-error) and projected to deployments larger than the machine can hold (``PROJECT``).
+medians of each side and metric (least squares of the relative errors, no negative
+coefficient) and projected to deployments larger than the machine can hold (``PROJECT``).
 Method and numbers: docs/performance.md, "Idle cost".
 """
 
 import argparse
 import os
+import re
 import signal
 import sys
 import time
@@ -89,13 +90,13 @@ def measure(side, server, workers, queues, window=WINDOW, settle=SETTLE, stagger
         time.sleep(settle)
 
         pids = [worker.process.pid for worker in started]
-        load = os.getloadavg()[0]
         redis_cpu, (worker_cpu, _) = server.cpu_seconds(), process_tree_usage(pids)
         calls, begin = server.commandstats(), time.monotonic()
         time.sleep(window)
         calls_after, end = server.commandstats(), time.monotonic()
         redis_cpu_after, (worker_cpu_after, rss) = server.cpu_seconds(), process_tree_usage(pids)
         clients = server.admin.info("clients")["connected_clients"] - 1  # not the bench's own
+        load = os.getloadavg()[0]  # at the end: the 1-minute average then is mostly the window's
         for worker in started:
             worker.check()  # a worker that died in the window spoils the count
     except BaseException:
@@ -121,7 +122,7 @@ def measure(side, server, workers, queues, window=WINDOW, settle=SETTLE, stagger
         "worker_cpu_pct": 100 * (worker_cpu_after - worker_cpu) / seconds,
         "worker_rss_mb": rss / 2**20,
         "clients": clients,
-        "load": load,
+        "load": load,  # 1-minute load average at the window's end
     }
 
 
@@ -132,23 +133,42 @@ def fit(points):
 
     Weighted least squares with weights 1/value: the fit minimises relative errors, so that a
     point of 1.5 commands/s counts as much as one of 3 000 (plain least squares would fit the
-    largest points and miss the small ones by more than they are worth). None when there are
-    fewer points than terms or a value is not positive.
+    largest points and miss the small ones by more than they are worth). No coefficient may be
+    negative: each term is a cost. An unconstrained fit gives a cost that does not exist a
+    small negative value out of noise, which a projection to 500 workers multiplies by 250 000
+    (workers²); so this is the best fit over the subsets of terms whose own fit has no negative
+    coefficient (the non-negative least-squares solution), terms left out at 0. None when
+    there are fewer points than terms or a value is not positive.
     """
     if len(points) < len(TERMS) or any(value <= 0 for _, _, value in points):
         return None
     rows = [[term(w, q) / value for _, _, term in TERMS] for w, q, value in points]
-    rhs = [1.0] * len(points)  # value / value
+    best, best_error = None, None
+    for used in range(1, 2 ** len(TERMS)):  # every non-empty subset of the terms, as bits
+        columns = [j for j in range(len(TERMS)) if used >> j & 1]
+        solution = _least_squares([[row[j] for j in columns] for row in rows])
+        if solution is None or min(solution) < 0:
+            continue
+        coefficients = [0.0] * len(TERMS)
+        for j, x in zip(columns, solution):
+            coefficients[j] = x
+        error = sum((sum(x * c for x, c in zip(row, coefficients)) - 1) ** 2 for row in rows)
+        if best_error is None or error < best_error - 1e-15:
+            best, best_error = coefficients, error
+    return None if best is None else {name: x for (name, _, _), x in zip(TERMS, best)}
+
+
+def _least_squares(rows):
+    """``x`` minimising ``sum((row · x - 1)²)`` (rows already divided by their value), by the
+    normal equations; None when they are singular."""
+    n = len(rows[0])
     # Columns scaled to 1 at their largest, for the normal equations' sake.
-    scale = [max(abs(row[j]) for row in rows) or 1.0 for j in range(len(TERMS))]
+    scale = [max(abs(row[j]) for row in rows) or 1.0 for j in range(n)]
     rows = [[x / s for x, s in zip(row, scale)] for row in rows]
-    n = len(TERMS)
     normal = [[sum(row[i] * row[j] for row in rows) for j in range(n)]
-              + [sum(row[i] * y for row, y in zip(rows, rhs))] for i in range(n)]
+              + [sum(row[i] for row in rows)] for i in range(n)]
     solution = _solve(normal)
-    if solution is None:
-        return None
-    return {name: x / s for (name, _, _), x, s in zip(TERMS, solution, scale)}
+    return None if solution is None else [x / s for x, s in zip(solution, scale)]
 
 
 def _solve(augmented):
@@ -251,7 +271,7 @@ def models(table):
 
 
 def grid_rows(table, sides):
-    head = ["workers x queues", *(f"{s} cmd/s" for s in sides), "ratio",
+    head = ["workers x queues", *(f"{s} cmd/s" for s in sides), f"{sides[-1]}/{sides[0]}",
             *(f"{s} Redis CPU %" for s in sides), *(f"{s} workers' CPU %" for s in sides),
             *(f"{s} RSS MB" for s in sides), "reps"]
     body = []
@@ -310,8 +330,11 @@ def fit_check_rows(table, fitted, sides):
 
 
 def markdown(head, body):
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    lines += ["| " + " | ".join(str(c).replace(" x ", " × ") for c in row) + " |" for row in body]
+    def cell(text):  # "20 x 200", "2.4x" as "20 × 200", "2.4×"
+        return re.sub(r"(\d)x\b", r"\1×", str(text).replace(" x ", " × "))
+
+    lines = ["| " + " | ".join(map(cell, head)) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in body]
     return "\n".join(lines)
 
 

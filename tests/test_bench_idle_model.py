@@ -31,3 +31,13 @@ def test_the_fit_weighs_points_by_their_relative_error():
 def test_no_fit_from_fewer_points_than_terms_or_from_a_zero_value():
     assert idle.fit([(1, 1, 1.0), (10, 1, 10.0)]) is None
     assert idle.fit([(w, q, 0.0 if w == 1 else 1.0) for w, q in GRID]) is None
+
+
+def test_a_cost_that_does_not_exist_is_fitted_as_zero_not_as_a_negative_one():
+    # Given stock's idle cost, 1.5 commands/s per worker, measured a little low at 20 workers
+    points = [(w, q, 1.5 * w * (0.985 if w == 20 else 1.0)) for w, q in GRID]
+    # When the model is fitted and projected to 500 workers
+    fitted = idle.fit(points)
+    # Then no coefficient is negative, and the projection stays near 1.5 per worker
+    assert min(fitted.values()) >= 0
+    assert idle.predict(fitted, 500, 500) == pytest.approx(750, rel=0.05)

@@ -10,6 +10,9 @@ joins as a third side when one listens on localhost:5672; otherwise its row says
 "not measured". ``--cluster`` adds ``sheppy+cluster://`` (broker and backend) on a local
 3-master Redis Cluster as one more side, with its ratios to both others.
 
+The idle grid (workers × queues, with a cost model) is a run of its own, ``python -m
+bench.idle`` (bench/idle.py): about 45 minutes. ``--smoke`` runs its smallest point.
+
 Exit status: 0 when every scenario ran, 1 when one crashed (or, with ``--check``,
 missed its target).
 """
@@ -29,8 +32,8 @@ from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from . import report, scenarios
-from . import ceilings
+from . import ceilings, report, scenarios
+from . import idle as idle_grid
 from .procs import ROOT, BenchServer, ClusterBenchServer
 from .scenarios import RetentionWindow, Side
 
@@ -208,6 +211,10 @@ def main(argv=None):
                     progress(rep, args, "retention window", window.side, out,
                              time.perf_counter() - began)
                     record(samples, window.side.name, out)
+        idle_smoke = None
+        if args.smoke:  # the idle grid's code, on its smallest point
+            idle_smoke = idle_grid.smoke(
+                server, [side for side in sides if side.on_redis and not side.cluster], errors)
         load_after = os.getloadavg()
         redis_version = server.version
     finally:
@@ -259,6 +266,8 @@ def main(argv=None):
         "markdown_ceilings": report.markdown_ceilings(limits),
         "cluster_table": report.side_table(rows, "cluster", ["sheppy", "stock"]) if cluster else None,
         "samples": samples,
+        "idle_smoke": idle_smoke and {side: {f"{w}x{q}": runs for (w, q), runs in by_point.items()}
+                                      for side, by_point in idle_smoke.items()},
     }
     path = RESULTS / f"{started:%Y%m%dT%H%M%SZ}{'-smoke' if args.smoke else ''}.json"
     report.write_json(path, data)

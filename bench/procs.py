@@ -73,6 +73,11 @@ class BenchServer(RedisServer):
     def reset_stats(self):
         self.admin.config_resetstat()
 
+    def cpu_seconds(self):
+        """CPU seconds (user + system, all its threads) redis-server has used since it started."""
+        cpu = self.admin.info("cpu")
+        return cpu["used_cpu_sys"] + cpu["used_cpu_user"]
+
     def key_bytes(self, key):
         return self.admin.memory_usage(key, samples=0)
 
@@ -159,9 +164,10 @@ class ClusterBenchServer(RedisCluster):
 class Worker:
     """``celery -A bench.app worker`` in its own process group; use it as a context manager."""
 
-    def __init__(self, broker, backend, pool, concurrency, profile_to=None):
+    def __init__(self, broker, backend, pool, concurrency, profile_to=None, queues=("celery",)):
         """``profile_to``: a path where the worker's main process writes its cProfile
-        stats when it exits; its pool children write theirs beside it (bench/app.py)."""
+        stats when it exits; its pool children write theirs beside it (bench/app.py).
+        ``queues``: the task queues it consumes (``-Q``)."""
         self.ready_file = Path(tempfile.mkdtemp(prefix="celery-sheppy-bench-worker-"), "ready")
         self.log = self.ready_file.with_name("worker.log")
         env = dict(os.environ, BENCH_BROKER=broker, BENCH_BACKEND=backend,
@@ -171,7 +177,8 @@ class Worker:
         # Celery's defaults (mingle, gossip, heartbeat on), as users run workers.
         profile = ["-m", "cProfile", "-o", str(profile_to)] if profile_to else []
         cmd = [sys.executable, *profile, "-m", "celery", "-A", "bench.app", "worker", "-P", pool,
-               "-c", str(concurrency), "-Q", "celery", "-l", "WARNING", "-n", f"bench{free_port()}@%h"]
+               "-c", str(concurrency), "-Q", ",".join(queues), "-l", "WARNING",
+               "-n", f"bench{free_port()}@%h"]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                             cwd=ROOT, start_new_session=True)
@@ -208,6 +215,13 @@ class Worker:
                 children += used / tick
         return main, children
 
+    def is_ready(self):
+        """Whether the worker has consumed (its ready file exists); raise when it has exited."""
+        if self.ready_file.exists():
+            return True
+        self.check()
+        return False
+
     def check(self):
         """Raise when the worker has exited: waiting for its results would be in vain."""
         if self.process.poll() is not None:
@@ -240,3 +254,29 @@ class Worker:
         except ProcessLookupError:
             pass
         self.process.wait()
+
+
+def process_tree_usage(roots):
+    """``(CPU seconds, resident bytes)`` of the processes ``roots`` and all their descendants:
+    user + system time so far, and the sum of their RSS now. Linux only (reads /proc once)."""
+    tick, page = os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+    stats = {}  # pid: (ppid, CPU ticks, resident pages)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we read
+            continue
+        # After the name: state, ppid, ... utime (14th field of the line), stime, ..., rss (24th).
+        stats[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]),
+                                        int(fields[21]))
+    children = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    ticks = pages = 0
+    todo = [pid for pid in roots if pid in stats]
+    while todo:
+        pid = todo.pop()
+        ticks += stats[pid][1]
+        pages += stats[pid][2]
+        todo.extend(children.get(pid, ()))
+    return ticks / tick, pages * page

@@ -22,9 +22,9 @@ Definitions (``docs/operations.md`` explains them for operators):
 * **consumer state**: a consumer holding messages renews their lease every quarter
   lease, which resets its idle time: it is *alive* while idle <= lease, else *dead*
   (its messages are past the lease: *stuck* until a live worker takes them over).
-  A consumer holding nothing is *alive* while its registration
-  ``sheppy:celery::consumer:<name>`` lasts (its worker renews it every quarter lease:
-  ``transport/presence.py``), else *dead* (gone; the reaper removes it). Neither uses
+  A consumer holding nothing is *alive* while its registration in
+  ``sheppy:celery::consumers`` lasts (its worker renews it every quarter lease:
+  ``transport/presence.py``), else *dead* (gone; the recovery removes it). Neither uses
   the idle time of empty reads, which Redis counts only from 7.2 on: the same on every
   server.
 """

@@ -82,7 +82,7 @@ rate limit, unique and beat claims, cron table  the slot of tag ``q``, so each b
 ``sheppy:celery::revoked``                      its own slot (single-key commands)
 ``sheppy:celery::due``                          its own slot (single-key commands, apart
                                                 from the scripts of the scheduled sets)
-``sheppy:celery::consumer:<name>``              its own slot (single-key commands)
+``sheppy:celery::consumers``                    its own slot (single-key commands)
 ``sheppy:celery::probe:<token>``                its own slot (one key per command)
 =============================================  ==============================================
 
@@ -253,10 +253,10 @@ def fanout_pattern(exchange):
 #                                                  ``sheppy:scheduled:<q>`` (epoch s): lowered
 #                                                  by whoever schedules, reset by whoever
 #                                                  promotes (upkeep.Promotion)
-# ``sheppy:celery::consumer:<name>``       string  consumer ``name`` (as in the groups) is
-#                                                  alive: its channel sets it for one lease
-#                                                  (value: the lease, ms), every quarter lease
-#                                                  (transport/presence.py)
+# ``sheppy:celery::consumers``             zset    consumer name (as in the groups) -> when
+#                                                  its registration ends (epoch ms): alive
+#                                                  until then; its channel renews it every
+#                                                  quarter lease (transport/presence.py)
 # ``sheppy:celery::probe:<token>``         string  a random token, for 10 s: the result backend
 #                                                  writes it and reads it through the broker's
 #                                                  connection to learn whether both are one db
@@ -318,9 +318,10 @@ def due_index():
     return f"{PREFIX}:celery::due"
 
 
-def consumer_registration(consumer_name):
-    """Exists while consumer ``consumer_name`` is alive (set for one lease, renewed)."""
-    return f"{PREFIX}:celery::consumer:{consumer_name}"
+def consumer_registry():
+    """Consumer name -> when its registration ends (epoch ms): alive until then
+    (transport/presence.py)."""
+    return f"{PREFIX}:celery::consumers"
 
 
 def queue_of_stream(stream):

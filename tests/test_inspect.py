@@ -12,6 +12,7 @@ import redis
 from kombu import Queue
 
 from celery_sheppy import keys, metrics
+from celery_sheppy.transport import presence
 from celery_sheppy.inspect import ALIVE, DEAD, Inspector, Settings, collect
 from celery_sheppy.tables import Column, duration, render
 from conftest import client_app
@@ -101,7 +102,7 @@ def test_a_consumer_holding_nothing_is_alive_while_registered_whatever_its_reads
     redis_client.xreadgroup(GROUP, "c1", {PENDING: ">"}, count=1)  # an empty read
 
     # When it is registered for 500 ms (as its worker is every quarter lease), it is alive
-    redis_client.set(keys.consumer_registration("c1"), 500, px=500)
+    presence.register(redis_client, ["c1"], 500)
     consumer = stats_of(redis_client, lease=0.5).consumers[0]
     assert (consumer.name, consumer.state, consumer.in_flight) == ("c1", ALIVE, 0)
 

@@ -37,7 +37,7 @@ a sheppy task record carrying the kombu message (``records.pending_record``).
 * ack: ``XACK`` + ``XDEL``, one round trip. Requeue and restore of unacked
   messages: ``scripts/requeue.lua`` (``XACK`` + ``XDEL`` + ``XADD``, atomic).
 * reliability (``docs/delivery.md``): leases renewed by the upkeep (``renew.lua``)
-  and expired ones taken over (``reclaim.lua``); dead letters in ``sheppy:dead:<q>``
+  and the expired ones of dead consumers put back (``recover.lua``); dead letters in ``sheppy:dead:<q>``
   (``dead_letter.lua``; :func:`dead_letters`, :func:`replay_dead_letters`,
   :func:`purge_dead_letters`); delayed tasks in ``sheppy:scheduled:<q>``
   (``schedule.lua``, ``promote.lua``); revokes kept in ``sheppy:celery::revoked``.

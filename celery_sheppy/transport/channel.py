@@ -127,8 +127,8 @@ class Channel(virtual.Channel):
         self.fanout = FanoutBindings()
         self.subscriber = Subscriber(conns.subscriber_connection)
         self._broadcasts = deque()  # (queue, message) received from fanout exchanges
-        self.reaper = upkeep.ConsumerReaper(conns, queues, lambda: self.read_queues,
-                                            self.consumer_name, settings.consumer_reap_after)
+        self.reaper = upkeep.ConsumerReaper(conns, queues, self.consumer_name,
+                                            settings.consumer_reap_after)
         self.registration = presence.Registration(conns, queues, self.consumer_name,
                                                   self.reaper.read_from,
                                                   settings.visibility_timeout)
@@ -167,10 +167,10 @@ class Channel(virtual.Channel):
                                   lambda queue: self.state.queue_bindings(queue)),
             upkeep.OrphanUpkeep(),
             self.registration,
-            self.reaper,
             upkeep.LeaseRenewal(conns, lambda: [self.ledger.held(), self.reader.buffer.held()],
                                 self.consumer_name, settings.visibility_timeout),
-            upkeep.Reclaim(conns, queues, self.reader, leased, settings.visibility_timeout),
+            upkeep.Recovery(conns, queues, self.acker, self.letters, self.reaper, leased,
+                            self.consumer_name, settings.visibility_timeout),
             upkeep.Promotion(conns, queues, leased, settings.delay_threshold),
             upkeep.RevokeReading(self.revokes, leased),
         ])
@@ -344,7 +344,6 @@ class Channel(virtual.Channel):
         self.reader.queues_changed(self.read_queues)
         self._subscribe()
         self.registration.run(force=True)
-        self.reaper.run(force=True)
         return result
 
     def basic_cancel(self, consumer_tag):

@@ -71,13 +71,13 @@ def node_connection(params, node, block_seconds):
 class _Read:
     """One outstanding blocking read: its connection, node and streams."""
 
-    __slots__ = ("conn", "fd", "node", "sent_at", "checked_at", "queue_of", "order")
+    __slots__ = ("conn", "fd", "node", "sent_at", "queue_of", "order")
 
     def __init__(self, conn, node, queue_of, order):
         self.conn = conn
         self.fd = conn._sock.fileno()  # kept: redis-py drops the socket on an error
         self.node = node
-        self.sent_at = self.checked_at = monotonic()
+        self.sent_at = monotonic()
         self.queue_of = queue_of  # stream -> queue
         self.order = order  # stream -> (priority step, queue index)
 
@@ -90,6 +90,7 @@ class ClusterReader(Reader):
         self._reads = {}  # slot -> _Read outstanding
         self._conns = {}  # slot -> [node name, connection, client id]
         self._paused = {}  # slot -> monotonic time before which it is not read (rerouted)
+        self._node_checked_at = {}  # node name -> when a read on it was last checked
 
     @property
     def reading(self):
@@ -240,14 +241,16 @@ class ClusterReader(Reader):
         failover may never be answered); ``(True, an fd dropped)`` or ``(False, None)``."""
         limit = self.block_seconds() + min(health_check_interval, OVERDUE_MARGIN)
         owner = self.conns.client.nodes_manager.get_node_from_slot
-        dropped = []
+        dropped, checked = [], {}  # node name -> its check's error (one check per node)
         for slot, read in list(self._reads.items()):
             if monotonic() - read.sent_at > limit:
                 reason = TimeoutError("no reply in time")
             elif owner(slot).name != read.node.name:
                 reason = redis.ConnectionError(f"slot {slot} moved from {read.node.name}")
             else:
-                reason = self._check_owner(read)
+                if read.node.name not in checked:
+                    checked[read.node.name] = self._check_owner(read)
+                reason = checked[read.node.name]
                 if reason is None:
                     continue
             if _has_reply(read.conn):  # answered meanwhile: its entries must not be lost
@@ -261,11 +264,12 @@ class ClusterReader(Reader):
 
     def _check_owner(self, read):
         """None while ``read``'s node still serves its slot (checked every
-        OWNER_CHECK_INTERVAL), else the error that says it does not."""
+        OWNER_CHECK_INTERVAL per node: a failover demotes a whole node, so one check
+        answers for every read on it), else the error that says it does not."""
         now = monotonic()
-        if now - read.checked_at < OWNER_CHECK_INTERVAL:
+        if now - self._node_checked_at.get(read.node.name, read.sent_at) < OWNER_CHECK_INTERVAL:
             return None
-        read.checked_at = now
+        self._node_checked_at[read.node.name] = now
         try:
             self.conns.client.get_redis_connection(read.node).execute_command(
                 "EXISTS", next(iter(read.queue_of)))

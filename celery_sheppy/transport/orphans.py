@@ -9,8 +9,9 @@ it had delivered to this process's :class:`OrphanLedger`, which
 
 * sends their acks (and rejects) on a live connection of its own when they come
   (``XACK`` does not check the consumer: the entry is named by stream and id);
-* keeps renewing their leases, under the lost channel's consumer name, while Celery
-  still holds the message object (a worker's request keeps it alive until it acks);
+* keeps renewing their leases, and the registration of the lost channel's consumer name
+  (presence.py), while Celery still holds the message object (a worker's request keeps it
+  alive until it acks);
 * puts back in their streams (``requeue.lua``, marked redelivered) the messages Celery
   let go of without acking (the prefork pool's unsent jobs: the message object was freed),
   the countdown (ETA) tasks Celery did not start when they came due, and the entries read
@@ -25,9 +26,10 @@ state does not know (``celery.worker.state.requests``: scheduled, reserved or ru
 by Celery and goes back to its stream.
 
 Acks that cannot be sent (Redis down) are kept and retried by the upkeep of any live
-channel of the process; after ``GIVE_UP_AFTER`` leases they are logged and left to
-the lease reclaim, which redelivers them. The lost consumer itself is removed by the
-idle reaping of live channels once its pending list is empty.
+channel of the process; after ``GIVE_UP_AFTER`` leases they are logged and left to the
+recovery of expired leases (upkeep.Recovery), which redelivers them. The lost consumer
+itself is removed from the groups by that recovery once its registration has ended and
+its pending list is empty.
 """
 
 import os
@@ -40,6 +42,7 @@ import redis
 from kombu.log import get_logger
 
 from .. import endpoints, keys, records, scripts
+from . import presence
 
 logger = get_logger(__name__)
 
@@ -122,7 +125,7 @@ class OrphanLedger:
                 try:
                     record, _ = records.record_to_message(data)
                 except records.RecordError:
-                    continue  # stays pending: the lease reclaim dead-letters it
+                    continue  # stays pending: its recovery after the lease dead-letters it
                 tag = f"{entry_id} {stream}"
                 self._requeues[tag] = (Orphan(stream, entry_id, record, None, None), False)
                 self._owners[tag] = consumer
@@ -144,15 +147,6 @@ class OrphanLedger:
                 for entry_id in ids:
                     self._acks[f"{entry_id} {stream}"] = (stream, entry_id, now)
             self._failed_at = now
-
-    def moved_to(self, tag, consumer):
-        """The entry ``tag`` now belongs to ``consumer`` (a reclaim of this process took it):
-        True if this ledger holds it, whose leases are then renewed under that name."""
-        with self._lock:
-            if tag not in self._orphans:
-                return False
-            self._owners[tag] = consumer
-            return True
 
     def __len__(self):
         with self._lock:
@@ -262,6 +256,12 @@ class OrphanLedger:
             held = {}
             for tag, orphan in self._orphans.items():
                 held.setdefault((self._owners[tag], orphan.stream), []).append(orphan.entry_id)
+        if not held:
+            return
+        # the lost consumers stay registered while they hold something, so no recovery
+        # looks for their messages (presence.py); those Celery let go of are put back above
+        presence.register(self.client, sorted({consumer for consumer, _ in held}),
+                          int(self.lease * 1000))
         script = scripts.registry()["renew"]
         for (consumer, stream), ids in held.items():
             script(self.client, keys=[stream], args=[keys.CONSUMER_GROUP, consumer, *ids])
@@ -298,14 +298,6 @@ def ledger_for(connparams, lease_seconds):
             ledger = _ledgers[key] = OrphanLedger(connparams, lease_seconds)
         ledger.lease = min(ledger.lease, lease_seconds)
         return ledger
-
-
-def still_held(tag, consumer):
-    """True when an orphan ledger of this process holds ``tag`` (Celery still runs it),
-    which a reclaim of this process just moved to ``consumer``."""
-    with _ledgers_lock:
-        ledgers = list(_ledgers.values()) if os.getpid() == _pid else []
-    return any(ledger.moved_to(tag, consumer) for ledger in ledgers)
 
 
 def celery_knows(task_id):

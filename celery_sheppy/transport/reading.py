@@ -2,10 +2,10 @@
 
 :class:`Reader` owns the channel's read state: the outstanding blocking read (one
 XREADGROUP over every consumed stream, on the channel's blocking connection), the
-:class:`ReadBuffer` of entries read but not yet delivered, and the entries a reclaim
-took over. Delivering an entry (:meth:`Reader.receive`) decodes it and registers it in
-flight, or drops it: undecodable or delivered too often (dead-lettered), expired or
-revoked (acked). :class:`~.poller.Poller` decides when reads start and finish.
+:class:`ReadBuffer` of entries read but not yet delivered. Delivering an entry
+(:meth:`Reader.receive`) decodes it and registers it in flight, or drops it: undecodable
+or delivered too often (dead-lettered), expired or revoked (acked).
+:class:`~.poller.Poller` decides when reads start and finish.
 """
 
 from time import monotonic, time
@@ -54,7 +54,6 @@ class Reader:
         self.no_ack = set()  # queues consumed without acks
         self.closing = False
         self._cycle = cycle_by_name(settings.queue_order_strategy)()
-        self._claimed = {}  # (stream, entry id) -> group's delivery counter, for reclaimed entries
         self._reading = None  # the blocking connection while a read is outstanding
         self._sent_at = None
         self._short_since = None  # when a read was first put off for lack of room
@@ -341,15 +340,10 @@ class Reader:
             self.conns.client.execute_command(
                 "EXPIRE", keys.task_record(queue, sheppy_id), records.SHEPPY_RECORD_TTL, "NX")
 
-    def claim(self, queue, stream, entry_id, data, counter):
-        """Buffer an entry a reclaim took over; ``counter``: the group's delivery count."""
-        self._claimed[(stream, entry_id)] = int(counter)
-        self.buffer.append((queue, stream, entry_id, records.flag_redelivered(data)))
-
     def receive(self, queue, stream, entry_id, data):
         """The kombu message of an entry, registered as in flight; None if it is dropped
         (undecodable or delivered too often: dead-lettered; expired or revoked: acked)."""
-        counter = self._claimed.pop((stream, entry_id), 1)
+        counter = 1  # this delivery; earlier ones are counted in the record (requeue.lua)
         try:
             record, message = records.record_to_message(data)
             records.check_content_type(message)

@@ -6,23 +6,24 @@ idle. In order:
 
 ``expiring_queues``  renew expiring queues (their streams' TTL) and their bindings
 ``orphans``          acks, leases and put-backs of a lost connection (``orphans.py``),
-                     before the reclaim: leases of what this worker still runs first
+                     before the recovery: leases of what this worker still runs first
 ``register_consumer`` renew this consumer's registration as alive (``presence.py``)
-``reap_consumers``   remove consumers idle past ``consumer_reap_after`` holding nothing,
-                     unless registered
 ``renew_leases``     reset the idle time of every entry this channel holds
-``reclaim``          take over entries whose lease expired (XAUTOCLAIM, ``reclaim.lua``)
+``recover``          put back the expired entries of dead consumers (``recover.lua``)
 ``promote``          move due messages from sheppy's scheduled set to their streams
 ``read_revokes``     read revokes published while this worker did not listen
+
+Idle, a channel's upkeep costs a fixed number of commands whatever the number of queues it
+consumes: the registration (every quarter lease), a look for dead consumers (every half
+lease), a look for due messages (at most every 30 s), a read of revokes (every 30 s).
 """
 
 from time import monotonic, time
 
-import redis
 from kombu.log import get_logger
 from kombu.utils.encoding import bytes_to_str
 
-from .. import keys, scripts
+from .. import keys, records, scripts
 from . import orphans, presence
 
 logger = get_logger(__name__)
@@ -31,6 +32,15 @@ GROUP = keys.CONSUMER_GROUP
 
 #: Most entry ids one lease renewal call carries (Lua's unpack has a limit).
 RENEW_CHUNK = 1000
+
+#: Entries of a dead consumer one recovery call takes per stream (Lua's unpack has a
+#: limit), and seconds one upkeep run may spend recovering (the rest at the next run).
+RECOVER_BATCH = 1000
+RECOVER_TIME = 0.5
+
+#: A dead consumer's name is kept in the registry this many leases after it died, for
+#: every worker to recover its messages in the queues it consumes.
+FORGET_AFTER_LEASES = 20
 
 #: Seconds between looks for due messages in the scheduled set, and most moved per look.
 PROMOTE_INTERVAL = 1.0
@@ -97,46 +107,49 @@ class OrphanUpkeep:
 
 
 class ConsumerReaper:
-    """Remove consumers of the group idle past ``consumer_reap_after`` with nothing pending
-    and no registration (every half of it); on close, this channel's own consumer."""
+    """Remove consumers of the group that hold nothing and are gone: at a channel's first
+    recovery (:meth:`sweep`, for consumers that never registered) and, on close, this
+    channel's own. Dead registered consumers are removed by their recovery."""
 
-    name = "reap_consumers"
-
-    def __init__(self, conns, queues, consumed, consumer_name, reap_after):
+    def __init__(self, conns, queues, consumer_name, reap_after):
         self.conns = conns
         self.queues = queues
-        self.consumed = consumed
         self.consumer_name = consumer_name
         self.reap_after = reap_after  # seconds
         self.read_from = set()  # queues this channel's consumer may appear in
-        self._reaped_at = 0.0
 
-    def run(self, force=False, own=False):
-        now = monotonic()
-        if not force and not own and now - self._reaped_at < self.reap_after / 2:
-            return
-        self._reaped_at = now
-        queues = sorted(self.read_from) if own else self.consumed()
-        streams = [stream for queue in queues for stream in self.queues.streams(queue)]
-        if not streams:
-            return
-        alive = presence.registered(self.conns.client, self._idle(streams))
-        alive.discard(self.consumer_name if own else None)
-        calls = [([stream], [GROUP, int(self.reap_after * 1000),
-                             self.consumer_name if own else "", *sorted(alive)])
-                 for stream in streams]
-        scripts.registry()["reap_consumers"].many(self.conns.client, calls, raise_on_error=False)
+    def run(self, own=False):
+        """Remove this channel's own consumer from every group it may appear in (if it
+        holds nothing)."""
+        streams = [stream for queue in sorted(self.read_from)
+                   for stream in self.queues.streams(queue)]
+        self._reap(streams, self.consumer_name, ())
 
-    def _idle(self, streams):
-        """Names of the consumers of ``streams`` the script would remove for being idle
-        (nothing pending, idle past ``reap_after``): their registrations are asked for."""
+    def sweep(self, streams):
+        """Remove the unregistered consumers of ``streams`` idle past ``consumer_reap_after``
+        holding nothing; returns the unregistered ones that hold entries (to recover)."""
         with self.conns.client.pipeline(transaction=False) as pipe:
             for stream in streams:
                 pipe.xinfo_consumers(stream, GROUP)
             replies = pipe.execute(raise_on_error=False)
+        by_stream = {stream: reply for stream, reply in zip(streams, replies)
+                     if isinstance(reply, list)}
+        names = {bytes_to_str(c["name"]) for reply in by_stream.values() for c in reply}
+        alive = presence.registered(self.conns.client, names)
         limit_ms = self.reap_after * 1000
-        return {bytes_to_str(c["name"]) for reply in replies if isinstance(reply, list)
-                for c in reply if c["pending"] == 0 and c["idle"] > limit_ms}
+        idle = [stream for stream, reply in by_stream.items()
+                if any(not c["pending"] and c["idle"] > limit_ms
+                       and bytes_to_str(c["name"]) not in alive for c in reply)]
+        self._reap(idle, "", alive)
+        return sorted({bytes_to_str(c["name"]) for reply in by_stream.values() for c in reply
+                       if c["pending"]} - alive)
+
+    def _reap(self, streams, own, alive):
+        if streams:
+            calls = [([stream], [GROUP, int(self.reap_after * 1000), own, *sorted(alive)])
+                     for stream in streams]
+            scripts.registry()["reap_consumers"].many(self.conns.client, calls,
+                                                      raise_on_error=False)
 
 
 class LeaseRenewal:
@@ -171,53 +184,112 @@ class LeaseRenewal:
             logger.debug("sheppy: %d held message(s) were acked or taken over meanwhile", lost)
 
 
-class Reclaim:
-    """Take over entries of consumers that stopped renewing them (XAUTOCLAIM), every half
-    lease: a dead consumer's messages come back within 1.5 leases."""
+class Recovery:
+    """Put the messages of dead consumers back in their streams, for any worker with room.
 
-    name = "reclaim"
+    Dead consumers are found in the consumer registry (presence.py: one read every half
+    lease, whatever the number of queues), not by looking at every stream: a consumer
+    whose registration ended. For each, every stream of this channel's leased queues
+    hands over its entries idle past the lease (``recover.lua``, in rounds of
+    RECOVER_BATCH), which go back to the end of their stream marked redelivered, their
+    deliveries counted (``requeue.lua``); a consumer left holding nothing is removed from
+    the group. A dead consumer's messages are thus readable by every worker within 1.5
+    leases of its last renewal, whatever their number; a consumer whose entries are still
+    renewed (its process lives on) keeps them.
 
-    def __init__(self, conns, queues, reader, leased, lease_seconds):
+    The first run also looks at the consumers of every stream once (``XINFO CONSUMERS``):
+    a consumer that holds entries and never registered (an older celery-sheppy) is
+    recovered as a dead one, and idle unregistered consumers holding nothing are removed.
+    """
+
+    name = "recover"
+
+    def __init__(self, conns, queues, acker, letters, reaper, leased, consumer_name,
+                 lease_seconds):
         self.conns = conns
         self.queues = queues
-        self.reader = reader
+        self.acker = acker
+        self.letters = letters
+        self.reaper = reaper
         self.leased = leased
-        self.lease_seconds = lease_seconds
-        self._reclaimed_at = monotonic()
+        self.consumer_name = consumer_name
+        self.lease_ms = max(int(lease_seconds * 1000), 1)
+        self._ran_at = 0.0  # the first run (with its sweep) at the first upkeep
+        self._swept = False
+        self._recovered = set()  # dead names that hold nothing more in this channel's streams
 
     def run(self):
         now = monotonic()
-        if now - self._reclaimed_at < max(self.lease_seconds / 2, 1.0):
+        if now - self._ran_at < max(self.lease_ms / 2000, 1.0):
             return
-        self._reclaimed_at = now
         queues = self.leased()
-        budget = self.reader.room()
-        if not queues or budget <= 0:
+        if not queues:
             return
-        script = scripts.registry()["reclaim"]
-        consumer = self.reader.consumer_name
-        lease_ms = max(int(self.lease_seconds * 1000), 1)
-        taken = 0
-        for queue in queues:  # one call at a time: each call's budget is what is left
-            if budget <= 0:
-                break
-            streams = self.queues.streams(queue)
-            try:
-                reply = script(self.conns.client, keys=streams,
-                               args=[GROUP, consumer, lease_ms, budget])
-            except redis.ResponseError as exc:  # e.g. NOGROUP: a stream was deleted
-                logger.debug("sheppy: reclaim on %s failed: %r", queue, exc)
+        self._ran_at = now
+        streams = [(queue, stream) for queue in queues for stream in self.queues.streams(queue)]
+        unregistered = []
+        if not self._swept:
+            unregistered = self.reaper.sweep([stream for _, stream in streams])
+            self._swept = True
+        ended = presence.ended(self.conns.client, FORGET_AFTER_LEASES * self.lease_ms)
+        self._recovered &= set(ended)
+        deadline = monotonic() + RECOVER_TIME
+        for name in [*unregistered, *ended]:
+            if name == self.consumer_name or name in self._recovered:
                 continue
-            for index, entry_id, data, counter in zip(*[iter(reply)] * 4):
-                stream, entry_id = streams[int(index) - 1], bytes_to_str(entry_id)
-                if orphans.still_held(keys.delivery_tag(stream, entry_id), consumer):
-                    continue  # this worker still runs it since a lost connection: not stolen
-                self.reader.claim(queue, stream, entry_id, data, counter)
-                taken += 1
-                budget -= 1
-        if taken:
-            logger.warning("sheppy: took over %d message(s) whose lease of %ss expired",
-                           taken, self.lease_seconds)
+            done = self._recover(name, streams, deadline)
+            if done is None:  # out of time: go on at the next upkeep, not half a lease later
+                self._ran_at = 0.0
+                return
+            if done:
+                self._recovered.add(name)
+
+    def _recover(self, name, streams, deadline):
+        """Take over and put back ``name``'s expired entries in ``streams``: True when it
+        holds nothing more there, False when it still holds live entries, None when the
+        time ran out first."""
+        script = scripts.registry()["recover"]
+        left = list(streams)
+        while left:
+            if monotonic() > deadline:
+                return None
+            replies = script.many(self.conns.client, [
+                ([stream], [GROUP, name, self.lease_ms, self.consumer_name, RECOVER_BATCH])
+                for _, stream in left], raise_on_error=False)
+            more, holding = [], False
+            for (queue, stream), reply in zip(left, replies):
+                if isinstance(reply, Exception):
+                    logger.debug("sheppy: recovery on %s failed: %r", stream, reply)
+                    holding = True
+                    continue
+                taken = list(zip(*[iter(reply[1:])] * 3))
+                self._put_back(queue, stream, taken)
+                if len(taken) == RECOVER_BATCH:
+                    more.append((queue, stream))
+                elif reply[0]:
+                    holding = True
+            if not more:
+                return not holding
+            left = more
+        return True
+
+    def _put_back(self, queue, stream, taken):
+        if not taken:
+            return
+        entries = []
+        for entry_id, data, deliveries in taken:
+            entry_id = bytes_to_str(entry_id)
+            try:
+                record, _ = records.record_to_message(data or None)
+            except records.RecordError as exc:
+                self.letters.move(queue, stream, entry_id, f"undecodable: {exc}",
+                                  int(deliveries), data)
+                continue
+            entries.append((stream, entry_id, record,
+                            records.prior_deliveries(record) + int(deliveries)))
+        self.acker.requeue(entries)
+        logger.warning("sheppy: %d message(s) of a consumer whose lease expired went back to "
+                       "%s", len(taken), stream)
 
 
 def due_hint(queue_name, due):

@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 from celery import chord, group
 
+from celery_sheppy import keys
 from conftest import Worker, client_app
 
 pytestmark = pytest.mark.usefixtures("counter")
@@ -103,6 +104,44 @@ def test_acks_redis_held_unapplied_when_it_was_killed_are_sent_again_and_nothing
     time.sleep(2 * LEASE)  # an entry left unacked is taken over and run again by now
     counts = Counter(value for value, _, _ in runs(counter, "acked"))
     assert sorted(value for value, count in counts.items() if count > 1) == []
+    app.close()
+
+
+# -- a dead worker's messages, however many ---------------------------------------------------
+
+
+@pytest.mark.slow
+def test_worker_killed_holding_1000_messages_hands_them_all_to_workers_with_little_room(
+        make_redis_server, workers, counter):
+    # Given a worker (prefetch 1 000) whose one thread is busy with a long task, holding
+    # 1 000 acks_late tasks
+    server = make_redis_server()
+    url = server.sheppy_url()
+    greedy = start(server, pool="threads", concurrency=1, worker_prefetch_multiplier=1001)
+    workers.append(greedy)
+    app = client_app(url, url, **settings())
+    app.signature(f"{TASKS}.sleep", args=(600,)).delay()
+    tasks = app.signature(f"{TASKS}.tracked")
+    group(tasks.clone(args=("held", n)) for n in range(1000)).apply_async(ignore_result=True)
+    client, stream = server.client(), keys.pending_stream("celery")
+    wait_until(lambda: client.xlen(stream) > 900 and client.xlen(stream) == client.xpending(
+        stream, keys.CONSUMER_GROUP)["pending"], 60, "the greedy worker to hold them all")
+
+    # When it is killed, next to two workers that take 4 messages at a time
+    for _ in range(2):
+        workers.append(start(server, pool="threads", concurrency=4, worker_prefetch_multiplier=1))
+    killed = time.time()
+    greedy.kill()
+
+    # Then all of them run on the others within a few leases (XAUTOCLAIM gave each of
+    # them its prefetch room, 4, every half lease: 1 000 took 250 s), each once
+    wait_until(lambda: counter.llen("held") >= 1000, 60, "the others to run them all")
+    took = time.time() - killed
+    print(f"\n1 000 held messages of a killed worker: all run elsewhere {took:.1f} s after "
+          f"the kill (lease {LEASE} s)")
+    assert took < 4 * LEASE + 10
+    time.sleep(LEASE)
+    assert Counter(value for value, _, _ in runs(counter, "held")) == {n: 1 for n in range(1000)}
     app.close()
 
 

@@ -198,8 +198,9 @@ class Recovery:
     renewed (its process lives on) keeps them.
 
     The first run also looks at the consumers of every stream once (``XINFO CONSUMERS``):
-    a consumer that holds entries and never registered (an older celery-sheppy) is
-    recovered as a dead one, and idle unregistered consumers holding nothing are removed.
+    a consumer that holds entries and is not registered (an older celery-sheppy, a sheppy
+    worker that stopped on a Celery task) is recovered as a dead one, at every run until
+    it holds nothing, and idle unregistered consumers holding nothing are removed.
     """
 
     name = "recover"
@@ -216,6 +217,7 @@ class Recovery:
         self.lease_ms = max(int(lease_seconds * 1000), 1)
         self._ran_at = 0.0  # the first run (with its sweep) at the first upkeep
         self._swept = False
+        self._unregistered = set()  # names found holding entries by the sweep, not yet done
         self._recovered = set()  # dead names that hold nothing more in this channel's streams
 
     def run(self):
@@ -227,14 +229,13 @@ class Recovery:
             return
         self._ran_at = now
         streams = [(queue, stream) for queue in queues for stream in self.queues.streams(queue)]
-        unregistered = []
         if not self._swept:
-            unregistered = self.reaper.sweep([stream for _, stream in streams])
+            self._unregistered.update(self.reaper.sweep([stream for _, stream in streams]))
             self._swept = True
         ended = presence.ended(self.conns.client, FORGET_AFTER_LEASES * self.lease_ms)
         self._recovered &= set(ended)
         deadline = monotonic() + RECOVER_TIME
-        for name in [*unregistered, *ended]:
+        for name in [*sorted(self._unregistered), *ended]:
             if name == self.consumer_name or name in self._recovered:
                 continue
             done = self._recover(name, streams, deadline)
@@ -242,7 +243,9 @@ class Recovery:
                 self._ran_at = 0.0
                 return
             if done:
-                self._recovered.add(name)
+                self._unregistered.discard(name)
+                if name in ended:
+                    self._recovered.add(name)
 
     def _recover(self, name, streams, deadline):
         """Take over and put back ``name``'s expired entries in ``streams``: True when it

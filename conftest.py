@@ -179,6 +179,7 @@ class Worker:
 
     def __init__(self, broker, backend, pool="prefork", concurrency=2, queues="celery",
                  extra_env=None, args=()):
+        self.pool = pool
         self.log = tempfile.NamedTemporaryFile(prefix="celery-sheppy-worker-", suffix=".log",
                                                delete=False)
         env = dict(os.environ, CELERY_SHEPPY_BROKER=broker, CELERY_SHEPPY_BACKEND=backend,

@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from celery import chord, group
+from celery import VERSION as CELERY_VERSION, chord, group
 from celery.concurrency.thread import TaskPool as ThreadsPool
 from kombu import Producer
 
@@ -239,6 +239,10 @@ def test_revoked_task_never_runs_and_rate_limit_is_applied(worker, app):
 
 def test_task_events_reach_an_event_receiver(worker, app):
     expected = {"task-received", "task-started", "task-succeeded"}
+    if worker.pool == "threads" and CELERY_VERSION < (5, 7):
+        # Before 5.7 a threads pool sends task-started for its first task only (with
+        # redis:// too: checked on 5.3-5.6)
+        expected.remove("task-started")
     seen = []
     ready = threading.Event()
 

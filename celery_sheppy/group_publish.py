@@ -18,8 +18,9 @@ as soon as it can, and a user's slow generator must not see its tasks held back.
 Installed when the first sheppy:// transport or result backend of a process is made. A
 group is batched only if that happened before it was applied: a process whose very first
 broker use is a group (and whose result backend is not sheppy://) sends that one group
-task by task. A Celery without ``group._apply_tasks`` keeps its own path (one round trip
-per task, as with redis://).
+task by task. A Celery without ``group._apply_tasks``, or a kombu without
+``Producer.batch()`` (before 5.7), keeps Celery's path (one round trip per task, as with
+redis://).
 """
 
 import threading

@@ -407,7 +407,9 @@ class SentinelSet:
                 ready = True
                 for sentinel in self.sentinels:
                     client = sentinel.client(socket_timeout=2, decode_responses=True)
-                    master = client.sentinel_master(self.master_name)
+                    # not sentinel_master(): redis-py 6.3-6.4 passes it an option its
+                    # reply parser refuses (TypeError)
+                    master = client.sentinel_masters().get(self.master_name, {})
                     ready &= (master.get("num-slaves", 0) >= 1
                               and master.get("num-other-sentinels", 0) >= want_peers)
                     replicas = client.sentinel_slaves(self.master_name)

@@ -10,6 +10,7 @@ import inspect
 
 import redis
 import redis.cluster
+from celery.backends.asynchronous import AsyncBackendMixin
 from celery.exceptions import ChordError
 
 try:  # Celery 5.7
@@ -60,6 +61,24 @@ def chord_ttl(backend):
     if result_expires is None:
         return backend.expires or 0
     return result_expires or backend.chord_expires or 0
+
+
+#: Celery 5.7 keeps every AsyncResult object waiting on an id (celery#4925); before, one
+#: per id, and ``_remove_pending_result(task_id)`` forgets the id whichever object asks.
+_WAITERS_PER_OBJECT = "result" in inspect.signature(
+    AsyncBackendMixin._remove_pending_result).parameters
+
+
+def waited_on_by_another(backend, result):
+    """Whether an AsyncResult object other than ``result`` waits on its id, where Celery
+    (before 5.7) would still stop that wait when ``result`` goes: the garbage collector
+    deleting a spare AsyncResult of a group member mid-publish (``AsyncResult.__del__``)
+    left the group's ``get()`` waiting for ever. Celery 5.7 counts the waiters itself."""
+    if _WAITERS_PER_OBJECT:
+        return False
+    waiting = (mapping.get(result.id) for mapping in backend._pending_results)
+    # "is not", never "!=": AsyncResults of one id compare equal
+    return any(other is not None and other is not result for other in waiting)
 
 
 def result_compression(backend):

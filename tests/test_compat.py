@@ -1,6 +1,7 @@
 """celery_sheppy.compat on the Celery, kombu and redis-py this run has (every tox cell runs
 these, the oldest too): each seam gives the same answer whichever branch it takes."""
 
+import gc
 import importlib
 import sys
 import warnings
@@ -106,3 +107,21 @@ def test_the_flower_hook_refuses_a_flower_without_get_broker(monkeypatch):
     monkeypatch.delitem(sys.modules, "celery_sheppy.flower", raising=False)
     with pytest.raises(ImportError, match="needs Flower 2.2 or newer"):
         importlib.import_module("celery_sheppy.flower")  # the one line of flowerconfig.py
+
+
+def test_a_spare_async_result_collected_ends_no_other_wait_on_its_id(redis_server):
+    # Given a result waited on (as a group's member is) and a spare object of the same id
+    # (as Celery's apply_async returns and drops)
+    app = client_app(redis_server.sheppy_url(), redis_server.sheppy_url())
+    try:
+        waited = app.AsyncResult("member-1")
+        app.backend.add_pending_result(waited, weak=True)
+        spare = app.AsyncResult("member-1")
+        # When the garbage collector deletes the spare (AsyncResult.__del__)
+        del spare
+        gc.collect()
+        # Then the id's result is still read from the finished stream (celery#4925)
+        assert "member-1" in app.backend.result_consumer._watched.values()
+        assert waited.id == "member-1"  # alive until here
+    finally:
+        app.close()

@@ -281,6 +281,11 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
             return self.client.persist(key)
         return self.client.expire(key, value)
 
+    def remove_pending_result(self, result):
+        if compat.waited_on_by_another(self, result):
+            return result  # Celery before 5.7 would end the other object's wait
+        return super().remove_pending_result(result)
+
     def forget(self, task_id):
         super().forget(task_id)
         self.result_consumer.cancel_for(task_id)

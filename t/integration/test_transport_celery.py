@@ -135,6 +135,23 @@ def test_group_tasks_reach_redis_in_few_transactions_before_apply_async_returns(
     assert result.get(timeout=30) == [2 * n for n in range(200)]
 
 
+def test_a_fresh_process_gets_every_result_of_its_first_group(worker, url):
+    # Given a new client process (its garbage collector runs while it sends the group)
+    code = f"""
+from celery import Celery, group
+app = Celery(broker={url!r}, backend={url!r})
+result = group([app.signature("{TASKS}.add", (n, n)) for n in range(30)]).delay()
+print(result.get(timeout=20))
+"""
+    # When it sends a group of 30 and waits: before Celery 5.7 a spare AsyncResult of a
+    # member, collected meanwhile, ended the wait on that member (celery#4925)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=str(ROOT))
+    # Then every result comes back
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str([2 * n for n in range(30)])
+
+
 def test_slow_generator_group_sends_its_tasks_as_they_are_yielded(worker, app, db):
     ids = [str(uuid.uuid4()) for _ in range(3)]
     first_ran_early = []

@@ -170,14 +170,13 @@ def connection_kwargs(url, options=None):
     return kwargs
 
 
-def server_hello(client, **route):
+def server_hello(client):
     """The server's ``HELLO`` answer as ``{name: value}`` (``server``, ``version``, ``id``,
     ``mode``, ``role``...), text values decoded; ``{}`` when the server refuses HELLO (an
-    ACL, or a proxy). ``route``: ``target_nodes`` for a Cluster client. One round trip,
-    and no ACL category a managed Redis denies (``INFO`` and ``CLIENT LIST`` are in
-    ``@dangerous``)."""
+    ACL, or a proxy). One round trip, and no ACL category a managed Redis denies (``INFO``
+    and ``CLIENT LIST`` are in ``@dangerous``)."""
     try:
-        reply = client.execute_command("HELLO", **route)
+        reply = client.execute_command("HELLO")
     except redis.ResponseError:
         return {}
     if isinstance(reply, (list, tuple)):  # RESP2: a flat list of names and values
@@ -223,16 +222,17 @@ def check_supported(client, where, hello=None):
     naming the server and its version (``hello``, else asked: :func:`server_hello`) and
     what celery-sheppy needs. A server that will not say (``COMMAND`` refused by an ACL
     or a proxy) passes: the first command it lacks fails then."""
-    route = {"target_nodes": client.RANDOM} if isinstance(client, RedisCluster) else {}
+    if isinstance(client, RedisCluster):  # one node's client: COMMAND has no key to route by
+        client = client.get_redis_connection(client.get_random_node())
     try:
-        infos = client.execute_command("COMMAND INFO", *REQUIRED_COMMANDS, **route)
+        infos = client.execute_command("COMMAND INFO", *REQUIRED_COMMANDS)
     except redis.ResponseError:
         return
     missing = [f"{name} (Redis {since})" for (name, since), info
                in zip(REQUIRED_COMMANDS.items(), infos) if not info]
     if not missing:
         return
-    hello = server_hello(client, **route) if hello is None else hello
+    hello = server_hello(client) if hello is None else hello
     server = " ".join(filter(None, (hello.get("server"), hello.get("version"))))
     raise ValueError(
         f"{where} runs {server or 'a server that does not say its version'}, which lacks "

@@ -6,7 +6,6 @@ stopped by its PID; no test touches a server it did not start.
 
 import atexit
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,16 +16,58 @@ from pathlib import Path
 
 import pytest
 
-from t.redis_server import MissingRedisServer, RedisServer, free_port  # noqa: F401 (re-exported)
+from celery_sheppy import compat
+from t.redis_server import (  # noqa: F401 (re-exported)
+    MissingRedisServer, NoTLS, RedisServer, free_port, server_binary, server_name)
 
 ROOT = Path(__file__).resolve().parent
 
 
+#: sheppy 0.0.7, whose tools the tests marked sheppy_tools run, needs Python 3.10+ (the test
+#: extra installs it there): on 3.9 those tests, and only they, are skipped.
+SHEPPY_TOOLS = sys.version_info >= (3, 10)
+
+
+def _cluster_refused():
+    try:
+        compat.check_cluster_transactions()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+#: sheppy+cluster:// needs redis-py 6.1+: with an older one the tests on a local Redis
+#: Cluster skip (tests/test_compat.py checks the error such a URL gets).
+CLUSTER_REFUSED = _cluster_refused()
+needs_cluster = pytest.mark.skipif(CLUSTER_REFUSED is not None, reason=str(CLUSTER_REFUSED))
+
+
+def pytest_collection_modifyitems(config, items):
+    if SHEPPY_TOOLS:
+        return
+    skip = pytest.mark.skip(reason="sheppy 0.0.7 needs Python 3.10+")
+    for item in items:
+        if item.get_closest_marker("sheppy_tools"):
+            item.add_marker(skip)
+
+
 def pytest_sessionstart(session):
-    if not shutil.which("redis-server"):
-        pytest.exit(str(MissingRedisServer(
-            "redis-server is not installed: apt-get update && apt-get install -y redis-server")),
-            returncode=3)
+    try:
+        server_binary()
+    except MissingRedisServer as exc:
+        pytest.exit(str(exc), returncode=3)
+
+
+def pytest_report_header(config):
+    """The cell under test (docs/compatibility.md): Python, Celery, kombu, redis-py, server."""
+    import celery
+    import kombu
+    import redis
+
+    binary = server_binary()
+    banner = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    return (f"celery {celery.__version__}, kombu {kombu.__version__}, redis-py "
+            f"{redis.__version__}; server under test ({server_name()}): {banner.strip()}")
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +83,10 @@ def make_redis_server():
     servers = []
 
     def make(*args, **kwargs):
-        servers.append(RedisServer(*args, **kwargs))
+        try:
+            servers.append(RedisServer(*args, **kwargs))
+        except NoTLS as exc:  # tls=True, on the Valkey wheels
+            pytest.skip(str(exc))
         return servers[-1]
 
     yield make
@@ -62,7 +106,10 @@ def acl_server():
 @pytest.fixture(scope="session")
 def tls_server():
     """A server that speaks TLS only, with a throw-away CA (``tls_server.ca_file``)."""
-    server = RedisServer(tls=True)
+    try:
+        server = RedisServer(tls=True)
+    except NoTLS as exc:  # the Valkey wheels
+        pytest.skip(str(exc))
     yield server
     server.close()
 
@@ -103,6 +150,9 @@ def redis_cluster():
     """A local Redis Cluster: 3 masters + 3 replicas (t/redis_server.py)."""
     from t.redis_server import RedisCluster
 
+    if CLUSTER_REFUSED:
+        pytest.skip(CLUSTER_REFUSED)
+
     cluster = RedisCluster()
     yield cluster
     cluster.close()
@@ -131,6 +181,7 @@ class Worker:
 
     def __init__(self, broker, backend, pool="prefork", concurrency=2, queues="celery",
                  extra_env=None, args=()):
+        self.pool = pool
         self.log = tempfile.NamedTemporaryFile(prefix="celery-sheppy-worker-", suffix=".log",
                                                delete=False)
         env = dict(os.environ, CELERY_SHEPPY_BROKER=broker, CELERY_SHEPPY_BACKEND=backend,

@@ -26,7 +26,7 @@ Differences from Celery's own beat: an occurrence due while no beat runs is skip
 
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from math import floor
 from uuid import UUID, uuid5
 
@@ -154,7 +154,9 @@ class Entry:
         if self.data["type"] == "interval":
             every = self.data["seconds"]
             return (floor(at / every) + 1) * every
-        last = datetime.fromtimestamp(at, tz=timezone.utc)
+        # In the schedule's (the app's) timezone, as Celery's own beat passes last_run_at:
+        # Celery before 5.7 reads a crontab's hours off last_run_at as it is given.
+        last = datetime.fromtimestamp(at, tz=self.schedule.tz)
         due = (self.schedule.now() + self.schedule.remaining_estimate(last)).timestamp()
         if self.data["type"] == "crontab":
             due = float(round(due))

@@ -15,6 +15,7 @@ import ssl
 from urllib.parse import quote, unquote, urlsplit
 
 import redis
+from redis.cluster import RedisCluster
 from redis.connection import URL_QUERY_ARGUMENT_PARSERS
 
 SCHEMES = {"sheppy": False, "sheppys": True}  # scheme -> TLS
@@ -182,10 +183,10 @@ def connection_kwargs(url, options=None):
 
 
 def server_hello(client):
-    """The server's ``HELLO`` answer as ``{name: value}`` (``version``, ``id``, ``mode``,
-    ``role``...), text values decoded; ``{}`` when the server refuses HELLO (an ACL, or a
-    proxy). One round trip, and no ACL category a managed Redis denies (``INFO`` and
-    ``CLIENT LIST`` are in ``@dangerous``)."""
+    """The server's ``HELLO`` answer as ``{name: value}`` (``server``, ``version``, ``id``,
+    ``mode``, ``role``...), text values decoded; ``{}`` when the server refuses HELLO (an
+    ACL, or a proxy). One round trip, and no ACL category a managed Redis denies (``INFO``
+    and ``CLIENT LIST`` are in ``@dangerous``)."""
     try:
         reply = client.execute_command("HELLO")
     except redis.ResponseError:
@@ -214,6 +215,40 @@ def check_standalone(hello, where, address=None, tls=False):
         raise ValueError(
             f"{where} is a Redis Cluster node: use {prefix}+cluster://{host}:{port}/ "
             "(sheppy:// needs a standalone server or a Sentinel-watched primary)")
+
+
+#: Commands a server must know (``COMMAND INFO``), for :func:`check_supported`, with the
+#: Redis release that brought each: the stream and script commands a Redis-compatible
+#: server or proxy may lack, and FUNCTION, which marks Redis 7.0 (Valkey has it too): from
+#: 7.0 XAUTOCLAIM forgets entries deleted while leased, where 6.2's returns nils in their
+#: place, which the lease reclaim cannot read.
+REQUIRED_COMMANDS = {
+    "XADD": "5.0", "XREADGROUP": "5.0", "XACK": "5.0", "XCLAIM": "5.0", "XPENDING": "5.0",
+    "XGROUP": "5.0", "XINFO": "5.0", "XAUTOCLAIM": "6.2", "EVALSHA": "2.6", "FUNCTION": "7.0",
+}
+
+
+def check_supported(client, where, hello=None):
+    """Raise ValueError when the server behind ``client`` lacks one of the
+    :data:`REQUIRED_COMMANDS` (asked with one ``COMMAND INFO``; on a Cluster, of one node),
+    naming the server and its version (``hello``, else asked: :func:`server_hello`) and
+    what celery-sheppy needs. A server that will not say (``COMMAND`` refused by an ACL
+    or a proxy) passes: the first command it lacks fails then."""
+    if isinstance(client, RedisCluster):  # one node's client: COMMAND has no key to route by
+        client = client.get_redis_connection(client.get_random_node())
+    try:
+        infos = client.execute_command("COMMAND INFO", *REQUIRED_COMMANDS)
+    except redis.ResponseError:
+        return
+    missing = [f"{name} (Redis {since})" for (name, since), info
+               in zip(REQUIRED_COMMANDS.items(), infos) if not info]
+    if not missing:
+        return
+    hello = server_hello(client) if hello is None else hello
+    server = " ".join(filter(None, (hello.get("server"), hello.get("version"))))
+    raise ValueError(
+        f"{where} runs {server or 'a server that does not say its version'}, which lacks "
+        f"{', '.join(missing)}: celery-sheppy needs Redis 7.0 or newer, or Valkey 7.2 or newer")
 
 
 def blocking_kwargs(kwargs, block_seconds):

@@ -28,7 +28,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.sentinel import (Sentinel, SentinelConnectionPool, SentinelManagedConnection,
                             SentinelManagedSSLConnection)
 
-from . import connection
+from . import compat, connection
 
 #: scheme -> (kind, TLS)
 SCHEMES = {
@@ -166,6 +166,7 @@ def connection_kwargs(url, options=None, topology_options=None, tls=None):
         raise ValueError("a Redis Cluster has database 0 only: drop the /db from the "
                          f"sheppy+cluster:// URL {redact(url)!r}")
     kwargs.pop("db", None)
+    compat.check_cluster_transactions()
     kwargs["cluster"] = ClusterSeeds(nodes)
     return kwargs
 
@@ -235,6 +236,10 @@ def _sentinel_manager(sentinels, kwargs):
 
 class SentinelBlockingConnectionPool(SentinelConnectionPool, redis.BlockingConnectionPool):
     """A Sentinel pool whose threads wait for a free connection (as the backend's other pool)."""
+
+    def disconnect(self, inuse_connections=True):
+        # A new primary makes the Sentinel connection call disconnect(inuse_connections=False).
+        compat.disconnect_blocking_pool(self, inuse_connections)
 
 
 def make_pool(params, blocking_timeout=None, pool_class=None):

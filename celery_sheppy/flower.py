@@ -15,6 +15,7 @@ Broker page shows as columns. Any other broker keeps Flower's own client.
 
 import logging
 
+import flower
 from flower.views import BaseHandler
 from tornado.ioloop import IOLoop
 
@@ -50,7 +51,10 @@ def row(stats):
 
 def install():
     """Wrap Flower's ``BaseHandler.get_broker`` (once; importing the module does it)."""
-    original = BaseHandler.get_broker
+    original = getattr(BaseHandler, "get_broker", None)
+    if original is None:  # before 2.2 each view makes Flower's broker client itself
+        raise ImportError(f"celery_sheppy.flower needs Flower 2.2 or newer (pip install "
+                          f"'celery-sheppy[flower]'); this is Flower {flower.__version__}")
     if getattr(original, "_sheppy", False):
         return
 

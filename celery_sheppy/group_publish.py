@@ -18,8 +18,9 @@ as soon as it can, and a user's slow generator must not see its tasks held back.
 Installed when the first sheppy:// transport or result backend of a process is made. A
 group is batched only if that happened before it was applied: a process whose very first
 broker use is a group (and whose result backend is not sheppy://) sends that one group
-task by task. A Celery without ``group._apply_tasks`` keeps its own path (one round trip
-per task, as with redis://).
+task by task. A Celery without ``group._apply_tasks``, or a kombu without
+``Producer.batch()`` (before 5.7), keeps Celery's path (one round trip per task, as with
+redis://).
 """
 
 import threading
@@ -40,9 +41,9 @@ def install():
             return True
         try:
             from celery.canvas import group
-            from celery.utils.functional import _regen
         except ImportError:  # kombu without Celery: nothing to wrap
             return False
+        from .compat import LazyTasks
         stock = getattr(group, "_apply_tasks", None)
         if stock is None or getattr(stock, "_sheppy_batched", False):
             return False
@@ -52,7 +53,7 @@ def install():
             with app.producer_or_acquire(producer) as producer:
                 # A group made from a generator (so a lazy chord header) is sent task by
                 # task as it yields (celery#3021): a batch would hold its tasks back.
-                if isinstance(self.tasks, _regen) or not _is_sheppy(producer):
+                if isinstance(self.tasks, LazyTasks) or not _is_sheppy(producer):
                     yield from stock(self, tasks, producer, app, *args, **kwargs)
                     return
                 with producer.batch(max_size=FLUSH_EVERY):

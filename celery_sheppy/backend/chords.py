@@ -8,15 +8,13 @@ the body is being sent (``firing:<task id>``) and then ``sent``, so a redelivere
 part whose worker died in between sends it, and any other redelivery sends nothing.
 """
 
-from celery.backends.base import _create_chord_error_with_cause
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
 from celery.result import GroupResult, ResultBase, allow_join_result
-from celery.utils.functional import _regen
 from celery.utils.log import get_logger
 from kombu.utils.encoding import bytes_to_str
 
-from .. import keys, records, scripts
+from .. import compat, keys, records, scripts
 
 logger = get_logger(__name__)
 
@@ -31,12 +29,12 @@ class NativeChords:
 
     @property
     def _chord_ttl(self):
-        return self._chord_result_expires or self.chord_expires or 0
+        return compat.chord_ttl(self)
 
     def apply_chord(self, header_result_args, body, **kwargs):
         self.ensure_chords_allowed()
         group_id, results = header_result_args[0], header_result_args[1]
-        if isinstance(results, _regen):
+        if isinstance(results, compat.LazyTasks):
             return self._apply_lazy_chord(group_id)
         header_result = self.app.GroupResult(*header_result_args)
         group_key = self.get_key_for_group(header_result.id)
@@ -146,14 +144,13 @@ class NativeChords:
                 reason = repr(exc)
             logger.exception("Chord %r raised: %r", group_id, reason)
             return self.chord_error_from_stack(
-                callback, _create_chord_error_with_cause(message=reason, original_exc=exc))
+                callback, compat.chord_error(reason, cause=exc))
         try:
-            app.amqp._retry_publish(callback.delay, values)
+            compat.publish_callback(app, callback.delay, values)
         except Exception as exc:  # pylint: disable=broad-except
             logger.exception("Chord callback for %r raised: %r", group_id, exc)
             return self.chord_error_from_stack(
-                callback, _create_chord_error_with_cause(
-                    message=f"Callback error: {exc!r}", original_exc=exc))
+                callback, compat.chord_error(f"Callback error: {exc!r}", cause=exc))
 
 def _leaf_ids(result):
     """Ids of the tasks that report to a chord with header ``result``, in header order."""

@@ -25,6 +25,8 @@ from celery import signals
 from celery.utils.log import get_logger
 from redis.exceptions import NoScriptError
 
+from .. import compat
+
 logger = get_logger(__name__)
 
 #: The pid of this process if it is a Celery prefork pool child (set by worker_process_init).
@@ -49,13 +51,6 @@ def _settle_all(**_):
         stores.settle()
 
 
-def _connection_of(pool):
-    try:
-        return pool.get_connection()
-    except TypeError:  # redis-py before 5.3 wants a command name
-        return pool.get_connection("EVALSHA")
-
-
 class DeferredStores:
     """Result-store script calls on one connection of ``client``; a thread reads each reply.
 
@@ -77,7 +72,7 @@ class DeferredStores:
         self.settle()
         try:
             if self._connection is None:
-                self._connection = _connection_of(self._client.connection_pool)
+                self._connection = compat.pool_connection(self._client.connection_pool)
             self._connection.send_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
         except (redis.ConnectionError, redis.TimeoutError):
             self._drop()

@@ -4,7 +4,8 @@ Exit codes (:data:`EXIT_CODES`, also in docs/operations.md): 0 done; 1 ``stuck``
 stuck messages, or a destructive command was not confirmed; 2 a bad option or queue
 name, or a ``-Q`` queue the broker has no trace of (click's usage error); 3 a dead letter
 asked for by id does not exist; 69 the broker (or the result backend holding the
-counters) cannot be reached; 78 the broker is not ``sheppy://``.
+counters) cannot be reached; 78 the broker is not ``sheppy://``, or its server (or the
+result backend's) is not one it can use.
 """
 
 import json
@@ -12,7 +13,8 @@ import re
 from contextlib import contextmanager
 
 import click
-from kombu.exceptions import OperationalError
+from celery.exceptions import ImproperlyConfigured
+from kombu.exceptions import ChannelError, OperationalError
 
 from .. import keys
 from ..connection import CONNECTION_ERRORS
@@ -25,7 +27,8 @@ EXIT_CONFIG = 78  # sysexits EX_CONFIG
 
 EXIT_CODES = {0: "done", EXIT_STUCK: "stuck messages found / not confirmed (Aborted!)",
               2: "bad option or queue name", EXIT_NOT_FOUND: "no such dead letter",
-              EXIT_UNAVAILABLE: "broker unreachable", EXIT_CONFIG: "broker is not sheppy://"}
+              EXIT_UNAVAILABLE: "broker unreachable",
+              EXIT_CONFIG: "broker is not sheppy://, or its server is not supported"}
 
 _ENTRY_ID = re.compile(r"^\d+-\d+$")
 
@@ -79,7 +82,8 @@ def open_broker(ctx):
     try:
         with inspector(app) as view:
             yield view
-    except NotSheppyBroker as exc:
+    except (NotSheppyBroker, ChannelError, ImproperlyConfigured) as exc:
+        # not sheppy://, or a URL to the wrong kind of server, or an unsupported server
         raise Failure(str(exc), EXIT_CONFIG) from None
     except UnknownQueue as exc:
         raise click.BadParameter(str(exc), ctx=ctx, param_hint="'-Q' / '--queue'") from None

@@ -135,7 +135,7 @@ class Channel(virtual.Channel):
         self.upkeep = self._upkeep_jobs()
         try:
             if conns.cluster:  # RedisCluster learnt the slot map from the seeds already
-                self.client.ping()
+                connection.check_supported(self.client, f"the sheppy:// broker at {conns.where}")
             else:
                 self._check_server()
         except ValueError as exc:
@@ -148,13 +148,14 @@ class Channel(virtual.Channel):
 
     def _check_server(self):
         """ValueError when the URL leads to a Sentinel or a Cluster node (naming the URL
-        to use)."""
+        to use), or to a server celery-sheppy does not support."""
         conns = self.conns
         hello = connection.server_hello(self.client) or {"ping": self.client.ping()}
         connection.check_standalone(
             hello, f"the sheppy:// broker at {conns.where}",
             (conns.params.get("host"), conns.params.get("port")),
             self.connection.client.transport_cls.startswith("sheppys"))
+        connection.check_supported(self.client, f"the sheppy:// broker at {conns.where}", hello)
 
     def _upkeep_jobs(self):
         settings, conns, queues = self.settings, self.conns, self.queues

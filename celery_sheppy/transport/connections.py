@@ -19,7 +19,7 @@ import redis
 from kombu.exceptions import ChannelError
 from kombu.utils.objects import cached_property
 
-from .. import connection, endpoints
+from .. import compat, connection, endpoints
 
 
 def connparams(conninfo, settings):
@@ -92,12 +92,12 @@ class Connections:
     @cached_property
     def blocking_conn(self):
         """The connection the blocking XREADGROUP is sent on (never in the pool's rotation)."""
-        return self._blocking_pool.get_connection()
+        return compat.pool_connection(self._blocking_pool)
 
     @cached_property
     def ack_conn(self):
         """The connection acks are sent on without waiting (see ``acks.Acker.flush``)."""
-        return self._blocking_pool.get_connection()
+        return compat.pool_connection(self._blocking_pool)
 
     def subscriber_connection(self):
         """A new connection for pub/sub subscriptions (fanout.py), outside any pool's
@@ -106,14 +106,14 @@ class Connections:
             from .cluster import node_connection
             return node_connection(self.params, self.client.get_default_node(),
                                    self.block_seconds)
-        return self._blocking_pool.get_connection()
+        return compat.pool_connection(self._blocking_pool)
 
     @cached_property
     def publish_conn(self):
         """The connection a lone publish command goes on, kept out of the pool's rotation:
         taking a connection from the pool and giving it back (a lock, a poll of its socket
         for unread data, redis-py's retry wrapper) costs ~20 µs of a ~250 µs publish."""
-        return self.pool.get_connection()
+        return compat.pool_connection(self.pool)
 
     def send(self, commands):
         """Send publish ``commands`` (``(name, args, kwargs)``, as PublishBatch.add takes

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from celery import VERSION as celery_version_info
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_sheppy import keys
@@ -385,8 +386,10 @@ def test_dead_letters_are_listed_shown_replayed_to_a_worker_and_purged(ops):
     celery = setup.stats()[QUEUE]
     assert celery["dead_letters"] == 2
     # counted in the result backend's database: Celery 5.7 stores FAILURE for each
-    # Reject(requeue=False), then the replayed run's SUCCESS replaced one of them
-    assert (celery["completed"], celery["failed"]) == (3, 2)
+    # Reject(requeue=False), then the replayed run's SUCCESS replaced one of them (older
+    # Celery stores nothing for a reject)
+    stored = (3, 2) if celery_version_info >= (5, 7) else (1, 0)
+    assert (celery["completed"], celery["failed"]) == stored
 
     # purge of all letters: asks, then deletes with --yes
     assert setup.cli("dead", "purge", input="n\n").returncode == 1

@@ -17,8 +17,8 @@ from collections import Counter
 import pytest
 from celery import chord
 
-from conftest import RedisServer, Worker, client_app
-from t.redis_server import RedisCluster, SentinelSet
+from conftest import RedisServer, Worker, client_app, needs_cluster
+from t.redis_server import RedisCluster, SentinelSet, cli_binary
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -128,6 +128,7 @@ def test_sentinel_failover_while_2000_acks_late_tasks_drain_loses_none_and_runs_
     assert ours["worker_alive"] and ours["after"] == 3
 
 
+@needs_cluster
 def test_cluster_failover_while_results_are_stored_loses_none_and_fires_chords_once(
         side_redis, counter):
     # Given a worker whose 2 000 acks_late tasks store their results on a 3+3 Redis Cluster
@@ -161,6 +162,7 @@ def test_cluster_failover_while_results_are_stored_loses_none_and_fires_chords_o
         cluster.close()
 
 
+@needs_cluster
 def test_resharding_while_results_are_stored_loses_none_and_fires_chords_once(
         side_redis, counter):
     # Given a worker whose 2 000 acks_late tasks store their results on a 3+3 Redis Cluster
@@ -179,7 +181,7 @@ def test_resharding_while_results_are_stored_loses_none_and_fires_chords_once(
                          .execute_command("CLUSTER", "NODES").splitlines()
                          if "master" in line.split()[2]}
                 source, target = sorted(nodes)[:2]
-                subprocess.run(["redis-cli", "--cluster", "reshard", f"127.0.0.1:{source}",
+                subprocess.run([cli_binary(), "--cluster", "reshard", f"127.0.0.1:{source}",
                                 "--cluster-from", nodes[source], "--cluster-to", nodes[target],
                                 "--cluster-slots", "2000", "--cluster-yes"],
                                check=True, capture_output=True, timeout=120)
@@ -259,6 +261,7 @@ def broker_on_cluster_drill(side_redis, counter, fault):
         cluster.close()
 
 
+@needs_cluster
 def test_moving_the_queues_slot_while_acks_late_tasks_drain_loses_none(side_redis, counter):
     # Given broker and backend on a cluster; When the slot of {celery} (every key of the
     # broker queue) migrates to another master mid-drain
@@ -273,6 +276,7 @@ def test_moving_the_queues_slot_while_acks_late_tasks_drain_loses_none(side_redi
     assert figures["after"] == 3
 
 
+@needs_cluster
 def test_cluster_failover_of_the_queues_master_while_acks_late_tasks_drain_loses_none(
         side_redis, counter):
     # Given broker and backend on a cluster; When the replica of the master holding

@@ -77,8 +77,21 @@ def waited_on_by_another(backend, result):
     if _WAITERS_PER_OBJECT:
         return False
     waiting = (mapping.get(result.id) for mapping in backend._pending_results)
-    # "is not", never "!=": AsyncResults of one id compare equal
-    return any(other is not None and other is not result for other in waiting)
+    # "is not", never "!=": AsyncResults of one id compare equal. One that has its
+    # result (``_cache``, set only once ready) waits no more.
+    return any(other is not None and other is not result and not other._cache
+               for other in waiting)
+
+
+def told_by_celery(backend, result):
+    """Whether Celery hands AsyncResult ``result`` its result when the result comes.
+    Celery 5.7 tells every object waiting on an id; before, only the one it keeps per id,
+    the first added: a chord's header restored by its last part in the worker process
+    that applied the chord (and so made the header's first objects) was never told, and
+    the body's join timed out."""
+    if _WAITERS_PER_OBJECT:
+        return True
+    return any(mapping.get(result.id) is result for mapping in backend._pending_results)
 
 
 def result_compression(backend):

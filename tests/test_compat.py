@@ -4,11 +4,13 @@ these, the oldest too): each seam gives the same answer whichever branch it take
 import gc
 import importlib
 import sys
+import threading
+import uuid
 import warnings
 
 import pytest
 import redis
-from celery import Celery, group
+from celery import Celery, group, states
 from celery.exceptions import ChordError
 
 from celery_sheppy import compat, endpoints
@@ -123,5 +125,49 @@ def test_a_spare_async_result_collected_ends_no_other_wait_on_its_id(redis_serve
         # Then the id's result is still read from the finished stream (celery#4925)
         assert "member-1" in app.backend.result_consumer._watched.values()
         assert waited.id == "member-1"  # alive until here
+    finally:
+        app.close()
+
+
+def test_a_second_async_result_of_an_id_is_told_its_result(redis_server):
+    # Given a result Celery already keeps a waiter for (a GroupResult made and dropped, as
+    # a worker applying a chord makes one), then stored
+    app = client_app(redis_server.sheppy_url(), redis_server.sheppy_url())
+    try:
+        task_id, group_id = str(uuid.uuid4()), str(uuid.uuid4())
+        first = app.GroupResult(group_id, [app.AsyncResult(task_id)])
+        app.backend.store_result(task_id, 5, states.SUCCESS)
+
+        # When another object of the same id is joined (the chord's header restored by
+        # its last part, in that process)
+        second = app.GroupResult(group_id, [app.AsyncResult(task_id)])
+
+        # Then it gets the result (before Celery 5.7: one object per id was told, the
+        # join timed out)
+        assert second.join_native(timeout=30) == [5]
+        assert first.results[0].id == task_id  # alive until here
+    finally:
+        app.close()
+
+
+def test_a_second_async_result_waiting_before_the_result_comes_gets_it(redis_server):
+    # Given a waiter Celery keeps for an id, and a second object of that id waiting
+    app = client_app(redis_server.sheppy_url(), redis_server.sheppy_url())
+    try:
+        task_id = str(uuid.uuid4())
+        first = app.AsyncResult(task_id)
+        first.then(lambda result: None)
+        second = app.AsyncResult(task_id)
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(second.get(timeout=30)))
+        waiter.start()
+
+        # When the result is stored
+        app.backend.store_result(task_id, 7, states.SUCCESS)
+
+        # Then both objects have it
+        waiter.join(60)
+        assert got == [7]
+        assert first.get(timeout=30) == 7
     finally:
         app.close()

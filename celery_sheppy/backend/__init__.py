@@ -281,8 +281,14 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
             return self.client.persist(key)
         return self.client.expire(key, value)
 
+    def _add_pending_result(self, task_id, result, weak=False):
+        super()._add_pending_result(task_id, result, weak=weak)
+        if not compat.told_by_celery(self, result):
+            self.result_consumer.also_tell(result, weak=weak)
+
     def remove_pending_result(self, result):
-        if compat.waited_on_by_another(self, result):
+        waited_on = self.result_consumer.stop_telling(result)
+        if waited_on or compat.waited_on_by_another(self, result):
             return result  # Celery before 5.7 would end the other object's wait
         return super().remove_pending_result(result)
 

@@ -9,6 +9,7 @@ the process. No pub/sub.
 
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 
 import redis
@@ -59,6 +60,9 @@ class ResultConsumer(BaseResultConsumer):
         self._read_done = threading.Condition(self._lock)
         self._reading = False
         self._watched = {}  # sheppy id -> Celery task id
+        # Celery task id -> {id(object): callable giving the AsyncResult or None}: waiters
+        # Celery before 5.7 would not tell (compat.told_by_celery), told by on_state_change
+        self._also_told = {}
         self._positions = None  # stream key -> last id read
         self._last_read = 0.0
 
@@ -82,6 +86,28 @@ class ResultConsumer(BaseResultConsumer):
             # then announced after this position.
             self._mark_position()
 
+    def also_tell(self, result, weak=False):
+        """Hand ``result`` its result too when it comes, though Celery keeps another
+        AsyncResult object for its id (before Celery 5.7, compat.told_by_celery); held
+        weakly or not as Celery holds its own waiters."""
+        holder = weakref.ref(result) if weak else (lambda: result)
+        with self._lock:
+            self._also_told.setdefault(result.id, {})[id(result)] = holder
+        self.consume_from(result.id)
+
+    def stop_telling(self, result):
+        """Forget waiter ``result``; whether another object told by :meth:`also_tell`
+        still waits on its id."""
+        with self._lock:
+            waiters = self._also_told.get(result.id)
+            if waiters is None:
+                return False
+            waiters.pop(id(result), None)
+            if not any(holder() is not None for holder in waiters.values()):
+                del self._also_told[result.id]
+                return False
+            return True
+
     def cancel_for(self, task_id):
         with self._lock:
             self._watched.pop(records.sheppy_id(bytes_to_str(task_id)), None)
@@ -89,7 +115,7 @@ class ResultConsumer(BaseResultConsumer):
     def _drop_unwaited(self):
         concrete, weak = self._pending_results
         for sid, task_id in list(self._watched.items()):
-            if task_id not in concrete and task_id not in weak:
+            if task_id not in concrete and task_id not in weak and task_id not in self._also_told:
                 del self._watched[sid]
 
     def _mark_position(self):
@@ -110,7 +136,23 @@ class ResultConsumer(BaseResultConsumer):
                 self.on_state_change(meta, None)
 
     def on_state_change(self, meta, message):
+        others = ()
+        if meta["status"] in states.READY_STATES:
+            # Taken before Celery tells the object it keeps: its removal then finds no
+            # other waiter, and the id is cleared once all are told
+            with self._lock:
+                others = list(self._also_told.pop(meta["task_id"], {}).values())
         super().on_state_change(meta, message)
+        for holder in others:
+            result = holder()
+            if result is None:
+                continue
+            result._maybe_set_cache(meta)
+            # Celery handed a joining GroupResult's bucket the object it keeps, when that
+            # one equals (same id) the bucket's: then it was handed already
+            bucket = self.buckets.pop(result, None)
+            if bucket is not None:
+                bucket.append(result)
         if meta["status"] in states.READY_STATES:
             self.cancel_for(meta["task_id"])
 

@@ -73,6 +73,14 @@ markers =
 _GATE = re.compile(r"""(if not [\w.]*result_backend)\.startswith\((['"])redis\2\)""")
 _GATE_TUPLE = "result_backend.startswith(('redis', 'rpc'))"
 _LATE_RESET = re.compile(r"( +res = \w+\.delay\(\)\n)( +assertion_result = False\n)")
+# Celery 5.6's suite (5.7's no longer) marks three tests xfail, strict, for their timeout
+# with the stock backend; its #6734 test expects the timeout itself before re-raising it.
+_STOCK_TIMEOUT_XFAIL = re.compile(
+    r"""@pytest\.mark\.xfail\(raises=TimeoutError, reason="(Task is timeout|#6734)"\)""")
+_NOT_SHEPPY = "not TEST_BACKEND.startswith('sheppy://')"
+_EXPECTED_TIMEOUT = ("        with pytest.raises(TimeoutError) as expected_excinfo:\n"
+                     "            res.get(timeout=TIMEOUT / 10)\n")
+_RERAISED_TIMEOUT = "        raise expected_excinfo.value\n"
 
 
 def rewrite(path):
@@ -86,6 +94,15 @@ def rewrite(path):
     # comes) does not depend on the result backend: sheppy:// times out the same way.
     text = text.replace("xfail(TEST_BACKEND.startswith('redis://')",
                         "xfail(TEST_BACKEND.startswith(('redis://', 'sheppy://'))")
+    # Celery 5.6's test_group_results_in_chain, test_nested_chain_group_lone and
+    # test_nested_group_chord_body_chain (#6734) time out with the stock redis:// backend
+    # there, and pass on sheppy://, which tells every AsyncResult waiting on an id (as Celery
+    # 5.7 does; its suite has them as plain tests): for sheppy:// they are plain tests too.
+    text = _STOCK_TIMEOUT_XFAIL.sub(
+        rf"""@pytest.mark.xfail({_NOT_SHEPPY}, raises=TimeoutError, reason="\1")""", text)
+    text = text.replace(_EXPECTED_TIMEOUT, f"        if {_NOT_SHEPPY}:\n" + "".join(
+        f"    {line}\n" for line in _EXPECTED_TIMEOUT.splitlines()))
+    text = text.replace(_RERAISED_TIMEOUT, f"        if {_NOT_SHEPPY}:\n    {_RERAISED_TIMEOUT}")
     # test_chord_header_id_duplicated_on_rabbitmq_msg_duplication republishes a task with
     # the signal's own arguments (a Signal object) among the message properties: AMQP drops
     # unknown properties, redis:// and sheppy:// encode them as JSON and the publish fails,

@@ -231,6 +231,26 @@ def test_nested_chord_in_a_chord_header(worker, app):
     assert result.get(timeout=30) == 16
 
 
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_chord_sent_by_a_task_fires_in_the_process_that_sent_it(
+        make_redis_server, start_worker, pool):
+    # Given a worker with one pool process (or thread): the chord a chain's first task
+    # sends is applied there, and its parts run there too, the last one joining the header
+    server = make_redis_server()
+    start_worker(server.sheppy_url(), server.sheppy_url(), pool=pool, concurrency=1)
+    app = client_app(server.sheppy_url(), server.sheppy_url())
+    try:
+        workflow = (sig(app, "add", 1, 0, immutable=True)
+                    | group(sig(app, "add", 1), sig(app, "add", 2)) | sig(app, "tsum"))
+
+        # Then the body gets both results (before Celery 5.7, the header joined in that
+        # process timed out: Celery told only the first AsyncResult object of an id, the
+        # one the chord was applied with, never the restored header's)
+        assert workflow.delay().get(timeout=60) == 5
+    finally:
+        app.close()
+
+
 # -- many waiters ------------------------------------------------------------------------
 
 

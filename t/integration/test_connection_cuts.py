@@ -8,6 +8,9 @@ Workers use a short lease (LEASE seconds) so the tests finish quickly.
 """
 
 import json
+import os
+import signal
+import subprocess
 import time
 from collections import Counter
 
@@ -72,6 +75,38 @@ def test_countdown_tasks_held_by_a_worker_whose_connection_is_cut_run_once_when_
     recorded = runs(counter, "eta")
     assert Counter(value for value, _, _ in recorded) == {n: 1 for n in range(5)}
     assert all(sent + 8 - 0.5 <= at <= sent + 8 + LEASE for _, _, at in recorded), recorded
+    app.close()
+
+
+def test_task_written_to_a_pool_process_that_had_not_taken_it_when_the_connection_is_cut_runs_once(
+        make_redis_server, workers, counter):
+    # Given a default prefork worker of one process, stopped (SIGSTOP) once it is idle
+    server = make_redis_server()
+    worker = start(server, pool="prefork", concurrency=1)
+    workers.append(worker)
+    url = server.sheppy_url()
+    app = client_app(url, url, **settings())
+    task = app.signature(f"{TASKS}.tracked")
+    assert task.clone(args=("warm", 0)).delay().get(timeout=30) == 0
+    [child] = subprocess.check_output(["pgrep", "-P", str(worker.process.pid)]).split()
+    child = int(child)
+    os.kill(child, signal.SIGSTOP)
+    try:
+        # When a task is written to that process (it cannot take it) and the worker's
+        # connections are cut: Celery's pool.flush() discards the job no process accepted
+        result = task.clone(args=("written", 1)).delay()
+        wait_until(lambda: f"[{result.id}] received" in worker.output(), 30, "the worker to get it")
+        time.sleep(0.5)
+        assert server.client().client_kill_filter(_type="normal", skipme=True) >= 1
+        wait_until(lambda: worker.output().count("Connected to") >= 2, 30, "a reconnect")
+        time.sleep(2)  # the orphan ledger's upkeep has dealt with the discarded job by now
+    finally:
+        os.kill(child, signal.SIGCONT)
+
+    # Then the process runs it, and it runs once: not put back in its stream as well
+    assert result.get(timeout=30) == 1
+    time.sleep(2 * LEASE)  # a copy put back, or a lease recovery, would have run by now
+    assert Counter(value for value, _, _ in runs(counter, "written")) == {1: 1}, worker.output()
     app.close()
 
 

@@ -29,6 +29,7 @@ from .. import compat, connection, endpoints, group_publish, keys, records
 from .chords import NativeChords
 from .consumer import MAX_BLOCK_SECONDS, ResultConsumer
 from .stores import ResultStores
+from .topology import ResultTopology
 
 __all__ = ["SheppyBackend", "ResultConsumer"]
 
@@ -111,15 +112,14 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
         tls = _backend_tls(conf.get("result_backend"), url)
         #: The URL as configured (Celery's loader cut "sheppy+" off a Sentinel or Cluster URL).
         self._configured_url = conf.get("result_backend") if tls is not None else url
-        topology = endpoints.split_options(options)[1]
+        topology_options = endpoints.split_options(options)[1]
         try:
             self.connparams = endpoints.connection_kwargs(
-                url, settings, topology, tls=tls)
+                url, settings, topology_options, tls=tls)
         except (ValueError, KeyError) as exc:
             raise ImproperlyConfigured(f"sheppy result backend: {exc}") from None
-        #: Result shards (hash-tagged queue names) on a Redis Cluster, else None (keys.py).
-        self._shards = (keys.result_shards(self.queue) if endpoints.is_cluster(self.connparams)
-                        else None)
+        #: What Redis this is: the backend's one place to ask (topology.py).
+        self.topology = ResultTopology(self.connparams)
         self.max_connections = self.connparams.get("max_connections")
         self._ConnectionPool = connection_pool
         self._native_json = self.serializer == "json" and not compat.result_compression(self)
@@ -154,9 +154,10 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
     def _make_client(self, params):
         params = dict(params, max_connections=self.max_connections
                       or connection.DEFAULT_MAX_CONNECTIONS)
-        if "sentinel" not in params and not endpoints.is_cluster(params):
-            return self.redis.Redis(connection_pool=self.ConnectionPool(**params))
-        return endpoints.make_client(params, blocking_timeout=connection.POOL_WAIT_SECONDS)
+        return self.topology.make_client(params, self._server_client)
+
+    def _server_client(self, params):
+        return self.redis.Redis(connection_pool=self.ConnectionPool(**params))
 
     @cached_property
     def client(self):
@@ -164,7 +165,7 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
         where = f"the sheppy:// result backend at {endpoints.describe(self.connparams)}"
         try:
             # A Cluster client found the cluster's nodes already: no HELLO to check.
-            hello = connection.server_hello(client) if self._shards is None else None
+            hello = connection.server_hello(client) if self.topology.single_node else None
             if hello is not None:
                 connection.check_standalone(
                     hello, where, (self.connparams.get("host"), self.connparams.get("port")),
@@ -185,13 +186,11 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
     def result_queues(self):
         """The queues whose namespaces hold this backend's results: its queue, or on a
         Redis Cluster its result shards (keys.result_shards)."""
-        return self._shards or (self.queue,)
+        return self.topology.result_queues(self.queue)
 
     def queue_for(self, sheppy_id):
         """The queue whose namespace holds the result, group or chord of ``sheppy_id``."""
-        if self._shards is None:
-            return self.queue
-        return keys.result_shard(self._shards, sheppy_id)
+        return self.topology.result_queue(self.queue, sheppy_id)
 
     def reset_connections(self):
         self._same_server = None
@@ -253,9 +252,9 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
 
     def mget(self, keys):
         self._settle_stores()
-        if self._shards is not None:
-            return self.client.mget_nonatomic(keys)  # one MGET per slot
-        return self.client.mget(keys)
+        if self.topology.single_node:
+            return self.client.mget(keys)
+        return self.client.mget_nonatomic(keys)  # one MGET per slot
 
     def set(self, key, value, expires=None, **retry_policy):
         self._check_size(value)

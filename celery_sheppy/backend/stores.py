@@ -75,7 +75,7 @@ class ResultStores:
         """Whether this store is sent without waiting for its reply (deferred_stores.py):
         in a prefork pool child's main thread, on one server or behind Sentinel, and not
         a chord part's result (the chord's count and join follow on another connection)."""
-        return (deferred_stores.in_pool_child() and self._shards is None
+        return (deferred_stores.in_pool_child() and self.topology.single_node
                 and threading.current_thread() is threading.main_thread()
                 and not getattr(request, "chord", None))
 

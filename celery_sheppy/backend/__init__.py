@@ -19,7 +19,7 @@ import redis
 from celery import states
 from celery.backends.asynchronous import AsyncBackendMixin
 from celery.backends.base import KeyValueStoreBackend
-from celery.exceptions import BackendStoreError, ImproperlyConfigured
+from celery.exceptions import ImproperlyConfigured
 from celery.utils.log import get_logger
 from celery.utils.time import humanize_seconds
 from kombu.utils.functional import retry_over_time
@@ -30,6 +30,7 @@ from .chords import NativeChords
 from .consumer import MAX_BLOCK_SECONDS, ResultConsumer
 from .stores import ResultStores
 from .topology import ResultTopology
+from .value_limit import ValueLimit
 
 __all__ = ["SheppyBackend", "ResultConsumer"]
 
@@ -192,6 +193,11 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
         """The queue whose namespace holds the result, group or chord of ``sheppy_id``."""
         return self.topology.result_queue(self.queue, sheppy_id)
 
+    @cached_property
+    def value_limit(self):
+        """The largest value the server takes (value_limit.py); asked on first use."""
+        return ValueLimit(self.client, self._MAX_STR_VALUE_SIZE)
+
     def reset_connections(self):
         self._same_server = None
         for name in ("client", "blocking_client"):
@@ -257,7 +263,7 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
         return self.client.mget_nonatomic(keys)  # one MGET per slot
 
     def set(self, key, value, expires=None, **retry_policy):
-        self._check_size(value)
+        self.value_limit.check(value)
         return self.ensure(self._set, (key, value, expires), **retry_policy)
 
     def _set(self, key, value, expires=None):
@@ -296,29 +302,6 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
     def decode_result(self, payload):
         record = records.loads(payload)
         return self.meta_from_decoded(records.meta_from_record(record, self.decode))
-
-    @cached_property
-    def _max_value_size(self):
-        """The largest value this server takes (bytes): ``proto-max-bulk-len``, capped at 512 MiB.
-
-        A larger value makes Redis drop the connection instead of answering with an error.
-        """
-        try:
-            reply = self.client.config_get("proto-max-bulk-len")
-            return min(int(reply["proto-max-bulk-len"]), self._MAX_STR_VALUE_SIZE)
-        except (redis.ResponseError, KeyError, ValueError):  # CONFIG denied by ACL, or a proxy
-            return self._MAX_STR_VALUE_SIZE
-
-    def _check_size(self, value):
-        if value is None:
-            return
-        size = len(value)
-        if isinstance(value, str) and size * 4 > self._max_value_size:
-            size = len(value.encode("utf-8"))  # only worth counting bytes near the limit
-        if size > self._max_value_size:
-            raise BackendStoreError(
-                f"result of {size} bytes is over this Redis server's value limit of "
-                f"{self._max_value_size} bytes (proto-max-bulk-len)")
 
     def __reduce__(self, args=(), kwargs=None):
         kwargs = {} if not kwargs else kwargs

@@ -25,7 +25,7 @@ CHORD_BODY_STATE_SECONDS = 24 * 3600
 
 class NativeChords:
     """Mixin of SheppyBackend: Celery's chord hooks. Uses the backend's ``client``,
-    ``ensure``, ``queue_for``, ``get_key_for_*`` and ``_check_size``."""
+    ``ensure``, ``queue_for``, ``get_key_for_*`` and ``value_limit``."""
 
     @property
     def _chord_ttl(self):
@@ -41,7 +41,7 @@ class NativeChords:
         chord_key = self.get_key_for_chord(header_result.id)
         added_key = self._chord_added_key(header_result.id)
         group_value = self.encode({"result": header_result.as_tuple()})
-        self._check_size(group_value)
+        self.value_limit.check(group_value)
         ids = _leaf_ids(header_result)
         ttl = self._chord_ttl
 

@@ -35,7 +35,7 @@ FINISHED_TTL_EVERY = 30
 
 class ResultStores:
     """Mixin of SheppyBackend: ``_store_result`` and what it needs. Uses the backend's
-    ``client``, ``ensure``, ``queue_for``, ``_check_size`` and expiry settings."""
+    ``client``, ``ensure``, ``queue_for``, ``value_limit`` and expiry settings."""
 
     #: Is the broker on this backend's server and database? None: not asked yet on
     #: this connection (:attr:`_broker_is_here`).
@@ -55,7 +55,7 @@ class ResultStores:
         payload = None if self._native_json else ensure_bytes(self.encode(meta))
         text = records.dumps(records.build_record(meta["task_id"], meta, request, payload))
         try:
-            self._check_size(text)
+            self.value_limit.check(text)
         except BackendStoreError as exc:
             raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
         expires = self.failure_expires if state == states.FAILURE else self.expires

@@ -22,13 +22,14 @@ from celery.backends.base import KeyValueStoreBackend
 from celery.exceptions import ImproperlyConfigured
 from celery.utils.log import get_logger
 from celery.utils.time import humanize_seconds
+from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.functional import retry_over_time
 from kombu.utils.objects import cached_property
 
 from .. import compat, connection, endpoints, group_publish, keys, records
 from .chords import NativeChords
 from .consumer import MAX_BLOCK_SECONDS, ResultConsumer
-from .stores import ResultStores
+from .stores import ResultWriter
 from .topology import ResultTopology
 from .value_limit import ValueLimit
 
@@ -59,7 +60,7 @@ _IGNORED_TRANSPORT_OPTIONS = {"global_keyprefix", "result_chord_ordered"}
 _OWN_TRANSPORT_OPTIONS = {"queue", "retry_policy", "additional_connection_errors"}
 
 
-class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStoreBackend):
+class SheppyBackend(NativeChords, AsyncBackendMixin, KeyValueStoreBackend):
     """Celery result backend on Redis, storing sheppy task records."""
 
     ResultConsumer = ResultConsumer
@@ -193,17 +194,25 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
         """The queue whose namespace holds the result, group or chord of ``sheppy_id``."""
         return self.topology.result_queue(self.queue, sheppy_id)
 
-    @cached_property
-    def value_limit(self):
-        """The largest value the server takes (value_limit.py); asked on first use."""
-        return ValueLimit(self.client, self._MAX_STR_VALUE_SIZE)
-
     def reset_connections(self):
-        self._same_server = None
+        writer = self.__dict__.get("writer")  # made on first use: nothing to reset before
+        if writer is not None:
+            writer.reset()
         for name in ("client", "blocking_client"):
             client = self.__dict__.get(name)
             if client is not None:
                 client.connection_pool.reset()
+
+    # -- parts made on first use, as the client they are given ------------------------
+
+    @cached_property
+    def writer(self):
+        return ResultWriter(self.app, self.client, self.ensure, self.topology, self.queue,
+                            self.value_limit, self.expires, self.failure_expires)
+
+    @cached_property
+    def value_limit(self):
+        return ValueLimit(self.client, self._MAX_STR_VALUE_SIZE)
 
     # -- retry policy -------------------------------------------------------------
 
@@ -253,11 +262,11 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
     # -- key/value primitives (the stock backend's public surface) ------------------
 
     def get(self, key):
-        self._settle_stores()  # a task reading its own state reads what it stored
+        self.writer.settle()  # a task reading its own state reads what it stored
         return self.client.get(key)
 
     def mget(self, keys):
-        self._settle_stores()
+        self.writer.settle()
         if self.topology.single_node:
             return self.client.mget(keys)
         return self.client.mget_nonatomic(keys)  # one MGET per slot
@@ -302,6 +311,15 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
     def decode_result(self, payload):
         record = records.loads(payload)
         return self.meta_from_decoded(records.meta_from_record(record, self.decode))
+
+    # -- storing results (stores.py) ---------------------------------------------------
+
+    def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        payload = None if self._native_json else ensure_bytes(self.encode(meta))
+        self.writer.store(meta, payload, result, request)
+        return result
 
     def __reduce__(self, args=(), kwargs=None):
         kwargs = {} if not kwargs else kwargs

@@ -71,7 +71,7 @@ def test_acks_late_result_acks_its_message_in_the_same_script_behind_sentinel(
     # broker and backend reach one primary through different URLs: the backend asks the
     # servers (a token) and acks acks_late messages with their result
     assert sig(sentinel_app, "add_acks_late", 1, 1).delay().get(timeout=20) == 2
-    assert sentinel_app.backend._broker_is_here is True
+    assert sentinel_app.backend.writer.broker_is_here is True
     primary = sentinel_set.primary().client()
     assert primary.xpending(keys.pending_stream("celery"), keys.CONSUMER_GROUP)["pending"] == 0
 

@@ -3,14 +3,22 @@
 Results of queue ``q`` (``result_backend_transport_options["queue"]``, default
 ``task_default_queue``) are records ``sheppy:tasks:<q>:<id>``.
 
-:class:`SheppyBackend` owns the connections, the options and the retry policy, and
-Celery's key/value surface; its parts:
+:class:`SheppyBackend` is the object Celery calls. It owns the options, the connections
+and the retry policy, and Celery's key/value surface; everything else it hands to a part
+that owns its state and names what it needs in its constructor:
 
-- ``stores``: writing a result (record, finished or states stream entry, counters, the
-  ``acks_late`` ack) in one script; ``deferred_stores``: in prefork pool children, those
-  scripts sent without waiting for their reply;
-- ``consumer``: :class:`ResultConsumer`, waiting for results on the two streams;
-- ``chords``: chords joined natively with a set of the header's task ids.
+- ``writer`` (stores.py, :class:`ResultWriter`): a task's state as its record, one script
+  per result (record, stream entry, counters, the ``acks_late`` ack); in prefork pool
+  children those scripts go out without waiting for their reply (deferred_stores.py);
+- ``chords`` (chords.py, :class:`NativeChords`): chords joined natively with a set of the
+  header's task ids;
+- ``result_consumer`` (consumer.py, :class:`ResultConsumer`, composed as Celery composes
+  its own): waiting for results on the two streams;
+- ``topology`` (topology.py, :class:`ResultTopology`): the one place asked what Redis
+  this is (which queue holds a result, one node or a Cluster);
+- ``value_limit`` (value_limit.py, :class:`ValueLimit`): the largest value the server takes.
+
+The writer, the chords and the value limit are made on first use, as the client is.
 """
 
 from functools import partial
@@ -60,7 +68,7 @@ _IGNORED_TRANSPORT_OPTIONS = {"global_keyprefix", "result_chord_ordered"}
 _OWN_TRANSPORT_OPTIONS = {"queue", "retry_policy", "additional_connection_errors"}
 
 
-class SheppyBackend(NativeChords, AsyncBackendMixin, KeyValueStoreBackend):
+class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
     """Celery result backend on Redis, storing sheppy task records."""
 
     ResultConsumer = ResultConsumer
@@ -203,12 +211,17 @@ class SheppyBackend(NativeChords, AsyncBackendMixin, KeyValueStoreBackend):
             if client is not None:
                 client.connection_pool.reset()
 
-    # -- parts made on first use, as the client they are given ------------------------
+    # -- parts made on first use (their client connects on first use) -------------------
 
     @cached_property
     def writer(self):
         return ResultWriter(self.app, self.client, self.ensure, self.topology, self.queue,
                             self.value_limit, self.expires, self.failure_expires)
+
+    @cached_property
+    def chords(self):
+        return NativeChords(self, self.client, self.ensure, self.topology, self.queue,
+                            self.value_limit)
 
     @cached_property
     def value_limit(self):
@@ -320,6 +333,21 @@ class SheppyBackend(NativeChords, AsyncBackendMixin, KeyValueStoreBackend):
         payload = None if self._native_json else ensure_bytes(self.encode(meta))
         self.writer.store(meta, payload, result, request)
         return result
+
+    # -- chords (chords.py) ------------------------------------------------------------
+
+    def apply_chord(self, header_result_args, body, **kwargs):
+        self.ensure_chords_allowed()
+        self.chords.apply(header_result_args)
+
+    def set_chord_size(self, group_id, chord_size):
+        self.chords.set_size(group_id, chord_size)
+
+    def add_to_chord(self, group_id, result):
+        self.chords.add(group_id, result)
+
+    def on_chord_part_return(self, request, state, result, **kwargs):
+        self.chords.on_part_return(request)
 
     def __reduce__(self, args=(), kwargs=None):
         kwargs = {} if not kwargs else kwargs

@@ -17,7 +17,7 @@ from celery.exceptions import ImproperlyConfigured
 from kombu.exceptions import ChannelError, OperationalError
 
 from .. import keys
-from ..connection import CONNECTION_ERRORS
+from ..connect import CONNECTION_ERRORS
 from ..inspect import NotSheppyBroker, ResultsUnreachable, UnknownQueue, broker_url, inspector
 
 EXIT_STUCK = 1

@@ -61,7 +61,8 @@ import redis
 from kombu.transport import virtual
 
 from .. import __version__ as celery_sheppy_version
-from .. import connection, declare_cache, group_publish, kombu_aliases
+from .. import declare_cache, group_publish, kombu_aliases
+from ..connect import params
 from . import options
 from .channel import Channel
 from .dead_letters import dead_letters, purge_dead_letters, replay_dead_letters
@@ -78,7 +79,7 @@ class Transport(virtual.Transport):
     Channel = Channel
 
     polling_interval = None  # no sleeping between reads: they block in Redis
-    default_port = connection.DEFAULT_PORT
+    default_port = params.DEFAULT_PORT
     #: Celery treats us as Redis: events use a fanout exchange, mingle and gossip work.
     driver_type = "redis"
     driver_name = group_publish.DRIVER_NAME  # `celery report`: celery-sheppy:<version> (redis-py ...)
@@ -89,8 +90,8 @@ class Transport(virtual.Transport):
         exchange_type=frozenset(["direct", "topic", "fanout"]),
     )
 
-    connection_errors = connection.CONNECTION_ERRORS
-    channel_errors = connection.CHANNEL_ERRORS
+    connection_errors = params.CONNECTION_ERRORS
+    channel_errors = params.CHANNEL_ERRORS
 
     #: Seconds between upkeep runs (expiring queues, dead consumers, stuck reads).
     upkeep_interval = 1.0

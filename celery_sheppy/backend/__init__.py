@@ -25,7 +25,7 @@ from celery.utils.time import humanize_seconds
 from kombu.utils.functional import retry_over_time
 from kombu.utils.objects import cached_property
 
-from .. import compat, group_publish, keys, records
+from .. import compat, keys, patches, records
 from ..connect import params, topology_of, urls
 from .chords import NativeChords
 from .consumer import MAX_BLOCK_SECONDS, ResultConsumer
@@ -85,7 +85,7 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
         if host and "://" in host:
             url, host = host, None
         super().__init__(expires_type=int, url=url, **kwargs)
-        group_publish.install()  # often before the broker's first use (see group_publish)
+        patches.install()  # often before the broker's first use (patches/group_publish.py)
         conf = self.app.conf
         failure_expires = conf.get("result_failure_expires")
         self.failure_expires = (

@@ -61,7 +61,8 @@ import redis
 from kombu.transport import virtual
 
 from .. import __version__ as celery_sheppy_version
-from .. import declare_cache, group_publish, kombu_aliases
+from .. import patches
+from ..patches import group_publish, kombu_aliases
 from ..connect import params
 from . import options
 from .channel import Channel
@@ -99,8 +100,7 @@ class Transport(virtual.Transport):
     def __init__(self, client, **kwargs):
         options.check_names(client.transport_options or {})
         super().__init__(client, **kwargs)
-        group_publish.install()
-        declare_cache.install()
+        patches.install(Channel)
         self.cycle = Poller()
         self._upkeep_tref = None
 

@@ -231,7 +231,7 @@ class Publisher:
 
 
 class PublishBatch:
-    """Publishes buffered by ``Producer.batch()`` (and a group's tasks, see group_publish).
+    """Publishes buffered by ``Producer.batch()`` (and a group's tasks, see patches/group_publish.py).
 
     The channel routes each message as usual, but its XADD/PEXPIRE commands are kept;
     :meth:`flush` (at ``max_size`` commands, and when the batch ends) sends them in one

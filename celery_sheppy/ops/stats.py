@@ -35,13 +35,13 @@ from dataclasses import asdict, dataclass, field
 import redis
 from kombu.utils.encoding import bytes_to_str
 
-from . import keys
-from .backend import SheppyBackend
-from .connect import CONNECTION_ERRORS, redact
-from .transport import Transport
-from .transport import presence
-from .transport.options import BY_NAME as TRANSPORT_OPTIONS
-from .transport.streams import QueueStreams
+from .. import keys
+from ..backend import SheppyBackend
+from ..connect import CONNECTION_ERRORS, redact
+from ..transport import Transport
+from ..transport import presence
+from ..transport.options import BY_NAME as TRANSPORT_OPTIONS
+from ..transport.streams import QueueStreams
 
 #: Stock values of the transport options read here (docs/transport.md).
 DEFAULT_LEASE = float(TRANSPORT_OPTIONS["visibility_timeout"].default)

@@ -51,10 +51,12 @@ options that mean nothing here are accepted, Sentinel's are refused.
 
 Package
 =======
-``channel`` (kombu's hooks, delegating), ``options``, ``connections``, ``streams``,
-``groups``, ``routing``, ``fanout``, ``publish``, ``reading``, ``poller``, ``acks``, ``upkeep``,
-``revokes``, ``dead_letters``, ``orphans``, ``cluster`` (a Redis Cluster's reads and
-slot splits): each module's docstring says what it owns.
+``channel`` (kombu's hooks, delegating) and ``port`` (the one way its parts reach kombu),
+``options``, ``connections``, ``streams``, ``groups``, ``routing``, ``fanout``, ``publish``,
+``claims``, ``reading`` with ``buffer`` and ``steps`` (what becomes of an entry read),
+``limits``, ``poller``, ``acks``, ``orphans``, ``upkeep`` with ``presence``, ``revokes``,
+``dead_letters``: each module's docstring says what it owns. Where the data lives (one
+server, Sentinel, Cluster) is ``celery_sheppy.connect``'s topology.
 """
 
 import redis

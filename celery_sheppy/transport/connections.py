@@ -149,8 +149,8 @@ class Connections:
             if pool is not None:
                 pool.disconnect()
         client = self.__dict__.get("client")
-        if not self.topology.single_node and client is not None:
-            client.close()
+        if client is not None:
+            client.close()  # a RedisCluster's node pools (one server's pool went above)
         for name in ("client", "ack_conn", "publish_conn"):
             self.__dict__.pop(name, None)
 

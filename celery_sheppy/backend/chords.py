@@ -48,21 +48,22 @@ class ChordKeys:
 
 
 class NativeChords:
-    """Celery's chord hooks for the chords of ``queue``, on ``client``.
+    """Celery's chord hooks for the chords kept in ``queues``, on ``client``.
 
     ``backend``: Celery's side of a chord: its app, its serializer (``encode``), the
     results a body gets (GroupResult.restore, AsyncResult) and chord errors
     (``chord_error_from_stack``); ``ensure(fun, args)``: runs a command under the
-    backend's retry policy; ``topology``: which queue holds a chord (ResultTopology);
+    backend's retry policy; ``topology``: the connect package's Topology, which of
+    ``queues`` (its ``result_queues`` of the backend's queue) holds a chord;
     ``value_limit``: the server's ValueLimit."""
 
-    def __init__(self, backend, client, ensure, topology, queue, value_limit):
+    def __init__(self, backend, client, ensure, topology, queues, value_limit):
         self.backend = backend
         self.app = backend.app
         self.client = client
         self.ensure = ensure
         self.topology = topology
-        self.queue = queue
+        self.queues = queues
         self.value_limit = value_limit
         #: Seconds a chord's keys live, 0 for ever.
         self.ttl = compat.chord_ttl(backend)
@@ -70,7 +71,7 @@ class NativeChords:
 
     def keys_of(self, group_id):
         sid = records.sheppy_id(group_id)
-        return ChordKeys.of(self.topology.result_queue(self.queue, sid), sid)
+        return ChordKeys.of(self.topology.result_queue(self.queues, sid), sid)
 
     def apply(self, header_result_args):
         group_id, results = header_result_args[0], header_result_args[1]

@@ -23,7 +23,8 @@ from celery.exceptions import BackendStoreError, Reject
 from celery.utils.log import get_logger
 from kombu.utils.encoding import bytes_to_str
 
-from .. import connection, keys, records, scripts
+from .. import keys, records, scripts
+from ..connect import params
 from . import deferred_stores
 
 logger = get_logger(__name__)
@@ -48,7 +49,7 @@ class StoredResult:
 
     task_id: str  # Celery's id, for messages
     sheppy_id: str  # the record's id (records.sheppy_id)
-    queue: str  # the queue whose namespace holds the record (ResultTopology.result_queue)
+    queue: str  # the queue whose namespace holds the record (Topology.result_queue)
     record: str  # the record's JSON text
     expires: int  # seconds the record lives, 0: for ever
     terminal: bool  # a ready state: announced on the finished stream and counted
@@ -58,21 +59,22 @@ class StoredResult:
 
 
 class ResultWriter:
-    """Stores results of ``queue`` with ``client``.
+    """Stores results in ``queues`` with ``client``.
 
     ``app``: the Celery app (a task's ``acks_late``, the broker's URL and connection);
     ``ensure(fun, args)``: runs a command under the backend's retry policy;
-    ``topology``: which queue holds a result (ResultTopology); ``value_limit``: the
-    server's ValueLimit; ``expires``, ``failure_expires``: seconds a result lives (0:
-    for ever)."""
+    ``topology``: the connect package's Topology, which of ``queues`` (its
+    ``result_queues`` of the backend's queue) holds a result and whether one node holds
+    them all; ``value_limit``: the server's ValueLimit; ``expires``, ``failure_expires``:
+    seconds a result lives (0: for ever)."""
 
-    def __init__(self, app, client, ensure, topology, queue, value_limit,
+    def __init__(self, app, client, ensure, topology, queues, value_limit,
                  expires, failure_expires):
         self.app = app
         self.client = client
         self.ensure = ensure
         self.topology = topology
-        self.queue = queue
+        self.queues = queues
         self.value_limit = value_limit
         self.expires = int(expires or 0)
         self.failure_expires = int(failure_expires or 0)
@@ -106,7 +108,7 @@ class ResultWriter:
         except BackendStoreError as exc:
             raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
         sid = records.sheppy_id(task_id)
-        queue = self.topology.result_queue(self.queue, sid)
+        queue = self.topology.result_queue(self.queues, sid)
         failed = state == states.FAILURE
         terminal = state in records.TERMINAL_STATES
         return StoredResult(
@@ -229,7 +231,7 @@ class ResultWriter:
         url = self.app.conf.broker_write_url or self.app.conf.broker_url
         if isinstance(url, (list, tuple)):
             url = url[0] if url else None
-        if not (url or "").split(";")[0].strip().startswith(tuple(connection.SCHEMES)):
+        if not (url or "").split(";")[0].strip().startswith(tuple(params.SCHEMES)):
             return False
         token = uuid.uuid4().hex
         key = keys.server_probe(token)

@@ -71,7 +71,7 @@ def test_acks_late_result_acks_its_message_in_the_same_script_behind_sentinel(
     # broker and backend reach one primary through different URLs: the backend asks the
     # servers (a token) and acks acks_late messages with their result
     assert sig(sentinel_app, "add_acks_late", 1, 1).delay().get(timeout=20) == 2
-    assert sentinel_app.backend._broker_is_here is True
+    assert sentinel_app.backend.writer.broker_is_here is True
     primary = sentinel_set.primary().client()
     assert primary.xpending(keys.pending_stream("celery"), keys.CONSUMER_GROUP)["pending"] == 0
 
@@ -209,7 +209,7 @@ def test_stored_records_are_sheppy_records_in_hash_tagged_shards(cluster_worker,
 def test_status_command_sums_result_counters_over_the_shards(cluster_worker, cluster_app,
                                                              cluster_broker, redis_cluster):
     group(sig(cluster_app, "add", i, i) for i in range(30))().get(timeout=30)
-    from celery_sheppy.inspect import queue_stats
+    from celery_sheppy.ops import queue_stats
 
     stats = {s.queue: s for s in queue_stats(cluster_app, ["celery"])}
     assert stats["celery"].completed >= 30

@@ -1,45 +1,17 @@
 """Fixtures shared by tests/ and t/integration/: private redis-servers and real Celery workers.
 
 Every server is a ``redis-server`` process of our own on a free loopback port,
-stopped by its PID; no test touches a server it did not start.
+stopped by its PID; no test touches a server it did not start. A test that starts none
+runs without a server installed. What tests share besides fixtures is in t/helpers.py.
 """
 
-import atexit
-import os
-import signal
-import socket
+import json
 import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
-from celery_sheppy import compat
-from t.redis_server import (  # noqa: F401 (re-exported)
-    MissingRedisServer, NoTLS, RedisServer, free_port, server_binary, server_name)
-
-ROOT = Path(__file__).resolve().parent
-
-
-#: sheppy 0.0.7, whose tools the tests marked sheppy_tools run, needs Python 3.10+ (the test
-#: extra installs it there): on 3.9 those tests, and only they, are skipped.
-SHEPPY_TOOLS = sys.version_info >= (3, 10)
-
-
-def _cluster_refused():
-    try:
-        compat.check_cluster_transactions()
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-#: sheppy+cluster:// needs redis-py 6.1+: with an older one the tests on a local Redis
-#: Cluster skip (tests/test_compat.py checks the error such a URL gets).
-CLUSTER_REFUSED = _cluster_refused()
-needs_cluster = pytest.mark.skipif(CLUSTER_REFUSED is not None, reason=str(CLUSTER_REFUSED))
+from t.helpers import CLUSTER_REFUSED, RESTRICTED_ACL_USERS, SHEPPY_TOOLS, Workers
+from t.redis_server import MissingRedisServer, NoTLS, RedisServer, server_binary, server_name
 
 
 def pytest_collection_modifyitems(config, items):
@@ -136,16 +108,6 @@ def side_redis():
     server.close()
 
 
-#: ACL rules of restricted users: as managed Redis services restrict users (no CLIENT
-#: UNBLOCK, CONFIG, INFO, KEYS), and the least docs/transport.md says celery-sheppy needs.
-RESTRICTED_ACL_USERS = {
-    "worker": ["~*", "&*", "+@all", "-@dangerous"],
-    "minimal": ["resetkeys", "~sheppy:*", "resetchannels", "&sheppy:celery::fanout:*", "-@all",
-                "+@read", "+@write", "+@stream", "+@scripting", "+@transaction", "+@connection",
-                "+@pubsub", "+time"],
-}
-
-
 @pytest.fixture(scope="session")
 def restricted_acl_server():
     """A server whose users (RESTRICTED_ACL_USERS, password ``<name>-pw``) are restricted;
@@ -191,63 +153,6 @@ def redis_client(redis_server):
     client.close()
 
 
-class Worker:
-    """``celery worker`` in a subprocess, on the app in t/integration/tasks.py."""
-
-    def __init__(self, broker, backend, pool="prefork", concurrency=2, queues="celery",
-                 extra_env=None, args=()):
-        self.pool = pool
-        self.log = tempfile.NamedTemporaryFile(prefix="celery-sheppy-worker-", suffix=".log",
-                                               delete=False)
-        env = dict(os.environ, CELERY_SHEPPY_BROKER=broker, CELERY_SHEPPY_BACKEND=backend,
-                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   **(extra_env or {}))
-        self.name = f"w{free_port()}@{socket.gethostname()}"  # tasks see it as request.hostname
-        self.pool, self.concurrency = pool, concurrency
-        cmd = [sys.executable, "-m", "celery", "-A", "t.integration.tasks", "worker",
-               "-P", pool, "-c", str(concurrency), "-Q", queues, "-l", "INFO",
-               "-n", self.name, *args]  # Celery's defaults: mingle, gossip, heartbeat
-        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
-                                        cwd=str(ROOT), start_new_session=True)
-        atexit.register(self.kill)
-        try:
-            self.wait_for_log("ready.")
-        except Exception:
-            self.kill()
-            raise
-
-    def output(self):
-        return Path(self.log.name).read_text(errors="replace")
-
-    def wait_for_log(self, text, timeout=60):
-        deadline = time.monotonic() + timeout
-        while text not in self.output():
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited:\n{self.output()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not log {text!r}:\n{self.output()[-4000:]}")
-            time.sleep(0.1)
-
-    def kill(self):
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # the worker and its pool children
-        except ProcessLookupError:
-            pass
-        self.process.wait()
-
-    def stop(self, timeout=30):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # stray pool children
-        except ProcessLookupError:
-            pass
-
-
 @pytest.fixture
 def counter(side_redis, monkeypatch):
     """A client of the side Redis, emptied for the test: workers started during the test
@@ -262,34 +167,30 @@ def counter(side_redis, monkeypatch):
 
 @pytest.fixture
 def workers():
-    """The workers a test starts (append them); stopped when it ends."""
-    started = []
+    """The workers a test starts (``workers.start(url, settings, ...)``, or append one);
+    stopped when it ends."""
+    started = Workers()
     yield started
-    for worker in started:
-        worker.stop()
+    started.stop_all()
+
+
+# -- until test_features.py, test_ops_cli.py and test_flower.py take t/helpers.py (next commit)
+from t.helpers import ROOT, client_app, start_worker as _start_worker  # noqa: E402,F401
+from t.redis_server import free_port  # noqa: E402,F401
+
+
+def Worker(broker, backend, pool="prefork", concurrency=2, queues="celery", extra_env=None,
+           args=()):
+    env = dict(extra_env or {})
+    settings = json.loads(env.pop("CELERY_SHEPPY_CONF", "{}"))
+    return _start_worker(broker, settings, backend=backend, pool=pool, concurrency=concurrency,
+                         queues=queues, args=args, env=env)
 
 
 @pytest.fixture
-def start_worker():
-    workers = []
-
+def start_worker(workers):
     def start(*args, **kwargs):
-        worker = Worker(*args, **kwargs)
-        workers.append(worker)
-        return worker
+        workers.append(Worker(*args, **kwargs))
+        return workers[-1]
 
-    yield start
-    for worker in workers:
-        worker.stop()
-
-
-def client_app(broker, backend, **conf):
-    """A Celery app for the test process; it calls the tasks of t/integration/tasks.py by name."""
-    from celery import Celery
-
-    app = Celery("celery-sheppy-tests", set_as_current=False)
-    settings = dict(broker_url=broker, result_backend=backend, result_extended=True,
-                    broker_connection_retry_on_startup=True)
-    settings.update(conf)
-    app.conf.update(settings)
-    return app
+    return start

@@ -12,7 +12,7 @@ from celery import Celery, group
 from celery.exceptions import ChordError
 
 from celery_sheppy import compat, endpoints
-from conftest import client_app
+from t.helpers import client_app
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 
 from celery_sheppy import endpoints, keys
-from conftest import needs_cluster
+from t.helpers import needs_cluster
 
 SENTINEL = {"master_name": "mymaster"}
 

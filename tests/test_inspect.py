@@ -15,7 +15,7 @@ from celery_sheppy import keys, metrics
 from celery_sheppy.transport import presence
 from celery_sheppy.inspect import ALIVE, DEAD, Inspector, Settings, collect
 from celery_sheppy.tables import Column, duration, render
-from conftest import client_app
+from t.helpers import client_app
 
 GROUP = keys.CONSUMER_GROUP
 PENDING = keys.pending_stream("q")

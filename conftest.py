@@ -5,12 +5,12 @@ stopped by its PID; no test touches a server it did not start. A test that start
 runs without a server installed. What tests share besides fixtures is in t/helpers.py.
 """
 
-import json
 import subprocess
 
 import pytest
 
-from t.helpers import CLUSTER_REFUSED, RESTRICTED_ACL_USERS, SHEPPY_TOOLS, Workers
+from t.helpers import (CLUSTER_REFUSED, RESTRICTED_ACL_USERS, SHEPPY_TOOLS, OnCluster, OnServer,
+                       Workers, needs_cluster)
 from t.redis_server import MissingRedisServer, NoTLS, RedisServer, server_binary, server_name
 
 
@@ -174,23 +174,15 @@ def workers():
     started.stop_all()
 
 
-# -- until test_features.py, test_ops_cli.py and test_flower.py take t/helpers.py (next commit)
-from t.helpers import ROOT, client_app, start_worker as _start_worker  # noqa: E402,F401
-from t.redis_server import free_port  # noqa: E402,F401
-
-
-def Worker(broker, backend, pool="prefork", concurrency=2, queues="celery", extra_env=None,
-           args=()):
-    env = dict(extra_env or {})
-    settings = json.loads(env.pop("CELERY_SHEPPY_CONF", "{}"))
-    return _start_worker(broker, settings, backend=backend, pool=pool, concurrency=concurrency,
-                         queues=queues, args=args, env=env)
-
-
-@pytest.fixture
-def start_worker(workers):
-    def start(*args, **kwargs):
-        workers.append(Worker(*args, **kwargs))
-        return workers[-1]
-
-    return start
+@pytest.fixture(params=["server", pytest.param("cluster", marks=needs_cluster)])
+def topology(request, make_redis_server):
+    """Where a feature scenario runs, once on each: a redis-server of the test's own, then
+    the session's Redis Cluster, emptied before and after the test (ask for ``topology``
+    before ``workers``: the workers stop before it is emptied)."""
+    if request.param == "server":
+        yield OnServer(make_redis_server())
+        return
+    cluster = OnCluster(request.getfixturevalue("redis_cluster"))
+    cluster.flush()
+    yield cluster
+    cluster.flush()  # nothing left for a later module's workers (countdown tasks, dead letters)

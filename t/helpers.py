@@ -91,8 +91,10 @@ def task_env(url, settings=None, backend=None, env=None):
     """The environment of a ``celery -A t.integration.tasks …`` process: broker ``url``,
     result ``backend`` (default: ``url``), ``settings`` (CELERY_SHEPPY_CONF), then ``env``."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    return dict(os.environ, CELERY_SHEPPY_BROKER=url, CELERY_SHEPPY_BACKEND=backend or url,
-                CELERY_SHEPPY_CONF=json.dumps(settings or {}), PYTHONPATH=path, **(env or {}))
+    variables = dict(os.environ, CELERY_SHEPPY_BROKER=url, CELERY_SHEPPY_BACKEND=backend or url,
+                     CELERY_SHEPPY_CONF=json.dumps(settings or {}), PYTHONPATH=path)
+    variables.update(env or {})  # may override the ones above
+    return variables
 
 
 def celery_command(*args):
@@ -183,3 +185,100 @@ class Workers(list):
     def stop_all(self):
         for worker in self:
             worker.stop()
+
+
+def assert_clean_log(worker):
+    """No command of ``worker`` mixed slots or met a moved slot, and it never lost its broker."""
+    log = worker.output()
+    assert "CROSSSLOT" not in log and "MOVED" not in log, log[-4000:]
+    assert "Connection to broker lost" not in log, log[-4000:]
+
+
+# -- topologies: where a feature scenario runs (conftest's ``topology``) ---------------------
+
+
+class OnServer:
+    """One redis-server of the test's own, broker and result backend on its db 0."""
+
+    name = "server"
+    #: sheppy's name of Celery's queue ``celery``
+    queue = "celery"
+
+    def __init__(self, server):
+        self.server = server
+        self.url = server.sheppy_url()
+
+    def client(self):
+        return self.server.client()
+
+
+class OnCluster:
+    """The session's local Redis Cluster (3 masters + 3 replicas), emptied for the test,
+    broker and result backend on it (``sheppy+cluster://``)."""
+
+    name = "cluster"
+    #: On a cluster every key of a queue is in one slot: Celery's ``celery`` is sheppy's
+    #: queue ``{celery}`` (docs/deployment.md)
+    queue = "{celery}"
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.url = cluster.sheppy_url()
+
+    def client(self):
+        return self.cluster.client()
+
+    def flush(self):
+        for node in self.cluster.masters():
+            node.client().flushall()
+
+
+class Project:
+    """A Celery project on a topology as its operator sees it: its settings (workers take
+    one task at a time ahead), a client app, its workers, its ``celery`` commands.
+    ``conf`` goes to the app and the workers."""
+
+    def __init__(self, topology, workers, **conf):
+        self.topology, self._workers = topology, workers
+        self.url, self.queue = topology.url, topology.queue
+        self.conf = dict({"worker_prefetch_multiplier": 1}, **conf)
+        self.client = topology.client()
+        self.app = client_app(self.url, self.url, **conf)
+
+    @property
+    def env(self):
+        """The environment of the project's ``celery`` commands."""
+        return task_env(self.url, self.conf)
+
+    def worker(self, concurrency=2, pool="threads"):
+        return self._workers.start(self.url, self.conf, pool=pool, concurrency=concurrency)
+
+    def sig(self, name, *args, **options):
+        return sig(self.app, name, *args, **options)
+
+    def command(self, *args):
+        """``celery -A t.integration.tasks sheppy <args>``, for a process that runs on."""
+        return celery_command("sheppy", *args)
+
+    def cli(self, *args, input=None, env=None):
+        """``celery … sheppy <args>`` run to its end; ``env`` overrides variables."""
+        return celery_cli(self.url, "sheppy", *args, settings=self.conf, env=env, input=input,
+                          timeout=120)
+
+    def json(self, *args):
+        result = self.cli(*args, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def stats(self):
+        return {q["queue"]: q for q in self.json("status")["queues"]}
+
+    def hold_two_and_wait(self, seconds=30):
+        """Two acks_late tasks running: the whole prefetch (2) of a 2-thread worker."""
+        held = [self.sig("hold", seconds).delay() for _ in range(2)]
+        wait_until(lambda: all(r.state == "STARTED" for r in held), 30, "both tasks to start")
+        return held
+
+    def close(self):
+        self.app.close()
+        self.client.close()

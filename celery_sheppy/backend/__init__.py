@@ -25,7 +25,8 @@ from celery.utils.time import humanize_seconds
 from kombu.utils.functional import retry_over_time
 from kombu.utils.objects import cached_property
 
-from .. import compat, connection, endpoints, group_publish, keys, records
+from .. import compat, keys, patches, records
+from ..connect import params, topology_of, urls
 from .chords import NativeChords
 from .consumer import MAX_BLOCK_SECONDS, ResultConsumer
 from .stores import ResultStores
@@ -84,7 +85,7 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
         if host and "://" in host:
             url, host = host, None
         super().__init__(expires_type=int, url=url, **kwargs)
-        group_publish.install()  # often before the broker's first use (see group_publish)
+        patches.install()  # often before the broker's first use (patches/group_publish.py)
         conf = self.app.conf
         failure_expires = conf.get("result_failure_expires")
         self.failure_expires = (
@@ -92,15 +93,15 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
             else self.prepare_expires(failure_expires, type=int))
         options = self._transport_options
         unknown = set(options) - _OWN_TRANSPORT_OPTIONS - _IGNORED_TRANSPORT_OPTIONS - set(
-            connection.OPTION_PARSERS) - set(endpoints.SENTINEL_OPTIONS) - set(
-            endpoints.SENTINEL_NOOP_OPTIONS)
+            params.OPTION_PARSERS) - set(urls.SENTINEL_OPTIONS) - set(
+            urls.SENTINEL_NOOP_OPTIONS)
         if unknown:
             raise ImproperlyConfigured(
                 f"unknown result_backend_transport_options for sheppy://: {sorted(unknown)}")
         self.queue = keys.check_queue(options.get("queue") or conf.task_default_queue)
 
         settings = {ours: conf.get(stock) for stock, ours in _CONF_OPTIONS.items()}
-        settings.update((k, v) for k, v in options.items() if k in connection.OPTION_PARSERS)
+        settings.update((k, v) for k, v in options.items() if k in params.OPTION_PARSERS)
         settings.update(conf.get("redis_backend_use_ssl") or {})
         for name, value in (("host", host), ("port", port), ("db", db), ("password", password)):
             if value is not None:
@@ -111,21 +112,22 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
         tls = _backend_tls(conf.get("result_backend"), url)
         #: The URL as configured (Celery's loader cut "sheppy+" off a Sentinel or Cluster URL).
         self._configured_url = conf.get("result_backend") if tls is not None else url
-        topology = endpoints.split_options(options)[1]
+        topology_options = urls.split_options(options)[1]
         try:
-            self.connparams = endpoints.connection_kwargs(
-                url, settings, topology, tls=tls)
+            self.connparams = urls.connection_kwargs(url, settings, topology_options, tls=tls)
         except (ValueError, KeyError) as exc:
             raise ImproperlyConfigured(f"sheppy result backend: {exc}") from None
-        #: Result shards (hash-tagged queue names) on a Redis Cluster, else None (keys.py).
-        self._shards = (keys.result_shards(self.queue) if endpoints.is_cluster(self.connparams)
-                        else None)
+        #: Server, Sentinel or Cluster (connect/topology.py).
+        self.topology = topology_of(self.connparams)
+        #: The queues whose namespaces hold this backend's results: its queue, or on a
+        #: Redis Cluster its result shards (keys.result_shards).
+        self.result_queues = self.topology.result_queues(self.queue)
         self.max_connections = self.connparams.get("max_connections")
         self._ConnectionPool = connection_pool
         self._native_json = self.serializer == "json" and not compat.result_compression(self)
 
-        self.connection_errors = connection.CONNECTION_ERRORS
-        self.channel_errors = connection.CHANNEL_ERRORS
+        self.connection_errors = params.CONNECTION_ERRORS
+        self.channel_errors = params.CHANNEL_ERRORS
         extra_errors = options.get("additional_connection_errors") or ()
         self.connection_errors += tuple(extra_errors)
         self.result_consumer = self.ResultConsumer(
@@ -134,9 +136,9 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
     # -- connections -------------------------------------------------------------
 
     def as_uri(self, include_password=False):
-        if endpoints.kind_of(self._configured_url) == "server":
+        if urls.kind_of(self._configured_url) == "server":
             return super().as_uri(include_password)
-        return self._configured_url if include_password else endpoints.redact(self._configured_url)
+        return self._configured_url if include_password else urls.redact(self._configured_url)
 
     @cached_property
     def _transport_options(self):
@@ -148,28 +150,22 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
             # Threads beyond max_connections wait for a free connection instead of
             # failing at once (redis-py's plain pool raises MaxConnectionsError).
             self._ConnectionPool = partial(
-                self.redis.BlockingConnectionPool, timeout=connection.POOL_WAIT_SECONDS)
+                self.redis.BlockingConnectionPool, timeout=params.POOL_WAIT_SECONDS)
         return self._ConnectionPool
 
-    def _make_client(self, params):
-        params = dict(params, max_connections=self.max_connections
-                      or connection.DEFAULT_MAX_CONNECTIONS)
-        if "sentinel" not in params and not endpoints.is_cluster(params):
-            return self.redis.Redis(connection_pool=self.ConnectionPool(**params))
-        return endpoints.make_client(params, blocking_timeout=connection.POOL_WAIT_SECONDS)
+    def _make_client(self, connparams):
+        connparams = dict(connparams, max_connections=self.max_connections
+                          or params.DEFAULT_MAX_CONNECTIONS)
+        return type(self.topology)(connparams).client(
+            blocking_timeout=params.POOL_WAIT_SECONDS, pool_class=self.ConnectionPool)
 
     @cached_property
     def client(self):
         client = self._make_client(self.connparams)
-        where = f"the sheppy:// result backend at {endpoints.describe(self.connparams)}"
+        where = f"the sheppy:// result backend at {self.topology.describe()}"
         try:
-            # A Cluster client found the cluster's nodes already: no HELLO to check.
-            hello = connection.server_hello(client) if self._shards is None else None
-            if hello is not None:
-                connection.check_standalone(
-                    hello, where, (self.connparams.get("host"), self.connparams.get("port")),
-                    self.connparams.get("connection_class") is self.connection_class_ssl)
-            connection.check_supported(client, where, hello)
+            self.topology.check_server(
+                client, where, self.connparams.get("connection_class") is self.connection_class_ssl)
         except self.connection_errors:
             return client  # not reachable now: its first command says so
         except ValueError as exc:
@@ -179,19 +175,11 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
     @cached_property
     def blocking_client(self):
         """A client for XREAD BLOCK, whose socket timeout outlasts the block."""
-        return self._make_client(connection.blocking_kwargs(self.connparams, MAX_BLOCK_SECONDS))
-
-    @property
-    def result_queues(self):
-        """The queues whose namespaces hold this backend's results: its queue, or on a
-        Redis Cluster its result shards (keys.result_shards)."""
-        return self._shards or (self.queue,)
+        return self._make_client(params.blocking_kwargs(self.connparams, MAX_BLOCK_SECONDS))
 
     def queue_for(self, sheppy_id):
         """The queue whose namespace holds the result, group or chord of ``sheppy_id``."""
-        if self._shards is None:
-            return self.queue
-        return keys.result_shard(self._shards, sheppy_id)
+        return self.topology.result_queue(self.result_queues, sheppy_id)
 
     def reset_connections(self):
         self._same_server = None
@@ -253,7 +241,7 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
 
     def mget(self, keys):
         self._settle_stores()
-        if self._shards is not None:
+        if not self.topology.single_node:
             return self.client.mget_nonatomic(keys)  # one MGET per slot
         return self.client.mget(keys)
 
@@ -330,5 +318,5 @@ def _backend_tls(configured, url):
     """TLS for a ``sentinel://``/``cluster://`` URL Celery's loader cut from the configured
     ``sheppys+sentinel://...`` (the ``sheppys`` was taken as the backend's name); else None."""
     if isinstance(configured, str) and configured.partition("+")[2] == url:
-        return endpoints.is_tls(configured)
+        return urls.is_tls(configured)
     return None

@@ -20,7 +20,8 @@ from celery.utils.log import get_logger
 from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.objects import cached_property
 
-from .. import connection, keys, records, scripts
+from .. import keys, records, scripts
+from ..connect import params
 from . import deferred_stores
 
 logger = get_logger(__name__)
@@ -75,7 +76,7 @@ class ResultStores:
         """Whether this store is sent without waiting for its reply (deferred_stores.py):
         in a prefork pool child's main thread, on one server or behind Sentinel, and not
         a chord part's result (the chord's count and join follow on another connection)."""
-        return (deferred_stores.in_pool_child() and self._shards is None
+        return (deferred_stores.in_pool_child() and self.topology.single_node
                 and threading.current_thread() is threading.main_thread()
                 and not getattr(request, "chord", None))
 
@@ -125,7 +126,7 @@ class ResultStores:
         url = self.app.conf.broker_write_url or self.app.conf.broker_url
         if isinstance(url, (list, tuple)):
             url = url[0] if url else None
-        if not (url or "").split(";")[0].strip().startswith(tuple(connection.SCHEMES)):
+        if not (url or "").split(";")[0].strip().startswith(tuple(params.SCHEMES)):
             return False
         token = uuid.uuid4().hex
         key = keys.server_probe(token)

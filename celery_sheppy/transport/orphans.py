@@ -41,7 +41,8 @@ from time import monotonic, time
 import redis
 from kombu.log import get_logger
 
-from .. import endpoints, keys, records, scripts
+from .. import keys, records, scripts
+from ..connect import topology_of
 from . import presence
 
 logger = get_logger(__name__)
@@ -183,7 +184,7 @@ class OrphanLedger:
     @property
     def client(self):
         if self._client is None:
-            self._client = endpoints.make_client(self.connparams)  # a RedisCluster on a Cluster
+            self._client = topology_of(self.connparams).client()
         return self._client
 
     def flush(self, upkeep=False):

@@ -125,7 +125,7 @@ def test_acks_late_tasks_of_a_killed_worker_run_on_another_none_lost(
 
 
 def test_status_reads_the_hash_tagged_queue_and_its_result_shards(worker, app):
-    from celery_sheppy.inspect import queue_stats
+    from celery_sheppy.ops import queue_stats
 
     group(sig(app, "add", i, i) for i in range(20))().get(timeout=30)
     stats = {s.queue: s for s in queue_stats(app)}

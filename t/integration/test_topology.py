@@ -203,7 +203,7 @@ def test_stored_records_are_sheppy_records_in_hash_tagged_shards(cluster_worker,
 def test_status_command_sums_result_counters_over_the_shards(cluster_worker, cluster_app,
                                                              cluster_broker, redis_cluster):
     group(sig(cluster_app, "add", i, i) for i in range(30))().get(timeout=30)
-    from celery_sheppy.inspect import queue_stats
+    from celery_sheppy.ops import queue_stats
 
     stats = {s.queue: s for s in queue_stats(cluster_app, ["celery"])}
     assert stats["celery"].completed >= 30

@@ -13,7 +13,8 @@ from celery import VERSION as CELERY_VERSION, chord, group
 from celery.concurrency.thread import TaskPool as ThreadsPool
 from kombu import Producer
 
-from celery_sheppy import group_publish, keys, records
+from celery_sheppy import keys, records
+from celery_sheppy.patches import group_publish
 from t.helpers import ROOT, TASKS, celery_cli, celery_command, client_app, sig, start_worker, task_env
 
 DB = 5  # this module's database; the module-scoped workers outlive single tests
@@ -23,7 +24,7 @@ DB = 5  # this module's database; the module-scoped workers outlive single tests
 THREADS_POOL_CANCELS_ON_SHUTDOWN = "cancel_futures" in inspect.getsource(ThreadsPool.on_stop)
 
 #: Groups are published in batches only where kombu has Producer.batch() (5.7+): with older
-#: kombu, Celery's own path, one round trip per task (group_publish.py).
+#: kombu, Celery's own path, one round trip per task (patches/group_publish.py).
 needs_producer_batch = pytest.mark.skipif(not hasattr(Producer, "batch"),
                                           reason="Producer.batch() needs kombu 5.7+")
 

@@ -13,7 +13,7 @@ from celery.exceptions import ChordError
 
 from celery_sheppy import compat
 from celery_sheppy.connect import urls
-from conftest import client_app
+from t.helpers import client_app
 
 
 @pytest.fixture

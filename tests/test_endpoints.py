@@ -8,7 +8,7 @@ from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnecti
 
 from celery_sheppy import keys
 from celery_sheppy.connect import topology_of, urls
-from conftest import needs_cluster
+from t.helpers import needs_cluster
 
 SENTINEL = {"master_name": "mymaster"}
 

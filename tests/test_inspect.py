@@ -16,7 +16,7 @@ from celery_sheppy.ops import metrics
 from celery_sheppy.transport import presence
 from celery_sheppy.ops.stats import ALIVE, DEAD, Inspector, Settings, collect
 from celery_sheppy.ops.tables import Column, duration, render
-from conftest import client_app
+from t.helpers import client_app
 
 GROUP = keys.CONSUMER_GROUP
 PENDING = keys.pending_stream("q")

@@ -61,11 +61,10 @@ def test_task_written_to_a_pool_process_that_had_not_taken_it_when_the_connectio
         make_redis_server, workers, counter):
     # Given a default prefork worker of one process, stopped (SIGSTOP) once it is idle
     server = make_redis_server()
-    worker = start(server, pool="prefork", concurrency=1)
-    workers.append(worker)
     url = server.sheppy_url()
+    worker = workers.start(url, settings(), pool="prefork", concurrency=1)
     app = client_app(url, url, **settings())
-    task = app.signature(f"{TASKS}.tracked")
+    task = sig(app, "tracked")
     assert task.clone(args=("warm", 0)).delay().get(timeout=30) == 0
     [child] = subprocess.check_output(["pgrep", "-P", str(worker.process.pid)]).split()
     child = int(child)

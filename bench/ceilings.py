@@ -5,7 +5,7 @@
   that costs nothing.
 - ``xadd_rtt_us``: one redis-py ``XADD`` of a real pending record (a noop task's, as
   sheppy:// writes it), sequential calls on a client with the connection settings
-  sheppy:// uses (``celery_sheppy.connection``): mean microseconds per call.
+  sheppy:// uses (``celery_sheppy.connect.params``): mean microseconds per call.
 - ``enqueue_ceiling``: ``1 / (memory:// cost per call + one XADD round trip)``: the
   fastest a publish that waits for Redis can be, with Celery's own work as it is.
 - ``pipeline_xadd_rate``, ``pipeline_read_rate``, ``pipeline_ack_rate``: messages per
@@ -19,7 +19,7 @@ import time
 
 import redis
 
-from celery_sheppy import connection as sheppy_connection
+from celery_sheppy.connect import params as sheppy_connection
 from celery_sheppy import keys
 
 from . import scenarios

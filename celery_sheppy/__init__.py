@@ -11,4 +11,4 @@ __version__ = "0.1.0"
 from .records import celery_task  # noqa: E402,F401
 
 # Registers the sheppy:// broker scheme with kombu for processes that import us first.
-from . import kombu_aliases  # noqa: E402,F401
+from .patches import kombu_aliases  # noqa: E402,F401

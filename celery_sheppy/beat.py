@@ -215,8 +215,8 @@ class Scheduler(beat.Scheduler):
 
     def _queues(self):
         """Celery queue names: the default one and those of sheppy's registry."""
-        cluster = self._channel.queues.cluster
-        known = {keys.celery_queue(bytes_to_str(name), cluster)
+        topology = self._channel.queues.topology
+        known = {topology.celery_queue(bytes_to_str(name))
                  for name in self.client.hkeys(keys.queue_registry())}
         return sorted(known | {self._default_queue()})
 

@@ -7,6 +7,7 @@ which release it runs on; each name has a fallback for the releases without it
 
 import functools
 import inspect
+import sys
 
 import redis
 import redis.cluster
@@ -131,3 +132,17 @@ def check_cluster_transactions():
         raise ValueError(
             f"a Redis Cluster (sheppy+cluster://) needs redis-py 6.1 or newer, for MULTI/EXEC "
             f"on a cluster; this is redis-py {redis.__version__}: pip install 'redis>=6.1'")
+
+
+def written_to_pool_process(task_id):
+    """Whether this process's worker pool has begun writing task ``task_id`` to a child
+    process (``Request._apply_result``, a weakref to billiard's job; ``job._write_to``,
+    set by Celery's AsynPool as it starts writing). On a lost connection Celery's
+    ``pool.flush()`` discards every job a child has not yet accepted, written or not: a
+    written one still runs in that child, and its result is not reported back. False for
+    the other pools, an unknown id, or releases without these names."""
+    state = sys.modules.get("celery.worker.state")
+    request = getattr(state, "requests", {}).get(str(task_id)) if task_id else None
+    apply_result = getattr(request, "_apply_result", None)
+    job = apply_result() if callable(apply_result) else None
+    return getattr(job, "_write_to", None) is not None

@@ -46,7 +46,7 @@ def urls(server_url):
 
 
 def redact(url):
-    from celery_sheppy.connection import redact as redact_sheppy_url
+    from celery_sheppy.connect import redact as redact_sheppy_url
 
     return redact_sheppy_url(url)
 

@@ -13,8 +13,9 @@ import redis
 from celery import Celery, group, states
 from celery.exceptions import ChordError
 
-from celery_sheppy import compat, endpoints
-from conftest import client_app
+from celery_sheppy import compat
+from celery_sheppy.connect import urls
+from t.helpers import client_app
 
 
 @pytest.fixture
@@ -97,10 +98,10 @@ def test_a_sentinel_pool_drops_its_idle_connections_on_a_new_primary(redis_serve
 
 def test_a_cluster_url_works_only_with_a_redis_py_that_has_cluster_transactions():
     if hasattr(redis.cluster, "TransactionStrategy"):
-        assert endpoints.connection_kwargs("sheppy+cluster://h1:7000/")["cluster"]
+        assert urls.connection_kwargs("sheppy+cluster://h1:7000/")["cluster"]
     else:
         with pytest.raises(ValueError, match=r"needs redis-py 6\.1 or newer.*this is redis-py"):
-            endpoints.connection_kwargs("sheppy+cluster://h1:7000/")
+            urls.connection_kwargs("sheppy+cluster://h1:7000/")
 
 
 def test_the_flower_hook_refuses_a_flower_without_get_broker(monkeypatch):

@@ -6,8 +6,9 @@ from collections import Counter
 import pytest
 from redis.sentinel import SentinelManagedConnection, SentinelManagedSSLConnection
 
-from celery_sheppy import endpoints, keys
-from conftest import needs_cluster
+from celery_sheppy import keys
+from celery_sheppy.connect import topology_of, urls
+from t.helpers import needs_cluster
 
 SENTINEL = {"master_name": "mymaster"}
 
@@ -18,7 +19,7 @@ SENTINEL = {"master_name": "mymaster"}
     "sentinel://h1;sheppy+sentinel://h2:26380/3",  # what Celery's backend loader passes on
 ])
 def test_sentinel_url_forms_name_every_sentinel_and_the_db(url):
-    params = endpoints.connection_kwargs(url, topology_options=SENTINEL)
+    params = urls.connection_kwargs(url, topology_options=SENTINEL)
     assert params["sentinel"].nodes == (("h1", 26379), ("h2", 26380))
     assert params["sentinel"].master_name == "mymaster"
     assert params["db"] == 3
@@ -26,7 +27,7 @@ def test_sentinel_url_forms_name_every_sentinel_and_the_db(url):
 
 
 def test_sentinel_url_user_and_password_are_the_primarys_and_options_reach_the_sentinels():
-    params = endpoints.connection_kwargs(
+    params = urls.connection_kwargs(
         "sheppy+sentinel://alice:p%40ss@h1:26379;h2/0", {"socket_timeout": 7},
         dict(SENTINEL, sentinel_kwargs={"password": "sentinel-pw"}, min_other_sentinels="1"))
     assert (params["username"], params["password"], params["socket_timeout"]) == (
@@ -36,41 +37,41 @@ def test_sentinel_url_user_and_password_are_the_primarys_and_options_reach_the_s
 
 
 def test_sheppys_sentinel_connects_to_the_primary_with_tls():
-    params = endpoints.connection_kwargs("sheppys+sentinel://h1:26379/0",
+    params = urls.connection_kwargs("sheppys+sentinel://h1:26379/0",
                                          topology_options=SENTINEL)
     assert params["connection_class"] is SentinelManagedSSLConnection
-    loader_cut = endpoints.connection_kwargs("sentinel://h1:26379/0", topology_options=SENTINEL,
+    loader_cut = urls.connection_kwargs("sentinel://h1:26379/0", topology_options=SENTINEL,
                                              tls=True)
     assert loader_cut["connection_class"] is SentinelManagedSSLConnection
-    pool = endpoints.make_pool(endpoints.connection_kwargs(
-        "sheppy+sentinel://h1/0", topology_options=SENTINEL))
+    pool = topology_of(urls.connection_kwargs(
+        "sheppy+sentinel://h1/0", topology_options=SENTINEL)).pool()
     assert pool.connection_class is SentinelManagedConnection
 
 
 def test_sentinel_url_without_master_name_is_refused_by_name():
     with pytest.raises(ValueError, match="master_name"):
-        endpoints.connection_kwargs("sheppy+sentinel://h1:26379/0")
+        urls.connection_kwargs("sheppy+sentinel://h1:26379/0")
 
 
 def test_sentinel_options_with_a_plain_url_point_to_the_sentinel_url():
     with pytest.raises(ValueError, match=r"Sentinel options: use a sheppy\+sentinel://"):
-        endpoints.connection_kwargs("sheppy://h/0", topology_options=SENTINEL)
+        urls.connection_kwargs("sheppy://h/0", topology_options=SENTINEL)
 
 
 @needs_cluster
 def test_cluster_url_names_its_seed_nodes_and_refuses_a_database():
-    params = endpoints.connection_kwargs("sheppy+cluster://h1:7000;h2:7001/")
+    params = urls.connection_kwargs("sheppy+cluster://h1:7000;h2:7001/")
     assert params["cluster"].nodes == (("h1", 7000), ("h2", 7001))
-    assert endpoints.describe(params) == "Redis Cluster h1:7000,h2:7001"
+    assert urls.describe(params) == "Redis Cluster h1:7000,h2:7001"
     with pytest.raises(ValueError, match="database 0 only"):
-        endpoints.connection_kwargs("sheppy+cluster://h1:7000/2")
+        urls.connection_kwargs("sheppy+cluster://h1:7000/2")
     with pytest.raises(ValueError, match="mix"):
-        endpoints.connection_kwargs("sheppy+cluster://h1:7000;sheppy+sentinel://h2/")
+        urls.connection_kwargs("sheppy+cluster://h1:7000;sheppy+sentinel://h2/")
 
 
 def test_urls_of_unknown_schemes_are_refused():
     with pytest.raises(ValueError, match="not a sheppy URL"):
-        endpoints.kind_of("redis+cluster://h/0")
+        urls.kind_of("redis+cluster://h/0")
 
 
 def test_result_shards_hash_to_evenly_spread_slots_and_each_id_has_one_shard():
@@ -112,12 +113,12 @@ def test_kombu_keeps_every_sentinel_also_after_failing_over_to_the_next_url_part
 
     conn = kombu.Connection(url)
     for _ in range(3):
-        params = endpoints.connection_kwargs(endpoints.kombu_url(conn), topology_options=SENTINEL)
+        params = urls.connection_kwargs(urls.kombu_url(conn), topology_options=SENTINEL)
         assert params["sentinel"].nodes == (("h1", 1), ("h2", 2))
         conn.maybe_switch_next()  # what kombu does after a failed connect
-    assert endpoints.kombu_url(kombu.Connection("sheppy://h:1/0")) is None
+    assert urls.kombu_url(kombu.Connection("sheppy://h:1/0")) is None
 
 
 def test_redact_masks_the_password_of_every_part():
-    assert endpoints.redact("sheppy+sentinel://u:pw@h1:1;u:pw@h2:2/0") == (
+    assert urls.redact("sheppy+sentinel://u:pw@h1:1;u:pw@h2:2/0") == (
         "sheppy+sentinel://u:**@h1:1;u:**@h2:2/0")

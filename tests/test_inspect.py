@@ -1,4 +1,4 @@
-"""inspect.py, tables.py and metrics.py on a real redis-server, without workers.
+"""ops/stats.py, ops/tables.py and ops/metrics.py on a real redis-server, without workers.
 
 Streams and groups are made here with the commands the transport uses (XADD,
 XREADGROUP, XCLAIM, XACK + XDEL), so each rule of the counts is seen on its own.
@@ -11,11 +11,12 @@ import pytest
 import redis
 from kombu import Queue
 
-from celery_sheppy import keys, metrics
+from celery_sheppy import keys
+from celery_sheppy.ops import metrics
 from celery_sheppy.transport import presence
-from celery_sheppy.inspect import ALIVE, DEAD, Inspector, Settings, collect
-from celery_sheppy.tables import Column, duration, render
-from conftest import client_app
+from celery_sheppy.ops.stats import ALIVE, DEAD, Inspector, Settings, collect
+from celery_sheppy.ops.tables import Column, duration, render
+from t.helpers import client_app
 
 GROUP = keys.CONSUMER_GROUP
 PENDING = keys.pending_stream("q")

@@ -1,11 +1,12 @@
-"""keys.py and connection.py: names and options, without Redis."""
+"""keys.py and connect/params.py: names and options, without Redis."""
 
 import ssl
 
 import pytest
 import redis
 
-from celery_sheppy import connection, keys
+from celery_sheppy import keys
+from celery_sheppy.connect import params as connection
 
 
 def test_key_names_follow_sheppys_layout():

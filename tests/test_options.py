@@ -3,7 +3,7 @@
 import pytest
 from kombu.exceptions import ChannelError
 
-from celery_sheppy import connection
+from celery_sheppy.connect import params as connection
 from celery_sheppy.transport import options
 
 
@@ -47,7 +47,7 @@ def test_unknown_names_are_refused_and_stock_redis_ones_accepted():
     with pytest.raises(ChannelError, match="visibilty_timeout.*accepted: .*visibility_timeout"):
         options.check_names({"visibilty_timeout": 1})
     options.check_names({"fanout_prefix": True, "unacked_restore_limit": 10})
-    # the stock sentinel:// transport's options (sheppy+sentinel:// URLs, endpoints.py)
+    # the stock sentinel:// transport's options (sheppy+sentinel:// URLs, connect/urls.py)
     options.check_names({"master_name": "mymaster", "sentinel_kwargs": {},
                          "min_other_sentinels": 1, "sentinel_fanout_compat": True})
     assert options.parse({"master_name": "mymaster"}).sentinel_options() == {

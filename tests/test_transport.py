@@ -14,7 +14,7 @@ import pytest
 from kombu import Consumer, Exchange, Producer, Queue
 
 from celery_sheppy import keys
-from conftest import client_app
+from t.helpers import client_app
 
 GROUP = keys.CONSUMER_GROUP
 

@@ -17,7 +17,8 @@ import kombu
 import pytest
 
 import celery_sheppy.transport  # noqa: F401  a plain kombu process registers the scheme so
-from conftest import ROOT, free_port
+from t.helpers import ROOT
+from t.redis_server import free_port
 
 CACHE = Path(os.environ.get("CELERY_SHEPPY_KOMBU_SUITES", ROOT / ".pytest_cache" / "kombu-sdist"))
 

@@ -3,14 +3,23 @@
 Results of queue ``q`` (``result_backend_transport_options["queue"]``, default
 ``task_default_queue``) are records ``sheppy:tasks:<q>:<id>``.
 
-:class:`SheppyBackend` owns the connections, the options and the retry policy, and
-Celery's key/value surface; its parts:
+:class:`SheppyBackend` is the object Celery calls. It owns the options, the connections
+and the retry policy, and Celery's key/value surface; everything else it hands to a part
+that owns its state and names what it needs in its constructor:
 
-- ``stores``: writing a result (record, finished or states stream entry, counters, the
-  ``acks_late`` ack) in one script; ``deferred_stores``: in prefork pool children, those
-  scripts sent without waiting for their reply;
-- ``consumer``: :class:`ResultConsumer`, waiting for results on the two streams;
-- ``chords``: chords joined natively with a set of the header's task ids.
+- ``writer`` (stores.py, :class:`ResultWriter`): a task's state as its record, one script
+  per result (record, stream entry, counters, the ``acks_late`` ack); in prefork pool
+  children those scripts go out without waiting for their reply (deferred_stores.py);
+- ``chords`` (chords.py, :class:`NativeChords`): chords joined natively with a set of the
+  header's task ids;
+- ``result_consumer`` (consumer.py, :class:`ResultConsumer`, composed as Celery composes
+  its own): waiting for results on the two streams;
+- ``topology`` (the connect package's :class:`~celery_sheppy.connect.Topology`: Server,
+  Sentinel or Cluster, built by ``topology_of``): the one place asked what Redis this is
+  (its clients, which queue holds a result, whether one node holds every key);
+- ``value_limit`` (value_limit.py, :class:`ValueLimit`): the largest value the server takes.
+
+The writer, the chords and the value limit are made on first use, as the client is.
 """
 
 from functools import partial
@@ -19,16 +28,19 @@ import redis
 from celery import states
 from celery.backends.asynchronous import AsyncBackendMixin
 from celery.backends.base import KeyValueStoreBackend
-from celery.exceptions import BackendStoreError, ImproperlyConfigured
+from celery.exceptions import ImproperlyConfigured
 from celery.utils.log import get_logger
 from celery.utils.time import humanize_seconds
+from kombu.utils.encoding import bytes_to_str, ensure_bytes
 from kombu.utils.functional import retry_over_time
 from kombu.utils.objects import cached_property
 
-from .. import compat, connection, endpoints, group_publish, keys, records
+from .. import compat, keys, patches, records
+from ..connect import params, topology_of, urls
 from .chords import NativeChords
 from .consumer import MAX_BLOCK_SECONDS, ResultConsumer
-from .stores import ResultStores
+from .stores import ResultWriter
+from .value_limit import ValueLimit
 
 __all__ = ["SheppyBackend", "ResultConsumer"]
 
@@ -57,7 +69,7 @@ _IGNORED_TRANSPORT_OPTIONS = {"global_keyprefix", "result_chord_ordered"}
 _OWN_TRANSPORT_OPTIONS = {"queue", "retry_policy", "additional_connection_errors"}
 
 
-class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStoreBackend):
+class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
     """Celery result backend on Redis, storing sheppy task records."""
 
     ResultConsumer = ResultConsumer
@@ -84,7 +96,7 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
         if host and "://" in host:
             url, host = host, None
         super().__init__(expires_type=int, url=url, **kwargs)
-        group_publish.install()  # often before the broker's first use (see group_publish)
+        patches.install()  # often before the broker's first use (patches/group_publish.py)
         conf = self.app.conf
         failure_expires = conf.get("result_failure_expires")
         self.failure_expires = (
@@ -92,15 +104,15 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
             else self.prepare_expires(failure_expires, type=int))
         options = self._transport_options
         unknown = set(options) - _OWN_TRANSPORT_OPTIONS - _IGNORED_TRANSPORT_OPTIONS - set(
-            connection.OPTION_PARSERS) - set(endpoints.SENTINEL_OPTIONS) - set(
-            endpoints.SENTINEL_NOOP_OPTIONS)
+            params.OPTION_PARSERS) - set(urls.SENTINEL_OPTIONS) - set(
+            urls.SENTINEL_NOOP_OPTIONS)
         if unknown:
             raise ImproperlyConfigured(
                 f"unknown result_backend_transport_options for sheppy://: {sorted(unknown)}")
         self.queue = keys.check_queue(options.get("queue") or conf.task_default_queue)
 
         settings = {ours: conf.get(stock) for stock, ours in _CONF_OPTIONS.items()}
-        settings.update((k, v) for k, v in options.items() if k in connection.OPTION_PARSERS)
+        settings.update((k, v) for k, v in options.items() if k in params.OPTION_PARSERS)
         settings.update(conf.get("redis_backend_use_ssl") or {})
         for name, value in (("host", host), ("port", port), ("db", db), ("password", password)):
             if value is not None:
@@ -111,21 +123,22 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
         tls = _backend_tls(conf.get("result_backend"), url)
         #: The URL as configured (Celery's loader cut "sheppy+" off a Sentinel or Cluster URL).
         self._configured_url = conf.get("result_backend") if tls is not None else url
-        topology = endpoints.split_options(options)[1]
+        topology_options = urls.split_options(options)[1]
         try:
-            self.connparams = endpoints.connection_kwargs(
-                url, settings, topology, tls=tls)
+            self.connparams = urls.connection_kwargs(url, settings, topology_options, tls=tls)
         except (ValueError, KeyError) as exc:
             raise ImproperlyConfigured(f"sheppy result backend: {exc}") from None
-        #: Result shards (hash-tagged queue names) on a Redis Cluster, else None (keys.py).
-        self._shards = (keys.result_shards(self.queue) if endpoints.is_cluster(self.connparams)
-                        else None)
+        #: Server, Sentinel or Cluster (connect/topology.py).
+        self.topology = topology_of(self.connparams)
+        #: The queues whose namespaces hold this backend's results: its queue, or on a
+        #: Redis Cluster its result shards (keys.result_shards).
+        self.result_queues = self.topology.result_queues(self.queue)
         self.max_connections = self.connparams.get("max_connections")
         self._ConnectionPool = connection_pool
         self._native_json = self.serializer == "json" and not compat.result_compression(self)
 
-        self.connection_errors = connection.CONNECTION_ERRORS
-        self.channel_errors = connection.CHANNEL_ERRORS
+        self.connection_errors = params.CONNECTION_ERRORS
+        self.channel_errors = params.CHANNEL_ERRORS
         extra_errors = options.get("additional_connection_errors") or ()
         self.connection_errors += tuple(extra_errors)
         self.result_consumer = self.ResultConsumer(
@@ -134,9 +147,9 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
     # -- connections -------------------------------------------------------------
 
     def as_uri(self, include_password=False):
-        if endpoints.kind_of(self._configured_url) == "server":
+        if urls.kind_of(self._configured_url) == "server":
             return super().as_uri(include_password)
-        return self._configured_url if include_password else endpoints.redact(self._configured_url)
+        return self._configured_url if include_password else urls.redact(self._configured_url)
 
     @cached_property
     def _transport_options(self):
@@ -148,28 +161,22 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
             # Threads beyond max_connections wait for a free connection instead of
             # failing at once (redis-py's plain pool raises MaxConnectionsError).
             self._ConnectionPool = partial(
-                self.redis.BlockingConnectionPool, timeout=connection.POOL_WAIT_SECONDS)
+                self.redis.BlockingConnectionPool, timeout=params.POOL_WAIT_SECONDS)
         return self._ConnectionPool
 
-    def _make_client(self, params):
-        params = dict(params, max_connections=self.max_connections
-                      or connection.DEFAULT_MAX_CONNECTIONS)
-        if "sentinel" not in params and not endpoints.is_cluster(params):
-            return self.redis.Redis(connection_pool=self.ConnectionPool(**params))
-        return endpoints.make_client(params, blocking_timeout=connection.POOL_WAIT_SECONDS)
+    def _make_client(self, connparams):
+        connparams = dict(connparams, max_connections=self.max_connections
+                          or params.DEFAULT_MAX_CONNECTIONS)
+        return type(self.topology)(connparams).client(
+            blocking_timeout=params.POOL_WAIT_SECONDS, pool_class=self.ConnectionPool)
 
     @cached_property
     def client(self):
         client = self._make_client(self.connparams)
-        where = f"the sheppy:// result backend at {endpoints.describe(self.connparams)}"
+        where = f"the sheppy:// result backend at {self.topology.describe()}"
         try:
-            # A Cluster client found the cluster's nodes already: no HELLO to check.
-            hello = connection.server_hello(client) if self._shards is None else None
-            if hello is not None:
-                connection.check_standalone(
-                    hello, where, (self.connparams.get("host"), self.connparams.get("port")),
-                    self.connparams.get("connection_class") is self.connection_class_ssl)
-            connection.check_supported(client, where, hello)
+            self.topology.check_server(
+                client, where, self.connparams.get("connection_class") is self.connection_class_ssl)
         except self.connection_errors:
             return client  # not reachable now: its first command says so
         except ValueError as exc:
@@ -179,26 +186,36 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
     @cached_property
     def blocking_client(self):
         """A client for XREAD BLOCK, whose socket timeout outlasts the block."""
-        return self._make_client(connection.blocking_kwargs(self.connparams, MAX_BLOCK_SECONDS))
-
-    @property
-    def result_queues(self):
-        """The queues whose namespaces hold this backend's results: its queue, or on a
-        Redis Cluster its result shards (keys.result_shards)."""
-        return self._shards or (self.queue,)
+        return self._make_client(params.blocking_kwargs(self.connparams, MAX_BLOCK_SECONDS))
 
     def queue_for(self, sheppy_id):
         """The queue whose namespace holds the result, group or chord of ``sheppy_id``."""
-        if self._shards is None:
-            return self.queue
-        return keys.result_shard(self._shards, sheppy_id)
+        return self.topology.result_queue(self.result_queues, sheppy_id)
 
     def reset_connections(self):
-        self._same_server = None
+        writer = self.__dict__.get("writer")  # made on first use: nothing to reset before
+        if writer is not None:
+            writer.reset()
         for name in ("client", "blocking_client"):
             client = self.__dict__.get(name)
             if client is not None:
                 client.connection_pool.reset()
+
+    # -- parts made on first use (their client connects on first use) -------------------
+
+    @cached_property
+    def writer(self):
+        return ResultWriter(self.app, self.client, self.ensure, self.topology, self.result_queues,
+                            self.value_limit, self.expires, self.failure_expires)
+
+    @cached_property
+    def chords(self):
+        return NativeChords(self, self.client, self.ensure, self.topology, self.result_queues,
+                            self.value_limit)
+
+    @cached_property
+    def value_limit(self):
+        return ValueLimit(self.client, self._MAX_STR_VALUE_SIZE)
 
     # -- retry policy -------------------------------------------------------------
 
@@ -248,17 +265,17 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
     # -- key/value primitives (the stock backend's public surface) ------------------
 
     def get(self, key):
-        self._settle_stores()  # a task reading its own state reads what it stored
+        self.writer.settle()  # a task reading its own state reads what it stored
         return self.client.get(key)
 
     def mget(self, keys):
-        self._settle_stores()
-        if self._shards is not None:
-            return self.client.mget_nonatomic(keys)  # one MGET per slot
-        return self.client.mget(keys)
+        self.writer.settle()
+        if self.topology.single_node:
+            return self.client.mget(keys)
+        return self.client.mget_nonatomic(keys)  # one MGET per slot
 
     def set(self, key, value, expires=None, **retry_policy):
-        self._check_size(value)
+        self.value_limit.check(value)
         return self.ensure(self._set, (key, value, expires), **retry_policy)
 
     def _set(self, key, value, expires=None):
@@ -304,28 +321,29 @@ class SheppyBackend(ResultStores, NativeChords, AsyncBackendMixin, KeyValueStore
         record = records.loads(payload)
         return self.meta_from_decoded(records.meta_from_record(record, self.decode))
 
-    @cached_property
-    def _max_value_size(self):
-        """The largest value this server takes (bytes): ``proto-max-bulk-len``, capped at 512 MiB.
+    # -- storing results (stores.py) ---------------------------------------------------
 
-        A larger value makes Redis drop the connection instead of answering with an error.
-        """
-        try:
-            reply = self.client.config_get("proto-max-bulk-len")
-            return min(int(reply["proto-max-bulk-len"]), self._MAX_STR_VALUE_SIZE)
-        except (redis.ResponseError, KeyError, ValueError):  # CONFIG denied by ACL, or a proxy
-            return self._MAX_STR_VALUE_SIZE
+    def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        payload = None if self._native_json else ensure_bytes(self.encode(meta))
+        self.writer.store(meta, payload, result, request)
+        return result
 
-    def _check_size(self, value):
-        if value is None:
-            return
-        size = len(value)
-        if isinstance(value, str) and size * 4 > self._max_value_size:
-            size = len(value.encode("utf-8"))  # only worth counting bytes near the limit
-        if size > self._max_value_size:
-            raise BackendStoreError(
-                f"result of {size} bytes is over this Redis server's value limit of "
-                f"{self._max_value_size} bytes (proto-max-bulk-len)")
+    # -- chords (chords.py) ------------------------------------------------------------
+
+    def apply_chord(self, header_result_args, body, **kwargs):
+        self.ensure_chords_allowed()
+        self.chords.apply(header_result_args)
+
+    def set_chord_size(self, group_id, chord_size):
+        self.chords.set_size(group_id, chord_size)
+
+    def add_to_chord(self, group_id, result):
+        self.chords.add(group_id, result)
+
+    def on_chord_part_return(self, request, state, result, **kwargs):
+        self.chords.on_part_return(request)
 
     def __reduce__(self, args=(), kwargs=None):
         kwargs = {} if not kwargs else kwargs
@@ -336,5 +354,5 @@ def _backend_tls(configured, url):
     """TLS for a ``sentinel://``/``cluster://`` URL Celery's loader cut from the configured
     ``sheppys+sentinel://...`` (the ``sheppys`` was taken as the backend's name); else None."""
     if isinstance(configured, str) and configured.partition("+")[2] == url:
-        return endpoints.is_tls(configured)
+        return urls.is_tls(configured)
     return None

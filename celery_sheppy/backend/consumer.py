@@ -182,7 +182,7 @@ class ResultConsumer(BaseResultConsumer):
         block = MAX_BLOCK_SECONDS if timeout is None else min(timeout, MAX_BLOCK_SECONDS)
         with self._lock:
             positions = dict(self._positions)
-        if self.backend._shards is None:
+        if self.backend.topology.single_node:
             reply = self.backend.blocking_client.xread(
                 positions, count=1000, block=max(int(block * 1000), 1) if block > 0 else None)
         else:

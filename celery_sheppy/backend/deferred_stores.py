@@ -3,9 +3,11 @@
 With Celery's default ``-O fair`` a prefork child gets its next task only once it has
 reported the last one, so the result script's round trip (about 1 ms per task on a
 loaded 2-CPU machine; ``rpc://``, which sends the result as a message, waits 0.3 ms) is
-on every child's critical path. In a pool child the backend writes the store to a
-connection of its own and a thread of the child reads the reply while the child
-reports the task and takes the next one.
+on every child's critical path. In a pool child the result writer (stores.py) sends
+the store on a connection of its own and a thread of the child reads the reply while
+the child reports the task and takes the next one. :class:`DeferredStores` owns that
+connection, the store whose reply is unread and the thread; this module knows whether
+this process is a pool child.
 
 What stays: every store gets its reply read; a lost connection or a NOSCRIPT sends it
 again, waiting, with the backend's retry policy, so a Redis restart loses no result;

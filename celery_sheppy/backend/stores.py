@@ -1,26 +1,30 @@
-"""Result stores: :class:`ResultStores`, the part of :class:`~celery_sheppy.backend.SheppyBackend`
-that writes a task's state as its sheppy record.
+"""Writing results: :class:`ResultWriter` stores a task's state as its sheppy record;
+:class:`StoredResult` is one result being stored, worked out once.
 
 Storing one is one script (``store_result.lua``): the record, then an entry in
 ``sheppy:finished:<q>`` (terminal states) or ``sheppy:celery:<q>:states`` (others), and
 sheppy's completed or failed counter; an ``acks_late`` task's message on the same Redis
-is acked in the same script. It owns the broker probe (does the broker share this
-database?), the queue registry renewal and, in prefork pool children, the deferred
-stores (deferred_stores.py).
+is acked in the same script.
+
+The writer owns the broker probe (does the broker share this database? asked once per
+connection), when this process last renewed each queue in sheppy's queue registry and
+each finished stream's time to live, and, in prefork pool children, the connection whose
+stores are sent without waiting for their reply (deferred_stores.py).
 """
 
 import threading
 import time
 import uuid
-from functools import cached_property as cached_attribute
+from dataclasses import dataclass
+from typing import Optional
 
 from celery import states
 from celery.exceptions import BackendStoreError, Reject
 from celery.utils.log import get_logger
-from kombu.utils.encoding import bytes_to_str, ensure_bytes
-from kombu.utils.objects import cached_property
+from kombu.utils.encoding import bytes_to_str
 
-from .. import connection, keys, records, scripts
+from .. import keys, records, scripts
+from ..connect import params
 from . import deferred_stores
 
 logger = get_logger(__name__)
@@ -32,67 +36,169 @@ STREAM_KEEP_SECONDS = 60
 #: live (STREAM_KEEP_SECONDS + twice this): once results stop, it goes within 2 minutes.
 FINISHED_TTL_EVERY = 30
 
+#: Seconds between two renewals of a queue in sheppy's queue registry by one process.
+REGISTRY_EVERY = 60
 
-class ResultStores:
-    """Mixin of SheppyBackend: ``_store_result`` and what it needs. Uses the backend's
-    ``client``, ``ensure``, ``queue_for``, ``_check_size`` and expiry settings."""
 
-    #: Is the broker on this backend's server and database? None: not asked yet on
-    #: this connection (:attr:`_broker_is_here`).
-    _same_server = None
+@dataclass(frozen=True)
+class StoredResult:
+    """One result being stored: what the store script writes and how it is sent."""
 
-    @cached_attribute  # functools': a plain instance attribute after the first store
-    def _registered_at(self):
-        return {}  # queue -> when it was last put in sheppy's queue registry
+    __slots__ = ("task_id", "sheppy_id", "queue", "record", "expires", "terminal", "failed",
+                 "ack", "chord_part")
 
-    @cached_attribute
-    def _finished_ttl_at(self):
-        return {}  # queue -> when this process last renewed its finished stream's TTL
+    task_id: str  # Celery's id, for messages
+    sheppy_id: str  # the record's id (records.sheppy_id)
+    queue: str  # the queue whose namespace holds the record (Topology.result_queue)
+    record: str  # the record's JSON text
+    expires: int  # seconds the record lives, 0: for ever
+    terminal: bool  # a ready state: announced on the finished stream and counted
+    failed: bool  # FAILURE: counted as failed
+    ack: Optional[tuple]  # (stream, entry id) of the message acked with it, or None
+    chord_part: bool  # a chord's header task: the chord counts it on another connection
 
-    def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
-        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
-        meta["task_id"] = bytes_to_str(task_id)
-        payload = None if self._native_json else ensure_bytes(self.encode(meta))
-        text = records.dumps(records.build_record(meta["task_id"], meta, request, payload))
+
+class ResultWriter:
+    """Stores results in ``queues`` with ``client``.
+
+    ``app``: the Celery app (a task's ``acks_late``, the broker's URL and connection);
+    ``ensure(fun, args)``: runs a command under the backend's retry policy;
+    ``topology``: the connect package's Topology, which of ``queues`` (its
+    ``result_queues`` of the backend's queue) holds a result and whether one node holds
+    them all; ``value_limit``: the server's ValueLimit; ``expires``, ``failure_expires``:
+    seconds a result lives (0: for ever)."""
+
+    def __init__(self, app, client, ensure, topology, queues, value_limit,
+                 expires, failure_expires):
+        self.app = app
+        self.client = client
+        self.ensure = ensure
+        self.topology = topology
+        self.queues = queues
+        self.value_limit = value_limit
+        self.expires = int(expires or 0)
+        self.failure_expires = int(failure_expires or 0)
+        self._script = scripts.registry()["store_result"]
+        #: Is the broker on this backend's server and database? None: not asked yet on
+        #: this connection (:attr:`broker_is_here`).
+        self._same_server = None
+        self._registered_at = {}  # queue -> when it was last put in sheppy's queue registry
+        self._finished_ttl_at = {}  # queue -> when its finished stream's TTL was last renewed
+        self._queue_keys = {}  # queue -> the store script's keys of that queue
+        self._deferred = None  # DeferredStores, made by a pool child's first deferred store
+
+    def store(self, meta, payload, result, request):
+        """Store Celery result ``meta`` (with ``payload``, its encoding, or None to store
+        the meta natively); ``result`` as the task returned it."""
+        stored = self.stored_result(meta, payload, result, request)
+        store_keys, store_args = self._script_call(stored)
+        if self._defers(stored):
+            self._deferred_stores().send(store_keys, store_args, stored.task_id)
+        else:
+            self.settle()  # a deferred STARTED must not land after this SUCCESS
+            self.store_now(store_keys, store_args)
+        self._register_queue(stored.queue)
+
+    def stored_result(self, meta, payload, result, request):
+        """The :class:`StoredResult` of ``meta``; BackendStoreError when it is too big."""
+        task_id, state = meta["task_id"], meta["status"]
+        text = records.dumps(records.build_record(task_id, meta, request, payload))
         try:
-            self._check_size(text)
+            self.value_limit.check(text)
         except BackendStoreError as exc:
             raise BackendStoreError(str(exc), state=state, task_id=task_id) from exc
-        expires = self.failure_expires if state == states.FAILURE else self.expires
-        terminal = state in records.TERMINAL_STATES
-        ack = self._delivery_to_ack(request, state, result) if terminal else None
         sid = records.sheppy_id(task_id)
-        store = self._store_call(sid, text, terminal, expires, ack, state == states.FAILURE)
-        if self._defers_stores(request):
-            self._deferred_stores.send(*store, meta["task_id"])
-        else:
-            self._settle_stores()  # a deferred STARTED must not land after this SUCCESS
-            self._write_record(*store)
-        self._register_queue(self.queue_for(sid))
-        return result
+        queue = self.topology.result_queue(self.queues, sid)
+        failed = state == states.FAILURE
+        terminal = state in records.TERMINAL_STATES
+        return StoredResult(
+            task_id=task_id, sheppy_id=sid, queue=queue, record=text,
+            expires=self.failure_expires if failed else self.expires,
+            terminal=terminal, failed=failed,
+            ack=self._message_to_ack(request, state, result, queue) if terminal else None,
+            chord_part=bool(getattr(request, "chord", None)))
 
-    def _defers_stores(self, request):
-        """Whether this store is sent without waiting for its reply (deferred_stores.py):
-        in a prefork pool child's main thread, on one server or behind Sentinel, and not
-        a chord part's result (the chord's count and join follow on another connection)."""
-        return (deferred_stores.in_pool_child() and self._shards is None
-                and threading.current_thread() is threading.main_thread()
-                and not getattr(request, "chord", None))
+    def settle(self):
+        """Wait until the last deferred store of this process has been answered: what the
+        process reads next includes it."""
+        if self._deferred is not None:
+            self._deferred.settle()
 
-    @cached_property
+    def reset(self):
+        """After a fork or a lost connection: ask about the broker again."""
+        self._same_server = None
+
+    # -- the script call ------------------------------------------------------------------
+
+    def _script_call(self, stored):
+        """``(keys, args)`` of the store_result script storing ``stored``."""
+        queue = stored.queue
+        queue_keys = self._queue_keys.get(queue)
+        if queue_keys is None:
+            queue_keys = self._queue_keys[queue] = (
+                keys.finished_stream(queue), keys.state_stream(queue),
+                keys.completed_counter(queue), keys.failed_counter(queue))
+        min_id = f"{int((time.time() - STREAM_KEEP_SECONDS) * 1000)}-0"
+        # ack: (stream, entry id) of the task's message, acked in the same script, so a
+        # stored result's message is never redelivered (the worker's own ack is a no-op)
+        ack = stored.ack
+        ack_keys, ack_args = ([ack[0]], [keys.CONSUMER_GROUP, ack[1]]) if ack else ([], [])
+        terminal = stored.terminal
+        return ([keys.task_record(queue, stored.sheppy_id), *queue_keys, *ack_keys],
+                [stored.record, stored.expires, (2 if stored.failed else 1) if terminal else 0,
+                 stored.sheppy_id, min_id, 2 * STREAM_KEEP_SECONDS,
+                 self._finished_ttl(queue) if terminal else 0, *ack_args])
+
+    def _finished_ttl(self, queue):
+        """The finished stream's time to live to give with this store, or 0 (given by
+        this process less than FINISHED_TTL_EVERY ago)."""
+        now = time.monotonic()
+        if now - self._finished_ttl_at.get(queue, -FINISHED_TTL_EVERY) < FINISHED_TTL_EVERY:
+            return 0
+        self._finished_ttl_at[queue] = now
+        return STREAM_KEEP_SECONDS + 2 * FINISHED_TTL_EVERY
+
+    def store_now(self, store_keys, store_args):
+        """Run one store, waiting for its reply."""
+        # Retried on a lost connection like the stock backend's set() (retry_policy:
+        # 20 tries a second apart by default), so a Redis restart loses no result. A
+        # retry after a lost reply rewrites the same record; a stored SUCCESS stays.
+        # Called directly, not in a pipeline: redis-py sends SCRIPT EXISTS before every
+        # pipeline holding a script, a round trip per result.
+        self.ensure(lambda: self._script(self.client, keys=store_keys, args=store_args), ())
+
+    # -- stores sent without waiting ----------------------------------------------------
+
+    def _defers(self, stored):
+        """Whether ``stored`` is sent without waiting for its reply (deferred_stores.py):
+        in a prefork pool child's main thread, on one node, and not a chord part's result
+        (the chord's count and join follow on another connection)."""
+        return (not stored.chord_part and self.topology.single_node
+                and deferred_stores.in_pool_child()
+                and threading.current_thread() is threading.main_thread())
+
     def _deferred_stores(self):
-        return deferred_stores.DeferredStores(self.client, scripts.registry()["store_result"],
-                                              self._write_record)
+        if self._deferred is None:  # only a pool child's main thread gets here
+            self._deferred = deferred_stores.DeferredStores(
+                self.client, self._script, self.store_now)
+        return self._deferred
 
-    def _settle_stores(self):
-        stores = self.__dict__.get("_deferred_stores")
-        if stores is not None:
-            stores.settle()
+    # -- sheppy's queue registry ----------------------------------------------------------
 
-    def _delivery_to_ack(self, request, state, result):
-        """``(stream, entry id)`` of the message a terminal result may ack in the same
-        script: an ``acks_late`` task's ``sheppy://`` delivery on this Redis, in this
-        backend's queue, unless the worker rejects it after this failure; else None."""
+    def _register_queue(self, queue):
+        # sheppy's tools list queues from the registry; it lives in another cluster
+        # slot, so it is kept apart from the script, and renewed once a minute.
+        now = time.monotonic()
+        if now - self._registered_at.get(queue, 0.0) > REGISTRY_EVERY:
+            self.ensure(lambda: self.client.hsetnx(keys.queue_registry(), queue, "{}"), ())
+            self._registered_at[queue] = now
+
+    # -- the message a result acks ------------------------------------------------------
+
+    def _message_to_ack(self, request, state, result, queue):
+        """``(stream, entry id)`` of the message a terminal result in ``queue`` may ack in
+        the same script: an ``acks_late`` task's ``sheppy://`` delivery on this Redis, in
+        that queue, unless the worker rejects it after this failure; else None."""
         task = self.app.tasks.get(getattr(request, "task", None) or "")
         if not getattr(task, "acks_late", False):
             return None  # acked when the worker accepted it: a second XACK + XDEL would be wasted
@@ -105,14 +211,14 @@ class ResultStores:
         properties = getattr(request, "properties", None)
         tag = properties.get("delivery_tag") if isinstance(properties, dict) else None
         entry = keys.entry_of_tag(tag)
-        if entry is None or not self._broker_is_here:
+        if entry is None or not self.broker_is_here:
             return None
-        if keys.queue_of_stream(entry[0]) != self.queue_for(records.sheppy_id(request.id)):
+        if keys.queue_of_stream(entry[0]) != queue:
             return None  # another queue may live in another cluster slot
         return entry
 
     @property
-    def _broker_is_here(self):
+    def broker_is_here(self):
         """True when the broker is ``sheppy://`` on this backend's server and database,
         as the servers say (not the URLs: ``localhost`` and ``127.0.0.1`` are one server,
         two ports behind a proxy may be two). Decided once per connection."""
@@ -125,7 +231,7 @@ class ResultStores:
         url = self.app.conf.broker_write_url or self.app.conf.broker_url
         if isinstance(url, (list, tuple)):
             url = url[0] if url else None
-        if not (url or "").split(";")[0].strip().startswith(tuple(connection.SCHEMES)):
+        if not (url or "").split(";")[0].strip().startswith(tuple(params.SCHEMES)):
             return False
         token = uuid.uuid4().hex
         key = keys.server_probe(token)
@@ -139,46 +245,6 @@ class ResultStores:
                            "a Redis database (%r); will ask again with the next result", exc)
             return None
         return bytes_to_str(seen or b"") == token
-
-    def _store_call(self, sid, text, terminal, expires, ack=None, failed=False):
-        """``(keys, args)`` of the store_result script storing record ``text``."""
-        queue = self.queue_for(sid)
-        min_id = f"{int((time.time() - STREAM_KEEP_SECONDS) * 1000)}-0"
-        # ack: (stream, entry id) of the task's message, acked in the same script, so a
-        # stored result's message is never redelivered (the worker's own ack is a no-op)
-        ack_keys, ack_args = ([ack[0]], [keys.CONSUMER_GROUP, ack[1]]) if ack else ([], [])
-        return ([keys.task_record(queue, sid), keys.finished_stream(queue),
-                 keys.state_stream(queue), keys.completed_counter(queue),
-                 keys.failed_counter(queue), *ack_keys],
-                [text, int(expires or 0), (2 if failed else 1) if terminal else 0, sid, min_id,
-                 2 * STREAM_KEEP_SECONDS, self._finished_ttl(queue) if terminal else 0,
-                 *ack_args])
-
-    def _finished_ttl(self, queue):
-        """The finished stream's time to live to give with this store, or 0 (given by
-        this process less than FINISHED_TTL_EVERY ago)."""
-        now = time.monotonic()
-        if now - self._finished_ttl_at.get(queue, -FINISHED_TTL_EVERY) < FINISHED_TTL_EVERY:
-            return 0
-        self._finished_ttl_at[queue] = now
-        return STREAM_KEEP_SECONDS + 2 * FINISHED_TTL_EVERY
-
-    def _write_record(self, store_keys, store_args):
-        # Retried on a lost connection like the stock backend's set() (retry_policy:
-        # 20 tries a second apart by default), so a Redis restart loses no result. A
-        # retry after a lost reply rewrites the same record; a stored SUCCESS stays.
-        # Called directly, not in a pipeline: redis-py sends SCRIPT EXISTS before every
-        # pipeline holding a script, a round trip per result.
-        self.ensure(lambda: scripts.registry()["store_result"](
-            self.client, keys=store_keys, args=store_args), ())
-
-    def _register_queue(self, queue):
-        # sheppy's tools list queues from the registry; it lives in another cluster
-        # slot, so it is kept apart from the script, and renewed once a minute.
-        now = time.monotonic()
-        if now - self._registered_at.get(queue, 0.0) > 60:
-            self.ensure(lambda: self.client.hsetnx(keys.queue_registry(), queue, "{}"), ())
-            self._registered_at[queue] = now
 
 
 def _is_reject(result):

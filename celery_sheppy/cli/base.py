@@ -17,8 +17,8 @@ from celery.exceptions import ImproperlyConfigured
 from kombu.exceptions import ChannelError, OperationalError
 
 from .. import keys
-from ..connection import CONNECTION_ERRORS
-from ..inspect import NotSheppyBroker, ResultsUnreachable, UnknownQueue, broker_url, inspector
+from ..connect import CONNECTION_ERRORS
+from ..ops.stats import NotSheppyBroker, ResultsUnreachable, UnknownQueue, broker_url, inspector
 
 EXIT_STUCK = 1
 EXIT_NOT_FOUND = 3
@@ -77,7 +77,7 @@ def yes_option(action):
 
 @contextmanager
 def open_broker(ctx):
-    """The app's :class:`~celery_sheppy.inspect.Inspector`; broker errors become exit codes."""
+    """The app's :class:`~celery_sheppy.ops.stats.Inspector`; broker errors become exit codes."""
     app = ctx.find_root().obj.app
     try:
         with inspector(app) as view:

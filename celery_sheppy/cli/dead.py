@@ -6,8 +6,9 @@ Replay and purge go through the transport's dead-letter API (``replay_dead_lette
 
 import click
 
-from .. import keys, listings
-from ..tables import Column, duration, render
+from .. import keys
+from ..ops import listings
+from ..ops.tables import Column, duration, render
 from ..transport import purge_dead_letters, replay_dead_letters
 from .base import (EXIT_NOT_FOUND, Failure, count_option, echo_lines, entry_ids, json_option,
                    open_broker, print_json, queue_option, sheppy, yes_option)

@@ -2,8 +2,8 @@
 
 import click
 
-from .. import listings
-from ..tables import Column, duration, render
+from ..ops import listings
+from ..ops.tables import Column, duration, render
 from .base import (EXIT_STUCK, count_option, echo_lines, json_option, open_broker, print_json,
                    queue_option, sheppy)
 

@@ -7,8 +7,8 @@ from datetime import datetime, timezone
 
 import click
 
-from .. import metrics
-from ..tables import Column, duration, render
+from ..ops import metrics
+from ..ops.tables import Column, duration, render
 from .base import (EXIT_UNAVAILABLE, Failure, echo_lines, json_option, open_broker,
                    queue_option, sheppy)
 

@@ -51,17 +51,21 @@ options that mean nothing here are accepted, Sentinel's are refused.
 
 Package
 =======
-``channel`` (kombu's hooks, delegating), ``options``, ``connections``, ``streams``,
-``groups``, ``routing``, ``fanout``, ``publish``, ``reading``, ``poller``, ``acks``, ``upkeep``,
-``revokes``, ``dead_letters``, ``orphans``, ``cluster`` (a Redis Cluster's reads and
-slot splits): each module's docstring says what it owns.
+``channel`` (kombu's hooks, delegating) and ``port`` (the one way its parts reach kombu),
+``options``, ``connections``, ``streams``, ``groups``, ``routing``, ``fanout``, ``publish``,
+``claims``, ``reading`` with ``buffer`` and ``steps`` (what becomes of an entry read),
+``limits``, ``poller``, ``acks``, ``orphans``, ``upkeep`` with ``presence``, ``revokes``,
+``dead_letters``: each module's docstring says what it owns. Where the data lives (one
+server, Sentinel, Cluster) is ``celery_sheppy.connect``'s topology.
 """
 
 import redis
 from kombu.transport import virtual
 
 from .. import __version__ as celery_sheppy_version
-from .. import connection, declare_cache, group_publish, kombu_aliases
+from .. import patches
+from ..patches import group_publish, kombu_aliases
+from ..connect import params
 from . import options
 from .channel import Channel
 from .dead_letters import dead_letters, purge_dead_letters, replay_dead_letters
@@ -78,7 +82,7 @@ class Transport(virtual.Transport):
     Channel = Channel
 
     polling_interval = None  # no sleeping between reads: they block in Redis
-    default_port = connection.DEFAULT_PORT
+    default_port = params.DEFAULT_PORT
     #: Celery treats us as Redis: events use a fanout exchange, mingle and gossip work.
     driver_type = "redis"
     driver_name = group_publish.DRIVER_NAME  # `celery report`: celery-sheppy:<version> (redis-py ...)
@@ -89,8 +93,8 @@ class Transport(virtual.Transport):
         exchange_type=frozenset(["direct", "topic", "fanout"]),
     )
 
-    connection_errors = connection.CONNECTION_ERRORS
-    channel_errors = connection.CHANNEL_ERRORS
+    connection_errors = params.CONNECTION_ERRORS
+    channel_errors = params.CHANNEL_ERRORS
 
     #: Seconds between upkeep runs (expiring queues, dead consumers, stuck reads).
     upkeep_interval = 1.0
@@ -98,8 +102,7 @@ class Transport(virtual.Transport):
     def __init__(self, client, **kwargs):
         options.check_names(client.transport_options or {})
         super().__init__(client, **kwargs)
-        group_publish.install()
-        declare_cache.install()
+        patches.install(Channel)
         self.cycle = Poller()
         self._upkeep_tref = None
 

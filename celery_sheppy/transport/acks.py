@@ -95,11 +95,11 @@ def ack_commands(by_stream):
 
 
 class Acker:
-    def __init__(self, conns, ledger, dead_letters, poller, lease_seconds, connection_errors):
+    def __init__(self, conns, ledger, dead_letters, port, lease_seconds, connection_errors):
         self.conns = conns
         self.ledger = ledger
         self.dead_letters = dead_letters
-        self.poller = poller  # () -> the transport's Poller (hub, loop thread); None once closed
+        self.port = port  # kombu's side: the Poller (hub, loop thread) while open (port.py)
         self.lease_seconds = lease_seconds
         self.connection_errors = connection_errors
         self._due = []  # tags acked during this turn of the hub's loop, not yet sent
@@ -117,7 +117,7 @@ class Acker:
         with self.ledger.lock:  # a pool thread's ack must not race lose()
             ledger = self._orphans
             if ledger is None:
-                poller = self.poller()
+                poller = self.port.poller
                 if poller is not None and poller.loop_thread == get_ident():
                     self._due.append(tag)
                     return
@@ -174,7 +174,7 @@ class Acker:
         if not by_stream:
             return
         hub = self._hub()
-        if hub is None or self.conns.cluster:  # a Cluster's streams are on several nodes
+        if hub is None or not self.conns.topology.single_node:  # streams on several nodes
             return self.ack_entries(by_stream)
         commands = ack_commands(by_stream)
         conn = self.conns.ack_conn
@@ -223,8 +223,7 @@ class Acker:
         return unconfirmed
 
     def _hub(self):
-        poller = self.poller()
-        return poller.hub if poller is not None else None
+        return self.port.hub
 
     def _unregister(self):
         hub = self._hub()

@@ -33,7 +33,8 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.encoding import bytes_to_str
 
-from .. import connection, keys, scripts
+from .. import keys, scripts
+from ..connect import params as connection_params
 from . import options, presence, upkeep
 from .acks import Acker, InflightLedger
 from .connections import Connections, connparams
@@ -42,7 +43,7 @@ from .fanout import FanoutBindings, Subscriber, is_fanout_tag
 from .fanout import decode as decode_fanout
 from .groups import StreamGroups
 from .publish import PublishBatch, Publisher
-from .cluster import ClusterReader
+from .port import KombuPort
 from .reading import Reader
 from .revokes import Revokes
 from .routing import Router
@@ -111,19 +112,18 @@ class Channel(virtual.Channel):
         self.consumer_name = f"{socket.gethostname()}:{self._pid}:{uuid4().hex[:12]}"
         self.conns = conns = Connections(connparams(self.connection.client, settings),
                                          settings.polling_interval)
-        self.queues = queues = Queues(QueueStreams(settings.priority_steps), conns.cluster)
+        self.port = port = KombuPort(self)
+        self.queues = queues = Queues(QueueStreams(settings.priority_steps), conns.topology)
         self.groups = StreamGroups(conns, queues)
-        self.router = Router(conns, queues, self)
+        self.router = Router(conns, queues, port)
         self.revokes = Revokes(conns, settings.revoke_expires)
         self.letters = DeadLetters(conns, self.groups, settings.dead_letter_maxlen)
         self.ledger = InflightLedger()
-        self.acker = Acker(conns, self.ledger, self.letters,
-                           lambda: getattr(self.connection, "cycle", None),  # None once closed
+        self.acker = Acker(conns, self.ledger, self.letters, port,
                            settings.visibility_timeout, self.connection_errors)
-        reader = ClusterReader if conns.cluster else Reader  # a read per slot (cluster.py)
-        self.reader = reader(self, conns, queues, self.groups, self.ledger, self.acker,
+        self.reader = Reader(port, conns, queues, self.groups, self.ledger, self.acker,
                              self.letters, self.revokes)
-        self.publisher = Publisher(self, conns, queues, self.groups, self.router, self.revokes)
+        self.publisher = Publisher(port, conns, queues, self.groups, self.router, self.revokes)
         self.fanout = FanoutBindings()
         self.subscriber = Subscriber(conns.subscriber_connection)
         self._broadcasts = deque()  # (queue, message) received from fanout exchanges
@@ -134,10 +134,9 @@ class Channel(virtual.Channel):
                                                   settings.visibility_timeout)
         self.upkeep = self._upkeep_jobs()
         try:
-            if conns.cluster:  # RedisCluster learnt the slot map from the seeds already
-                connection.check_supported(self.client, f"the sheppy:// broker at {conns.where}")
-            else:
-                self._check_server()
+            conns.topology.check_server(
+                self.client, f"the sheppy:// broker at {conns.where}",
+                self.connection.client.transport_cls.startswith("sheppys"))
         except ValueError as exc:
             self._disconnect()
             raise ChannelError(str(exc)) from None
@@ -145,17 +144,6 @@ class Channel(virtual.Channel):
             self._disconnect()
             raise
         self.connection.cycle.add(self)
-
-    def _check_server(self):
-        """ValueError when the URL leads to a Sentinel or a Cluster node (naming the URL
-        to use), or to a server celery-sheppy does not support."""
-        conns = self.conns
-        hello = connection.server_hello(self.client) or {"ping": self.client.ping()}
-        connection.check_standalone(
-            hello, f"the sheppy:// broker at {conns.where}",
-            (conns.params.get("host"), conns.params.get("port")),
-            self.connection.client.transport_cls.startswith("sheppys"))
-        connection.check_supported(self.client, f"the sheppy:// broker at {conns.where}", hello)
 
     def _upkeep_jobs(self):
         settings, conns, queues = self.settings, self.conns, self.queues
@@ -418,7 +406,7 @@ class Channel(virtual.Channel):
         self.upkeep.run()
 
     def drop_overdue_read(self):
-        interval = self.connparams.get("health_check_interval") or connection.HEALTH_CHECK_INTERVAL
+        interval = self.connparams.get("health_check_interval") or connection_params.HEALTH_CHECK_INTERVAL
         return self.reader.drop_if_overdue(interval)
 
     # -- dead letters (see dead_letters.py for the module-level API) ------------------------------

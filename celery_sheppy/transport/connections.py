@@ -1,15 +1,15 @@
 """The Redis connections of one channel, and the redis-py arguments they are made with.
 
-* ``client``: a pool for every command but the blocking read;
-* ``blocking_conn``: the connection the blocking XREADGROUP is sent on, outside the pool's
-  rotation, with a socket timeout that outlasts the block;
-* ``ack_conn``: the connection acks are sent on without waiting for their replies;
+* ``topology``: where the data is (connect/topology.py: Server, Sentinel, Cluster);
+* ``client``: a client for every command but the blocking reads (on a Redis Cluster a
+  ``redis.cluster.RedisCluster``, which routes each command to the node owning its key);
+* ``blocking_pool``: where the connections of blocking reads come from (reading.py; none
+  on a Cluster, whose reads connect to the node of their slot);
+* ``ack_conn``: the connection acks are sent on without waiting for their replies (one
+  node only: ``topology.single_node``);
 * ``publish_conn``: a pooled connection kept for lone publish commands (:meth:`send`).
 
-Each is made on first use and made again after :meth:`Connections.disconnect`. On a
-Redis Cluster ``client`` is a ``redis.cluster.RedisCluster`` (it routes each command to
-the node owning its key); the blocking reads have connections of their own per slot
-(``cluster.ClusterReader``), and acks and lone publishes go through ``client``.
+Each is made on first use and made again after :meth:`Connections.disconnect`.
 """
 
 import os
@@ -19,7 +19,9 @@ import redis
 from kombu.exceptions import ChannelError
 from kombu.utils.objects import cached_property
 
-from .. import compat, connection, endpoints
+from .. import compat
+from ..connect import params as connection_params
+from ..connect import topology_of, urls
 
 
 def connparams(conninfo, settings):
@@ -34,24 +36,25 @@ def connparams(conninfo, settings):
     if isinstance(conninfo.ssl, dict):
         options.update(conninfo.ssl)
     # kombu parsed the URL (as for redis://): rebuild it for our parser.
-    host = conninfo.hostname or connection.DEFAULT_HOST
-    topology_url = endpoints.kombu_url(conninfo)  # sheppy+sentinel://...
+    host = conninfo.hostname or connection_params.DEFAULT_HOST
+    topology_url = urls.kombu_url(conninfo)  # sheppy+sentinel://...
     sentinel = settings.sentinel_options()
     if topology_url or sentinel.get("master_name"):
         return _topology_params(topology_url or "sheppy://", options, sentinel)
     host = f"[{host}]" if ":" in host else host
-    scheme = conninfo.transport_cls if conninfo.transport_cls in connection.SCHEMES else "sheppy"
+    scheme = (conninfo.transport_cls if conninfo.transport_cls in connection_params.SCHEMES
+              else "sheppy")
     db = str(conninfo.virtual_host or "").strip("/")
-    url = f"{scheme}://{host}:{conninfo.port or connection.DEFAULT_PORT}/{db}"
+    url = f"{scheme}://{host}:{conninfo.port or connection_params.DEFAULT_PORT}/{db}"
     try:
-        return connection.connection_kwargs(url, options)
+        return connection_params.connection_kwargs(url, options)
     except ValueError as exc:
         raise ChannelError(f"sheppy:// broker: {exc}") from None
 
 
 def _topology_params(url, options, sentinel):
     try:
-        return endpoints.connection_kwargs(url, options, sentinel)
+        return urls.connection_kwargs(url, options, sentinel)
     except (ValueError, KeyError) as exc:
         raise ChannelError(f"sheppy:// broker: {exc}") from None
 
@@ -59,54 +62,45 @@ def _topology_params(url, options, sentinel):
 class Connections:
     def __init__(self, params, block_seconds):
         self.params = params
+        self.topology = topology_of(params)
         self.block_seconds = block_seconds  # longest block of one read
         self._pid = os.getpid()  # a forked child must not share publish_conn's socket
         self._publish_lock = threading.Lock()  # publish_conn: one command at a time
 
     @property
     def where(self):
-        return endpoints.describe(self.params)
-
-    @cached_property
-    def cluster(self):
-        """True on a Redis Cluster (``sheppy+cluster://``)."""
-        return endpoints.is_cluster(self.params)
+        return self.topology.describe()
 
     @cached_property
     def pool(self):
-        return endpoints.make_pool(self.params)
+        return self.topology.pool()
 
     @cached_property
     def client(self):
-        """Client for every command but the blocking read."""
-        if self.cluster:
-            return endpoints.make_client(self.params)
-        return redis.Redis(connection_pool=self.pool)
+        """Client for every command but the blocking reads."""
+        if self.topology.single_node:
+            return redis.Redis(connection_pool=self.pool)
+        return self.topology.client()
 
     @cached_property
-    def _blocking_pool(self):
-        params = connection.blocking_kwargs(self.params, self.block_seconds)
-        params.pop("max_connections", None)
-        return endpoints.make_pool(params)
+    def blocking_pool(self):
+        """Connections for blocking reads, taken out of its rotation for good."""
+        return self.topology.blocking_pool(self.block_seconds)
 
-    @cached_property
-    def blocking_conn(self):
-        """The connection the blocking XREADGROUP is sent on (never in the pool's rotation)."""
-        return compat.pool_connection(self._blocking_pool)
+    def read_connection(self, node):
+        """A new connection for blocking reads from ``node`` (``topology.read_node``)."""
+        return self.topology.read_connection(self.client, self.blocking_pool, node,
+                                             self.block_seconds)
 
     @cached_property
     def ack_conn(self):
         """The connection acks are sent on without waiting (see ``acks.Acker.flush``)."""
-        return compat.pool_connection(self._blocking_pool)
+        return compat.pool_connection(self.blocking_pool)
 
     def subscriber_connection(self):
         """A new connection for pub/sub subscriptions (fanout.py), outside any pool's
         rotation; on a Redis Cluster to any master (a PUBLISH reaches every node)."""
-        if self.cluster:
-            from .cluster import node_connection
-            return node_connection(self.params, self.client.get_default_node(),
-                                   self.block_seconds)
-        return compat.pool_connection(self._blocking_pool)
+        return self.read_connection(None)
 
     @cached_property
     def publish_conn(self):
@@ -119,10 +113,10 @@ class Connections:
         """Send publish ``commands`` (``(name, args, kwargs)``, as PublishBatch.add takes
         them) in one round trip; their replies.
 
-        A lone raw command (``execute_command``) goes on :attr:`publish_conn`; when that
-        connection fails it is dropped and the command sent through the pool, with
-        redis-py's retry, as every other command is. Several go in one pipeline, where a
-        BUSYGROUP reply (the group existed) is no error.
+        A lone raw command (``execute_command``) goes on :attr:`publish_conn` (one node
+        only); when that connection fails it is dropped and the command sent through the
+        pool, with redis-py's retry, as every other command is. Several go in one
+        pipeline, where a BUSYGROUP reply (the group existed) is no error.
         """
         if len(commands) > 1:
             with self.client.pipeline(transaction=False) as pipe:
@@ -135,7 +129,7 @@ class Connections:
             return replies
         (name, args, kwargs), = commands
         if (name == "execute_command" and not kwargs and os.getpid() == self._pid
-                and not self.cluster):
+                and self.topology.single_node):
             with self._publish_lock:
                 conn = self.publish_conn
                 try:
@@ -150,14 +144,14 @@ class Connections:
         return "ack_conn" in self.__dict__
 
     def disconnect(self):
-        for name in ("pool", "_blocking_pool"):
+        for name in ("pool", "blocking_pool"):
             pool = self.__dict__.pop(name, None)
             if pool is not None:
                 pool.disconnect()
         client = self.__dict__.get("client")
-        if self.cluster and client is not None:
-            client.close()
-        for name in ("client", "blocking_conn", "ack_conn", "publish_conn"):
+        if client is not None:
+            client.close()  # a RedisCluster's node pools (one server's pool went above)
+        for name in ("client", "ack_conn", "publish_conn"):
             self.__dict__.pop(name, None)
 
 

@@ -92,8 +92,8 @@ def _task_limit(name):
 class Limiter:
     """The rate limits one channel applies to what it receives."""
 
-    def __init__(self, channel, conns, queues, limits=None):
-        self.channel = channel  # kombu's side: the connection's event loop, closing
+    def __init__(self, port, conns, queues, limits=None):
+        self.port = port  # kombu's side: the event loop, closing (port.py)
         self.conns = conns
         self.queues = queues
         self._configured = dict(limits or {})
@@ -151,7 +151,7 @@ class Limiter:
         return True
 
     def _hub(self):
-        return getattr(getattr(self.channel.connection, "cycle", None), "hub", None)
+        return self.port.hub
 
     def _promote_later(self, queue, sid, delay, tries=PROMOTE_TRIES):
         hub = self._hub()
@@ -160,8 +160,8 @@ class Limiter:
         hub.call_later(max(delay, 0.0), self._promote, queue, sid, tries)
 
     def _promote(self, queue, sid, tries):
-        channel, client = self.channel, self.conns.client
-        if getattr(channel, "closed", False) or getattr(channel.connection, "cycle", None) is None:
+        client = self.conns.client
+        if self.port.closed or self.port.poller is None:
             return
         named = self.queues.named(queue)
         try:

@@ -4,14 +4,14 @@
 :func:`check_names` refuses unknown names when the transport is made; :func:`parse`
 turns the options into :class:`Settings` (defaults filled in) when a channel is made,
 and a bad value or a refused option raises ChannelError naming it. Times are in seconds.
-Connection options are parsed by ``connection.py``'s parsers and passed to redis-py.
+Connection options are parsed by ``connect/params.py``'s parsers and passed to redis-py.
 """
 
 from collections import namedtuple
 
 from kombu.exceptions import ChannelError
 
-from .. import connection, endpoints
+from ..connect import params, urls
 from .streams import PRIORITY_STEPS, parse_steps
 
 Option = namedtuple("Option", "name parser default doc")
@@ -50,7 +50,7 @@ class _Refused(ValueError):
 
 
 def _connection_option(name, doc):
-    return Option(name, connection.OPTION_PARSERS[name], None, doc)
+    return Option(name, params.OPTION_PARSERS[name], None, doc)
 
 
 OPTIONS = (
@@ -87,7 +87,7 @@ OPTIONS = (
     _connection_option("socket_connect_timeout", "redis-py's, in s (default 5)"),
     _connection_option("socket_keepalive", "redis-py's"),
     _connection_option("health_check_interval",
-                       f"redis-py's, in s (default {connection.HEALTH_CHECK_INTERVAL})"),
+                       f"redis-py's, in s (default {params.HEALTH_CHECK_INTERVAL})"),
     _connection_option("max_connections", "redis-py's, per pool"),
     _connection_option("retry_on_timeout", "redis-py's"),
     _connection_option("client_name", "redis-py's: CLIENT SETNAME"),
@@ -104,9 +104,9 @@ OPTIONS = (
 
 BY_NAME = {option.name: option for option in OPTIONS}
 
-#: Options handed to redis-py (``connection.connection_kwargs``).
+#: Options handed to redis-py (``params.connection_kwargs``).
 CONNECTION_OPTIONS = tuple(option.name for option in OPTIONS
-                           if option.name in connection.OPTION_PARSERS)
+                           if option.name in params.OPTION_PARSERS)
 
 #: Options of the stock redis:// transport that mean nothing here (streams have no
 #: unacked hash and fanout is not pub/sub): accepted, so a project can switch URLs only.
@@ -114,7 +114,7 @@ STOCK_NOOP_OPTIONS = frozenset({
     "ack_emulation", "unacked_key", "unacked_index_key", "unacked_mutex_key",
     "unacked_mutex_expire", "unacked_restore_limit", "unacked_restore_interval",
     "unacked_restore_throttle", "fanout_prefix", "fanout_patterns", "socket_keepalive_options",
-    *endpoints.SENTINEL_NOOP_OPTIONS,
+    *urls.SENTINEL_NOOP_OPTIONS,
 })
 
 
@@ -128,7 +128,7 @@ class Settings:
 
     def sentinel_options(self):
         """``{name: value}`` of the Sentinel options that are set."""
-        return {name: getattr(self, name) for name in endpoints.SENTINEL_OPTIONS
+        return {name: getattr(self, name) for name in urls.SENTINEL_OPTIONS
                 if getattr(self, name) is not None}
 
     def connection_options(self):

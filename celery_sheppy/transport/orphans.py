@@ -15,7 +15,10 @@ it had delivered to this process's :class:`OrphanLedger`, which
 * puts back in their streams (``requeue.lua``, marked redelivered) the messages Celery
   let go of without acking (the prefork pool's unsent jobs: the message object was freed),
   the countdown (ETA) tasks Celery did not start when they came due, and the entries read
-  but never delivered.
+  but never delivered;
+* acks the jobs the prefork pool discarded after it had written them to a child process
+  (Celery's ``pool.flush()`` drops every job no child has accepted yet; a written one
+  runs in its child all the same, and is not reported back to be acked).
 
 Countdown tasks are judged by their due time, not by whether Celery still references
 them: on a lost connection Celery 5.3–5.5 clears its timer, 5.6 keeps the entries and
@@ -41,7 +44,8 @@ from time import monotonic, time
 import redis
 from kombu.log import get_logger
 
-from .. import endpoints, keys, records, scripts
+from .. import compat, keys, records, scripts
+from ..connect import topology_of
 from . import presence
 
 logger = get_logger(__name__)
@@ -61,7 +65,7 @@ class Orphan:
     """One delivery of a lost channel."""
 
     __slots__ = ("stream", "entry_id", "record", "deliveries", "message", "since", "task_id",
-                 "due", "unknown_since")
+                 "due", "unknown_since", "in_pool_process")
 
     def __init__(self, stream, entry_id, record, deliveries, message):
         self.stream = stream
@@ -75,6 +79,10 @@ class Orphan:
         self.task_id = (carried.get("headers") or {}).get("id")
         self.due = records.due_time(carried)  # a countdown task's due time (epoch s)
         self.unknown_since = None  # first upkeep that found it due and unknown to Celery
+        # Asked when the connection is lost, before Celery's pool.flush() discards the jobs
+        # no child has accepted: one already written to a child runs there all the same
+        self.in_pool_process = message is not None and compat.written_to_pool_process(
+            self.task_id)
 
     def released_by_celery(self, now):
         """True when Celery will not run it: it freed the message, or it is a countdown
@@ -183,7 +191,7 @@ class OrphanLedger:
     @property
     def client(self):
         if self._client is None:
-            self._client = endpoints.make_client(self.connparams)  # a RedisCluster on a Cluster
+            self._client = topology_of(self.connparams).client()
         return self._client
 
     def flush(self, upkeep=False):
@@ -192,9 +200,10 @@ class OrphanLedger:
         if self._failed_at is not None and now - self._failed_at < RETRY_INTERVAL:
             return
         try:
-            self._send_acks()
             if upkeep:
                 self._release_dropped()
+            self._send_acks()
+            if upkeep:
                 self._renew(now)
             self._send_requeues()
             self._failed_at = None
@@ -223,13 +232,24 @@ class OrphanLedger:
                 self._owners.pop(tag, None)
 
     def _release_dropped(self):
-        """Messages Celery let go of without acking: they go back to their streams."""
+        """Messages Celery let go of without acking go back to their streams, but for the
+        jobs its prefork pool had written to a child before discarding them: that child
+        runs them, nobody acks them, so the ledger does."""
         now = time()
+        handed = 0
         with self._lock:
             for tag, orphan in list(self._orphans.items()):
                 if orphan.released_by_celery(now):
                     del self._orphans[tag]
-                    self._requeues[tag] = (orphan, False)
+                    if orphan.in_pool_process and orphan.message() is None:
+                        self._acks[tag] = (orphan.stream, orphan.entry_id, monotonic())
+                        handed += 1
+                    else:
+                        self._requeues[tag] = (orphan, False)
+        if handed:
+            logger.info("sheppy: %d message(s) of a lost connection that Celery's pool had "
+                        "written to a child process before discarding them: acked, the child "
+                        "runs them", handed)
 
     def _send_requeues(self):
         with self._lock:

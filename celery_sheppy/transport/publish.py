@@ -22,7 +22,7 @@ from kombu.log import get_logger
 from kombu.utils.functional import retry_over_time
 
 from .. import keys, records, scripts
-from . import claims, cluster, fanout
+from . import claims, fanout
 from .routing import VERSION_MEMBER
 from .upkeep import due_hint
 
@@ -69,18 +69,18 @@ def due_later(message, threshold):
 
 
 class Publisher:
-    def __init__(self, channel, conns, queues, groups, router, revokes):
-        self.channel = channel  # kombu's side: message augmenting, priorities
+    def __init__(self, port, conns, queues, groups, router, revokes):
+        self.port = port  # kombu's side: a message's envelope, priorities (port.py)
         self.conns = conns
         self.queues = queues
         self.groups = groups
         self.router = router
         self.revokes = revokes
-        self.settings = channel.settings
-        self.connection_errors = channel.connection_errors
+        self.settings = port.settings
+        self.connection_errors = port.connection_errors
 
     def outgoing(self, message):
-        return Outgoing(message, self.channel._get_message_priority(message),
+        return Outgoing(message, self.port.priority_of(message),
                         self.settings.delay_threshold)
 
     def publish(self, message, exchange, routing_key, **kwargs):
@@ -94,9 +94,9 @@ class Publisher:
         """Run buffered publish ``commands`` as one MULTI/EXEC: on a lost connection
         none of them ran, so the whole batch is retried (publish retry policy, or
         Celery's default task_publish_retry_policy while ``max_retries`` is unset)."""
-        # On a Redis Cluster one MULTI per slot (each queue is one slot, cluster.py): a
-        # batch to one queue stays one transaction, a batch to several is not atomic.
-        parts = cluster.by_slot(commands) if self.conns.cluster else [commands]
+        # One MULTI per slot group (on a Redis Cluster each queue is one slot): a batch to
+        # one queue stays one transaction, to several queues of a cluster it is not atomic.
+        parts = self.conns.topology.by_slot(commands, key=_command_key)
 
         def execute(part):
             with self.conns.client.pipeline(transaction=True) as pipe:
@@ -118,11 +118,11 @@ class Publisher:
                                _on_publish_error, **policy)
 
     def _publish(self, message, exchange, routing_key, _publish_batch=None, **kwargs):
-        self.channel._inplace_augment_message(message, exchange, routing_key)
+        self.port.address(message, exchange, routing_key)
         if exchange and exchange.endswith(".pidbox"):
             self.revokes.remember(message)
         out = self.outgoing(message)
-        if exchange and self.channel.typeof(exchange).type == "fanout":
+        if exchange and self.port.exchange_type(exchange).type == "fanout":
             return self._broadcast(exchange, routing_key, out, _publish_batch)
         claim = claims.of(message)
         if claim is not None:  # unique tasks, beat occurrences
@@ -231,7 +231,7 @@ class Publisher:
 
 
 class PublishBatch:
-    """Publishes buffered by ``Producer.batch()`` (and a group's tasks, see group_publish).
+    """Publishes buffered by ``Producer.batch()`` (and a group's tasks, see patches/group_publish.py).
 
     The channel routes each message as usual, but its XADD/PEXPIRE commands are kept;
     :meth:`flush` (at ``max_size`` commands, and when the batch ends) sends them in one
@@ -271,6 +271,12 @@ class PublishBatch:
         self._commands = []
 
     close = discard
+
+
+def _command_key(command):
+    """The key of a publish command (``(name, args, kwargs)``, as PublishBatch.add takes it)."""
+    name, args, _ = command
+    return args[1] if name == "execute_command" else args[0]
 
 
 def _on_publish_error(exc, intervals, retries):

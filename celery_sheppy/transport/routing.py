@@ -30,10 +30,10 @@ MIN_BINDING_MS = 60 * 60 * 1000
 class Router:
     """Bindings of the exchanges a channel publishes to or binds queues to."""
 
-    def __init__(self, conns, queues, channel):
+    def __init__(self, conns, queues, port):
         self.conns = conns
         self.queues = queues
-        self.channel = channel  # kombu's exchange types and deadletter_queue
+        self.port = port  # kombu's exchange types and deadletter_queue (port.py)
         self._tables = {}  # exchange -> (version, [(routing_key, pattern, queue, expires_ms)])
         self._renewed = {}  # queue -> when its bindings' lifetime was renewed
 
@@ -71,7 +71,7 @@ class Router:
         self._renewed[queue] = monotonic()
         calls = []
         for exchange, routing_key, arguments in bindings:
-            _, pattern, _ = self.channel.typeof(exchange).prepare_bind(
+            _, pattern, _ = self.port.exchange_type(exchange).prepare_bind(
                 queue, exchange, routing_key, arguments)
             calls.append(self._call(exchange, routing_key, pattern, queue, "add"))
         return calls
@@ -87,20 +87,13 @@ class Router:
         return self._tables.get(exchange) or self.load(exchange)
 
     def route(self, exchange, routing_key, bindings):
-        """``{queue: expires_ms}`` that a message with ``routing_key`` goes to."""
-        channel = self.channel
-        exchange_type = channel.typeof(exchange)
+        """``{queue: expires_ms}`` that a message with ``routing_key`` goes to (a direct or
+        topic exchange: a fanout exchange's messages are published, fanout.py)."""
         table = [(rk, pattern, queue) for rk, pattern, queue, _ in bindings]
-        if exchange_type.type == "fanout":
-            # Fanout ignores the routing key, except for bindings with a pattern
-            # (Celery's event receivers bind "task.#"), as the stock fanout_patterns.
-            topic = channel.exchange_types["topic"]
-            queues = {queue for rk, _, queue in table
-                      if not rk or rk == "#" or topic._match(topic.key_to_pattern(rk), routing_key)}
-        else:
-            queues = exchange_type.lookup(table, exchange, routing_key, None)
-        if not queues and channel.deadletter_queue:
-            queues = {channel.deadletter_queue}
+        queues = self.port.exchange_type(exchange).lookup(table, exchange, routing_key, None)
+        deadletter_queue = self.port.deadletter_queue
+        if not queues and deadletter_queue:
+            queues = {deadletter_queue}
         expires = {queue: ms for _, _, queue, ms in bindings}
         return {queue: expires.get(queue, 0) for queue in queues if queue}
 

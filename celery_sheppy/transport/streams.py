@@ -15,6 +15,7 @@ queue the transport builds goes through it.
 from bisect import bisect
 
 from .. import keys
+from ..connect import Server
 
 #: Stock default: four priority steps per queue (the lower number is delivered first).
 PRIORITY_STEPS = (0, 3, 6, 9)
@@ -70,9 +71,9 @@ class Queues:
     """The queues a channel declared (which expire, their message TTL, which go with their
     last consumer) and, from those, their streams."""
 
-    def __init__(self, streams, cluster=False):
+    def __init__(self, streams, topology=None):
         self.streams_of = streams  # the QueueStreams of the channel's priority steps
-        self.cluster = cluster  # on a Redis Cluster: keys of sheppy queue {q}
+        self.topology = topology or Server({})  # names queue q {q} on a Redis Cluster
         self.expires = {}  # queue -> x-expires (ms)
         self.message_ttl = {}  # queue -> x-message-ttl (ms)
         self.auto_delete = set()
@@ -95,8 +96,8 @@ class Queues:
         return queue in self.expires
 
     def named(self, queue):
-        """The sheppy queue name ``queue``'s keys are built with (``keys.broker_queue``)."""
-        return keys.broker_queue(queue, self.cluster)
+        """The sheppy queue name ``queue``'s keys are built with (``topology.broker_queue``)."""
+        return self.topology.broker_queue(queue)
 
     def streams(self, queue):
         """The queue's streams, highest priority (lowest step) first."""

@@ -18,13 +18,7 @@ from celery.exceptions import ChordError, TimeoutError as CeleryTimeoutError
 from celery.result import GroupResult
 
 from celery_sheppy import keys, records
-from conftest import ROOT, Worker, client_app
-
-TASKS = "t.integration.tasks"
-
-
-def sig(app, name, *args, **options):
-    return app.signature(f"{TASKS}.{name}", args=args, **options)
+from t.helpers import ROOT, TASKS, client_app, sig, start_worker
 
 
 def record_of(client, task_id, queue="celery"):
@@ -35,9 +29,9 @@ def record_of(client, task_id, queue="celery"):
 @pytest.fixture(scope="module", params=["prefork", "threads"])
 def worker(request, redis_server):
     pool = request.param
-    w = Worker(redis_server.url.replace("/0", "/1"), redis_server.sheppy_url(), pool=pool,
-               concurrency=2 if pool == "prefork" else 8,
-               extra_env={"CELERY_SHEPPY_COUNTER_URL": redis_server.url.replace("/0", "/2")})
+    w = start_worker(redis_server.url.replace("/0", "/1"), backend=redis_server.sheppy_url(),
+                     pool=pool, concurrency=2 if pool == "prefork" else 8,
+                     env={"CELERY_SHEPPY_COUNTER_URL": redis_server.url.replace("/0", "/2")})
     yield w
     w.stop()
 
@@ -302,11 +296,11 @@ print("done")
 
 
 def test_a_script_sending_tasks_with_non_uuid_ids_exits_without_a_traceback(
-        make_redis_server, start_worker, tmp_path):
+        make_redis_server, workers, tmp_path):
     # Given a worker, and a script that sends tasks with ids that are not UUIDs (their
     # records are kept under a UUIDv5 of the id), one waited for, one not
     server = make_redis_server()
-    start_worker(server.sheppy_url(), server.sheppy_url())
+    workers.start(server.sheppy_url())
     script = tmp_path / "client.py"
     script.write_text(CLIENT_WITH_NON_UUID_IDS)
 
@@ -334,13 +328,11 @@ def shape(value):
 
 
 @pytest.mark.parametrize("extended", [False, True])
-def test_the_documented_record_is_what_a_worker_stores(make_redis_server, start_worker,
-                                                       extended):
+def test_the_documented_record_is_what_a_worker_stores(make_redis_server, workers, extended):
     # Given a worker and a client with Celery's default result_extended (False), or True
     server = make_redis_server()
     conf = {"result_extended": extended}
-    start_worker(server.sheppy_url(), server.sheppy_url(),
-                 extra_env={"CELERY_SHEPPY_CONF": json.dumps(conf)})
+    workers.start(server.sheppy_url(), conf)
     app = client_app(server.sheppy_url(), server.sheppy_url(), **conf)
     try:
         # When add(40, 2) runs

@@ -1,10 +1,7 @@
 """Settings of the sheppy:// result backend: expiry, connection options, queue, ACL, TLS, secrets."""
 
 import json
-import os
 import ssl
-import subprocess
-import sys
 import time
 import uuid
 
@@ -16,9 +13,7 @@ from celery.result import GroupResult
 
 from celery_sheppy import keys, records
 from celery_sheppy.backend import SheppyBackend
-from conftest import ROOT, Worker, client_app
-
-TASKS = "t.integration.tasks"
+from t.helpers import TASKS, celery_cli, client_app, sig, start_worker
 
 
 def ttl_of(client, key):
@@ -111,15 +106,15 @@ def test_no_key_written_for_a_chord_is_left_without_a_ttl(redis_server):
     client = redis_server.client(db=3)
     client.flushdb()
     broker, backend = redis_server.url.replace("/0", "/4"), redis_server.sheppy_url(3)
-    worker = Worker(broker, backend, pool="threads", concurrency=4,
-                    extra_env={"CELERY_SHEPPY_CONF": '{"result_expires": 900}'})
+    worker = start_worker(broker, {"result_expires": 900}, backend=backend, pool="threads",
+                          concurrency=4)
     app = client_app(broker, backend, result_expires=900)
     try:
         from celery import chord, group
 
-        sig = lambda name, *a: app.signature(f"{TASKS}.{name}", args=a)  # noqa: E731
-        assert chord([sig("add", i, i) for i in range(10)], sig("tsum"))().get(timeout=30) == 90
-        result = group(sig("add", 1, 1), sig("add", 2, 2)).delay()
+        assert chord([sig(app, "add", i, i) for i in range(10)], sig(app, "tsum"))().get(
+            timeout=30) == 90
+        result = group(sig(app, "add", 1, 1), sig(app, "add", 2, 2)).delay()
         result.get(timeout=30)
         result.save()
         # queue-level structures of sheppy's layout (streams, counter, registry) are
@@ -229,7 +224,7 @@ def test_acl_username_and_password_in_the_url_work_with_a_worker(acl_server):
     port = acl_server.port
     broker = f"redis://alice:s3cret-pw@127.0.0.1:{port}/1"
     backend = f"sheppy://alice:s3cret-pw@127.0.0.1:{port}/0"
-    worker = Worker(broker, backend, pool="threads", concurrency=2)
+    worker = start_worker(broker, backend=backend, pool="threads", concurrency=2)
     app = client_app(broker, backend)
     try:
         assert app.signature(f"{TASKS}.add", args=(2, 2)).delay().get(timeout=30) == 4
@@ -251,10 +246,7 @@ def test_password_is_masked_in_celery_report_and_as_uri(acl_server):
     backend = f"sheppy://alice:s3cret-pw@127.0.0.1:{acl_server.port}/0"
     app = client_app("memory://", backend)
     assert "s3cret-pw" not in app.backend.as_uri()
-    env = dict(os.environ, CELERY_SHEPPY_BROKER="memory://", CELERY_SHEPPY_BACKEND=backend,
-               PYTHONPATH=str(ROOT))
-    report = subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, "report"], env=env,
-                            capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+    report = celery_cli("memory://", "report", backend=backend)
     assert report.returncode == 0, report.stderr
     assert "sheppy://" in report.stdout and "s3cret-pw" not in report.stdout
     app.close()
@@ -264,7 +256,7 @@ def test_sheppys_url_talks_tls_to_a_worker_and_back(tls_server):
     port, ca = tls_server.port, tls_server.ca_file
     broker = f"rediss://127.0.0.1:{port}/1?ssl_cert_reqs=required&ssl_ca_certs={ca}"
     backend = f"sheppys://127.0.0.1:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
-    worker = Worker(broker, backend, pool="threads", concurrency=2)
+    worker = start_worker(broker, backend=backend, pool="threads", concurrency=2)
     app = client_app(broker, backend)
     try:
         assert app.signature(f"{TASKS}.add", args=(3, 4)).delay().get(timeout=30) == 7

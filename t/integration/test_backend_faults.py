@@ -10,9 +10,10 @@ from celery import states
 from celery.exceptions import BackendStoreError
 
 from celery_sheppy import keys
-from conftest import Worker, client_app
+from t.helpers import client_app, sig, start_worker
 
-TASKS = "t.integration.tasks"
+#: Result stores retried through a Redis restart
+RETRY_STORES = {"result_backend_always_retry": True, "result_backend_max_retries": 100}
 QUICK_RETRY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 
 
@@ -36,11 +37,10 @@ def test_redis_restart_while_waiters_block_loses_no_result(durable_server):
     # messages for its hour-long visibility timeout after a restart)
     broker = durable_server.url.replace("/0", "/1")
     backend = durable_server.sheppy_url()
-    worker = Worker(broker, backend, pool="threads", concurrency=20, extra_env={
-        "CELERY_SHEPPY_CONF": '{"result_backend_always_retry": true, "result_backend_max_retries": 100}'})
+    worker = start_worker(broker, RETRY_STORES, backend=backend, pool="threads", concurrency=20)
     app = client_app(broker, backend)
     try:
-        results = [app.signature(f"{TASKS}.sleep", args=(3.0,)).delay() for _ in range(20)]
+        results = [sig(app, "sleep", 3.0).delay() for _ in range(20)]
         wait_for_started(results, 20)
         got, errors = [], []
 
@@ -71,11 +71,10 @@ def test_redis_restart_while_a_prefork_worker_stores_results_loses_none(durable_
     # Given a prefork worker (its children send result stores without waiting for the
     # reply: celery_sheppy/backend/deferred_stores.py) running 8 tasks, 4 at a time
     url = durable_server.sheppy_url()
-    worker = Worker(url, url, pool="prefork", concurrency=4, extra_env={
-        "CELERY_SHEPPY_CONF": '{"result_backend_always_retry": true, "result_backend_max_retries": 100}'})
+    worker = start_worker(url, RETRY_STORES, pool="prefork", concurrency=4)
     app = client_app(url, url)
     try:
-        results = [app.signature(f"{TASKS}.sleep", args=(1.5,)).delay() for _ in range(8)]
+        results = [sig(app, "sleep", 1.5).delay() for _ in range(8)]
         wait_for_started(results, 4)
         # When Redis is killed and comes back a second later, while 4 of them run
         durable_server.restart(downtime=1.0)
@@ -89,10 +88,11 @@ def test_redis_restart_while_a_prefork_worker_stores_results_loses_none(durable_
 def test_a_store_redis_refuses_in_a_prefork_child_is_logged_with_its_task_id(make_redis_server):
     # Given a prefork worker whose result backend is a server of its own
     broker, backend = make_redis_server(), make_redis_server()
-    worker = Worker(broker.sheppy_url(), backend.sheppy_url(), pool="prefork", concurrency=1)
+    worker = start_worker(broker.sheppy_url(), backend=backend.sheppy_url(), pool="prefork",
+                          concurrency=1)
     app = client_app(broker.sheppy_url(), backend.sheppy_url())
     try:
-        add = app.signature(f"{TASKS}.add", args=(1, 1))
+        add = sig(app, "add", 1, 1)
         assert add.delay().get(timeout=30) == 2
         # When the backend's server refuses writes (maxmemory reached, noeviction) for a task
         backend.client().config_set("maxmemory", 1)
@@ -167,13 +167,13 @@ def test_result_over_the_servers_value_limit_gets_backend_store_error_and_keeps_
 def test_worker_task_with_an_oversize_result_fails_with_a_clear_error(make_redis_server, pool):
     server = make_redis_server("--proto-max-bulk-len", "1mb")
     broker, backend = server.url.replace("/0", "/1"), server.sheppy_url()
-    worker = Worker(broker, backend, pool=pool, concurrency=2)
+    worker = start_worker(broker, backend=backend, pool=pool, concurrency=2)
     app = client_app(broker, backend)
     try:
-        result = app.signature(f"{TASKS}.big", args=(2 * 1024 * 1024,)).delay()
+        result = sig(app, "big", 2 * 1024 * 1024).delay()
         with pytest.raises(BackendStoreError, match="value limit"):
             result.get(timeout=30)
-        assert app.signature(f"{TASKS}.add", args=(1, 1)).delay().get(timeout=30) == 2
+        assert sig(app, "add", 1, 1).delay().get(timeout=30) == 2
     finally:
         worker.stop()
         app.close()

@@ -8,36 +8,17 @@ a letter a worker dead-lettered): what the transport writes, 50 000 times over.
 """
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 from celery import group
 
 from celery_sheppy import keys, scripts
-from conftest import ROOT, client_app
+from t.helpers import celery_cli, client_app, sig, wait_until
 
-TASKS = "t.integration.tasks"
 QUEUE = "bulk"
 MANY = 50_000
-
-
-def celery_cli(url, *args, timeout=300):
-    env = dict(os.environ, CELERY_SHEPPY_BROKER=url, CELERY_SHEPPY_BACKEND=url,
-               CELERY_SHEPPY_CONF=json.dumps({}),
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, *args], cwd=str(ROOT),
-                          env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def wait_until(predicate, timeout, message):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(0.2)
+COMMAND_TIMEOUT = 300  # seconds: a command on 50 000 entries, on a busy machine
 
 
 @pytest.fixture
@@ -47,7 +28,7 @@ def server(make_redis_server):
 
 def published_entry(app, client, **options):
     """The data of the entry the app writes for one task sent to QUEUE (then removed)."""
-    app.signature(f"{TASKS}.add", args=(1, 1), queue=QUEUE).apply_async(**options)
+    sig(app, "add", 1, 1, queue=QUEUE).apply_async(**options)
     stream = keys.priority_stream(QUEUE, 9 if options.get("priority") else 0)
     (entry_id, fields), = client.xrange(stream)
     client.xdel(stream, entry_id)
@@ -77,7 +58,7 @@ def test_celery_purge_empties_a_queue_of_50000_waiting_tasks_and_keeps_delivered
     add_copies(client, priority, {"data": urgent}, 5_000)
 
     # When the queue is purged as users purge it
-    done = celery_cli(url, "purge", "-f", "-Q", QUEUE)
+    done = celery_cli(url, "purge", "-f", "-Q", QUEUE, timeout=COMMAND_TIMEOUT)
 
     # Then every waiting task is gone, and the delivered ones stay with their consumer
     assert done.returncode == 0, done.stderr
@@ -93,7 +74,7 @@ def test_celery_purge_deletes_50000_scheduled_tasks_with_their_records(server):
     url, client = server.sheppy_url(), server.client()
     app = client_app(url, url)
     try:
-        later = app.signature(f"{TASKS}.add", queue=QUEUE, countdown=3600)
+        later = sig(app, "add", queue=QUEUE, countdown=3600)
         for start in range(0, MANY, 5_000):
             group(later.clone(args=(n, n)) for n in range(start, start + 5_000)).apply_async()
     finally:
@@ -101,7 +82,7 @@ def test_celery_purge_deletes_50000_scheduled_tasks_with_their_records(server):
     assert client.zcard(keys.scheduled_set(QUEUE)) == MANY
 
     # When the queue is purged
-    done = celery_cli(url, "purge", "-f", "-Q", QUEUE)
+    done = celery_cli(url, "purge", "-f", "-Q", QUEUE, timeout=COMMAND_TIMEOUT)
 
     # Then the set, the delayed messages and their "scheduled" records are gone
     assert done.returncode == 0, done.stderr
@@ -113,7 +94,7 @@ def test_celery_purge_deletes_50000_scheduled_tasks_with_their_records(server):
 
 
 def test_50000_dead_letters_are_listed_replayed_to_their_stream_and_purged(
-        server, start_worker):
+        server, workers):
     # Given one real dead letter (an undecodable entry a worker moved there) ...
     url, client = server.sheppy_url(), server.client()
     dead, pending = keys.dead_letter_stream(QUEUE), keys.pending_stream(QUEUE)
@@ -123,7 +104,7 @@ def test_50000_dead_letters_are_listed_replayed_to_their_stream_and_purged(
     finally:
         app.close()
     client.xadd(pending, {"data": "not a task record"})
-    worker = start_worker(url, url, pool="threads", queues=QUEUE)
+    worker = workers.start(url, pool="threads", queues=QUEUE)
     wait_until(lambda: client.xlen(dead) == 1, 30, "the worker to dead-letter the entry")
     worker.stop()
     (_, letter), = client.xrange(dead)
@@ -131,12 +112,14 @@ def test_50000_dead_letters_are_listed_replayed_to_their_stream_and_purged(
     # ... copied 50 000 times, with a real task as their data
     add_copies(client, dead, dict(letter, data=task), MANY)
 
-    listed = celery_cli(url, "sheppy", "dead", "list", "-Q", QUEUE, "--json")
+    listed = celery_cli(url, "sheppy", "dead", "list", "-Q", QUEUE, "--json",
+                        timeout=COMMAND_TIMEOUT)
     assert listed.returncode == 0, listed.stderr
     assert len(json.loads(listed.stdout)) == 20  # a listing is bounded (--count)
 
     # When all of them are replayed
-    replayed = celery_cli(url, "sheppy", "dead", "replay", "--yes", "-Q", QUEUE)
+    replayed = celery_cli(url, "sheppy", "dead", "replay", "--yes", "-Q", QUEUE,
+                          timeout=COMMAND_TIMEOUT)
 
     # Then they are back in their stream, each once, and none is left dead
     assert replayed.returncode == 0, replayed.stderr
@@ -146,7 +129,8 @@ def test_50000_dead_letters_are_listed_replayed_to_their_stream_and_purged(
 
     # And 50 000 dead letters are purged too
     add_copies(client, dead, dict(letter, data=task), MANY)
-    purged = celery_cli(url, "sheppy", "dead", "purge", "--yes", "-Q", QUEUE)
+    purged = celery_cli(url, "sheppy", "dead", "purge", "--yes", "-Q", QUEUE,
+                        timeout=COMMAND_TIMEOUT)
     assert purged.returncode == 0, purged.stderr
     assert f"purged {MANY} dead letter(s)" in purged.stdout, purged.stdout
     assert client.xlen(dead) == 0

@@ -7,34 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from celery_sheppy import keys
-from conftest import RESTRICTED_ACL_USERS, ROOT, Worker, client_app
-
-TASKS = "t.integration.tasks"
-
-
-def sig(app, name, *args, **options):
-    return app.signature(f"{TASKS}.{name}", args=args, **options)
-
-
-def celery_cli(broker, *args, conf=None, timeout=60):
-    env = dict(os.environ, CELERY_SHEPPY_BROKER=broker, CELERY_SHEPPY_BACKEND=broker,
-               PYTHONPATH=str(ROOT), CELERY_SHEPPY_CONF=json.dumps(conf or {}))
-    return subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, *args], cwd=str(ROOT),
-                          env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def wait_until(predicate, timeout, message, interval=0.1):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
+from t.helpers import (RESTRICTED_ACL_USERS, ROOT, celery_cli, celery_command, client_app, sig,
+                       start_worker, task_env, wait_until)
 
 
 @pytest.fixture
@@ -49,7 +28,7 @@ def server(make_redis_server):
 def test_worker_with_celery_defaults_runs_its_first_task_within_3_s_of_ready(server, pool):
     # Given a worker started with no extra flags (mingle asks its neighbours first)
     url = server.sheppy_url()
-    worker = Worker(url, url, pool=pool)
+    worker = start_worker(url, pool=pool)
     ready = time.monotonic()
     app = client_app(url, url)
     try:
@@ -68,7 +47,7 @@ def test_worker_with_celery_defaults_runs_its_first_task_within_3_s_of_ready(ser
 def test_worker_runs_tasks_within_3_s_after_its_connections_are_killed(server):
     # Given a worker with Celery's defaults that ran a task
     url = server.sheppy_url()
-    worker = Worker(url, url, pool="threads", concurrency=2)
+    worker = start_worker(url, pool="threads", concurrency=2)
     app = client_app(url, url)
     try:
         assert sig(app, "add", 1, 1).delay().get(timeout=20) == 2
@@ -96,7 +75,7 @@ def test_warm_shutdown_hands_its_prefetched_tasks_to_the_next_worker_at_once(
     # Given a worker with Celery's defaults (prefetch 4 per process) holding more tasks
     # than it runs at once
     url = server.sheppy_url()
-    worker = Worker(url, url, pool="prefork", concurrency=2)
+    worker = start_worker(url, pool="prefork", concurrency=2)
     app = client_app(url, url)
     successor = None
     try:
@@ -107,7 +86,7 @@ def test_warm_shutdown_hands_its_prefetched_tasks_to_the_next_worker_at_once(
         assert worker.process.wait(30) == 0
         # Then the next worker runs the rest at once, not after a lease (30 s) ran out,
         # and every task ran exactly once
-        successor = Worker(url, url, pool="prefork", concurrency=2)
+        successor = start_worker(url, pool="prefork", concurrency=2)
         started = time.monotonic()
         assert [r.get(timeout=60) for r in results] == list(range(12))
         assert time.monotonic() - started < 15
@@ -129,7 +108,7 @@ def test_worker_runs_with_a_restricted_acl_user(restricted_acl_server, user):
     # only the categories docs/transport.md lists
     server = restricted_acl_server
     url = f"sheppy://{user}:{user}-pw@127.0.0.1:{server.port}/0"
-    worker = Worker(url, url, pool="threads", concurrency=2)
+    worker = start_worker(url, pool="threads", concurrency=2)
     ready = time.monotonic()
     app = client_app(url, url)
     try:
@@ -156,8 +135,8 @@ def test_result_acks_its_message_when_broker_and_backend_urls_name_the_server_di
     # Given broker and backend on one server, named localhost and 127.0.0.1
     broker = f"sheppy://localhost:{server.port}/0"
     backend = f"sheppy://127.0.0.1:{server.port}/0"
-    worker = Worker(broker, backend, pool="threads", extra_env={
-        "CELERY_SHEPPY_COUNTER_URL": side_redis.url})
+    worker = start_worker(broker, backend=backend, pool="threads",
+                          env={"CELERY_SHEPPY_COUNTER_URL": side_redis.url})
     app = client_app(broker, backend)
     key = f"pending-{os.getpid()}"
     try:
@@ -182,14 +161,11 @@ def test_stopped_events_receiver_stops_collecting_and_its_queue_expires(server):
     url = server.sheppy_url()
     conf = {"event_queue_expires": 3}
     client = server.client()
-    worker = Worker(url, url, pool="threads", args=("-E",),
-                    extra_env={"CELERY_SHEPPY_CONF": json.dumps(conf)})
+    worker = start_worker(url, conf, pool="threads", args=("-E",))
     app = client_app(url, url, event_queue_expires=3)
     before = set(client.scan_iter(keys.pending_stream("celeryev.*")))
-    env = dict(os.environ, CELERY_SHEPPY_BROKER=url, CELERY_SHEPPY_BACKEND=url,
-               PYTHONPATH=str(ROOT), CELERY_SHEPPY_CONF=json.dumps(conf))
-    receiver = subprocess.Popen([sys.executable, "-m", "celery", "-A", TASKS, "events", "--dump"],
-                                cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL,
+    receiver = subprocess.Popen(celery_command("events", "--dump"), cwd=str(ROOT),
+                                env=task_env(url, conf), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         def receiver_queue():

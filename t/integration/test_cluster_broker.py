@@ -14,17 +14,12 @@ import pytest
 from celery import chord, group
 
 from celery_sheppy import keys
-from conftest import Worker, client_app
+from t.helpers import client_app, sig, start_worker, wait_until
 from t.redis_server import RedisCluster
 
-TASKS = "t.integration.tasks"
 LEASE = 4  # seconds: the kill test's visibility_timeout, so it finishes quickly
 #: ETA tasks due later than 1 s wait in sheppy's scheduled set (default 60 s: a slow test)
 CONF = {"broker_transport_options": {"delay_threshold": 1}}
-
-
-def sig(app, name, *args, **options):
-    return app.signature(f"{TASKS}.{name}", args=args, **options)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +29,8 @@ def cluster_url(redis_cluster):
 
 @pytest.fixture(scope="module")
 def worker(cluster_url, side_redis):
-    worker = Worker(cluster_url, cluster_url, pool="threads", concurrency=4,
-                    extra_env={"CELERY_SHEPPY_COUNTER_URL": side_redis.url,
-                               "CELERY_SHEPPY_CONF": json.dumps(CONF)})
+    worker = start_worker(cluster_url, CONF, pool="threads", concurrency=4,
+                          env={"CELERY_SHEPPY_COUNTER_URL": side_redis.url})
     yield worker
     worker.stop()
     log = worker.output()
@@ -71,9 +65,9 @@ def test_the_broker_queue_is_hash_tagged_and_listed_for_sheppy(worker, app, redi
 
 
 def test_remote_control_ping_mingle_and_gossip_work_on_a_cluster(worker, app, cluster_url,
-                                                                 start_worker):
+                                                                 workers):
     # a second worker (Celery's defaults) syncs with the first at start (mingle)
-    second = start_worker(cluster_url, cluster_url, pool="threads", concurrency=2)
+    second = workers.start(cluster_url, pool="threads", concurrency=2)
     assert "mingle: sync with 1 nodes" in second.output()
     replies = app.control.inspect(timeout=5).ping()
     assert len(replies) == 2 and all(reply == {"ok": "pong"} for reply in replies.values()), \
@@ -105,8 +99,8 @@ def test_acks_late_tasks_of_a_killed_worker_run_on_another_none_lost(
     counter = side_redis.client()
     counter.delete("cluster-kill")
     conf = {"broker_transport_options": {"visibility_timeout": LEASE}}
-    env = {"CELERY_SHEPPY_COUNTER_URL": side_redis.url, "CELERY_SHEPPY_CONF": json.dumps(conf)}
-    doomed = Worker(cluster_url, cluster_url, pool="threads", concurrency=4, extra_env=env)
+    env = {"CELERY_SHEPPY_COUNTER_URL": side_redis.url}
+    doomed = start_worker(cluster_url, conf, pool="threads", concurrency=4, env=env)
     app = client_app(cluster_url, cluster_url, **conf)
     try:
         results = [sig(app, "tracked", "cluster-kill", i, 0.5).delay() for i in range(60)]
@@ -115,7 +109,7 @@ def test_acks_late_tasks_of_a_killed_worker_run_on_another_none_lost(
             time.sleep(0.05)
         # When it is killed with SIGKILL and another worker starts
         doomed.kill()
-        rescuer = Worker(cluster_url, cluster_url, pool="threads", concurrency=8, extra_env=env)
+        rescuer = start_worker(cluster_url, conf, pool="threads", concurrency=8, env=env)
         try:
             # Then every task completes: none lost
             assert sorted(r.get(timeout=120) for r in results) == list(range(60))
@@ -131,23 +125,13 @@ def test_acks_late_tasks_of_a_killed_worker_run_on_another_none_lost(
 
 
 def test_status_reads_the_hash_tagged_queue_and_its_result_shards(worker, app):
-    from celery_sheppy.inspect import queue_stats
+    from celery_sheppy.ops import queue_stats
 
     group(sig(app, "add", i, i) for i in range(20))().get(timeout=30)
     stats = {s.queue: s for s in queue_stats(app)}
     assert "{celery}" in stats and not any(name.startswith("{celery.") for name in stats), stats
     assert stats["{celery}"].completed >= 20
     assert [s.queue for s in queue_stats(app, ["celery"])] == ["{celery}"]
-
-
-class StartingWorker(Worker):
-    """A Worker that returns as soon as its process runs (ready or not)."""
-
-    def wait_for_log(self, text, timeout=60):
-        if text == "ready." and not getattr(self, "_started", False):
-            self._started = True
-            return
-        super().wait_for_log(text, timeout)
 
 
 def test_a_worker_started_while_the_cluster_is_down_waits_and_then_works():
@@ -160,14 +144,14 @@ def test_a_worker_started_while_the_cluster_is_down_waits_and_then_works():
         down = cluster.nodes[2]
         down.kill()
         wait_until(lambda: b"cluster_state:fail" in cluster.nodes[0].client().execute_command(
-            "CLUSTER", "INFO"), 30)
+            "CLUSTER", "INFO"), 30, "the cluster to fail")
 
         # When a worker starts (Celery's defaults: mingle declares a reply queue first)
-        worker = StartingWorker(url, url, pool="threads")
+        worker = start_worker(url, pool="threads", wait_ready=False)  # returns as it runs
 
         # Then it meets the down cluster, and waits and retries instead of exiting
         wait_until(lambda: "ClusterDownError" in worker.output()
-                   or worker.process.poll() is not None, 120)
+                   or worker.process.poll() is not None, 120, "the worker to meet the down cluster")
         time.sleep(2)  # an unrecoverable error ends the process within this
         log = worker.output()
         assert worker.process.poll() is None and "Unrecoverable error" not in log, log[-3000:]
@@ -187,9 +171,3 @@ def test_a_worker_started_while_the_cluster_is_down_waits_and_then_works():
             worker.stop()
         cluster.close()
 
-
-def wait_until(predicate, timeout):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.2)

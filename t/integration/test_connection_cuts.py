@@ -8,6 +8,9 @@ Workers use a short lease (LEASE seconds) so the tests finish quickly.
 """
 
 import json
+import os
+import signal
+import subprocess
 import time
 from collections import Counter
 
@@ -15,35 +18,15 @@ import pytest
 from celery import chord, group
 
 from celery_sheppy import keys
-from conftest import Worker, client_app
+from t.helpers import client_app, runs, sig, start_worker, wait_until
 
 pytestmark = pytest.mark.usefixtures("counter")
 
-TASKS = "t.integration.tasks"
 LEASE = 4  # seconds: the workers' visibility_timeout in these tests
 
 
 def settings(**conf):
     return dict({"broker_transport_options": {"visibility_timeout": LEASE}}, **conf)
-
-
-def start(server, pool="prefork", concurrency=2, **conf):
-    url = server.sheppy_url()
-    return Worker(url, url, pool=pool, concurrency=concurrency,
-                  extra_env={"CELERY_SHEPPY_CONF": json.dumps(settings(**conf))})
-
-
-def runs(counter, key):
-    """``[(value, worker, time), ...]`` that the ``tracked`` tasks recorded."""
-    return [tuple(json.loads(item)) for item in counter.lrange(key, 0, -1)]
-
-
-def wait_until(predicate, timeout, message, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
 
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
@@ -52,13 +35,12 @@ def test_countdown_tasks_held_by_a_worker_whose_connection_is_cut_run_once_when_
         make_redis_server, workers, counter, pool, acks_late):
     # Given a default worker holding 5 countdown tasks in memory (due in 8 s)
     server = make_redis_server()
-    worker = start(server, pool=pool)
-    workers.append(worker)
     url = server.sheppy_url()
+    worker = workers.start(url, settings(), pool=pool)
     app = client_app(url, url, **settings())
     task = "tracked" if acks_late else "tracked_early_ack"
     sent = time.time()
-    results = [app.signature(f"{TASKS}.{task}", args=("eta", n)).apply_async(countdown=8)
+    results = [sig(app, task, "eta", n).apply_async(countdown=8)
                for n in range(5)]
     wait_until(lambda: worker.output().count("] received") >= 5, 30, "the worker to hold them")
 
@@ -75,6 +57,37 @@ def test_countdown_tasks_held_by_a_worker_whose_connection_is_cut_run_once_when_
     app.close()
 
 
+def test_task_written_to_a_pool_process_that_had_not_taken_it_when_the_connection_is_cut_runs_once(
+        make_redis_server, workers, counter):
+    # Given a default prefork worker of one process, stopped (SIGSTOP) once it is idle
+    server = make_redis_server()
+    url = server.sheppy_url()
+    worker = workers.start(url, settings(), pool="prefork", concurrency=1)
+    app = client_app(url, url, **settings())
+    task = sig(app, "tracked")
+    assert task.clone(args=("warm", 0)).delay().get(timeout=30) == 0
+    [child] = subprocess.check_output(["pgrep", "-P", str(worker.process.pid)]).split()
+    child = int(child)
+    os.kill(child, signal.SIGSTOP)
+    try:
+        # When a task is written to that process (it cannot take it) and the worker's
+        # connections are cut: Celery's pool.flush() discards the job no process accepted
+        result = task.clone(args=("written", 1)).delay()
+        wait_until(lambda: f"[{result.id}] received" in worker.output(), 30, "the worker to get it")
+        time.sleep(0.5)
+        assert server.client().client_kill_filter(_type="normal", skipme=True) >= 1
+        wait_until(lambda: worker.output().count("Connected to") >= 2, 30, "a reconnect")
+        time.sleep(2)  # the orphan ledger's upkeep has dealt with the discarded job by now
+    finally:
+        os.kill(child, signal.SIGCONT)
+
+    # Then the process runs it, and it runs once: not put back in its stream as well
+    assert result.get(timeout=30) == 1
+    time.sleep(2 * LEASE)  # a copy put back, or a lease recovery, would have run by now
+    assert Counter(value for value, _, _ in runs(counter, "written")) == {1: 1}, worker.output()
+    app.close()
+
+
 # -- acks Redis never applied ----------------------------------------------------------------
 
 
@@ -85,9 +98,9 @@ def test_acks_redis_held_unapplied_when_it_was_killed_are_sent_again_and_nothing
     # Given a default worker draining 600 tasks from Redis with an append-only file
     server = make_redis_server("--appendonly", "yes", "--appendfsync", "always")
     url = server.sheppy_url()
-    workers.append(start(server, pool=pool, concurrency=4))
+    workers.start(url, settings(), pool=pool, concurrency=4)
     app = client_app(url, url, **settings())
-    tasks = app.signature(f"{TASKS}.{task}")
+    tasks = sig(app, task)
     group(tasks.clone(args=("acked", n, 0.05)) for n in range(600)).apply_async(ignore_result=True)
 
     # When, three times, Redis holds every write for a second (CLIENT PAUSE WRITE: the acks
@@ -117,11 +130,12 @@ def test_worker_killed_holding_1000_messages_hands_them_all_to_workers_with_litt
     # 1 000 acks_late tasks
     server = make_redis_server()
     url = server.sheppy_url()
-    greedy = start(server, pool="threads", concurrency=1, worker_prefetch_multiplier=1001)
+    greedy = start_worker(url, settings(worker_prefetch_multiplier=1001), pool="threads",
+                          concurrency=1)
     workers.append(greedy)
     app = client_app(url, url, **settings())
-    app.signature(f"{TASKS}.sleep", args=(600,)).delay()
-    tasks = app.signature(f"{TASKS}.tracked")
+    sig(app, "sleep", 600).delay()
+    tasks = sig(app, "tracked")
     group(tasks.clone(args=("held", n)) for n in range(1000)).apply_async(ignore_result=True)
     client, stream = server.client(), keys.pending_stream("celery")
     wait_until(lambda: client.xlen(stream) > 900 and client.xlen(stream) == client.xpending(
@@ -129,7 +143,7 @@ def test_worker_killed_holding_1000_messages_hands_them_all_to_workers_with_litt
 
     # When it is killed, next to two workers that take 4 messages at a time
     for _ in range(2):
-        workers.append(start(server, pool="threads", concurrency=4, worker_prefetch_multiplier=1))
+        workers.start(url, settings(worker_prefetch_multiplier=1), pool="threads", concurrency=4)
     killed = time.time()
     greedy.kill()
 
@@ -161,17 +175,18 @@ def test_chaos_of_worker_kills_connection_cuts_and_redis_restarts_loses_nothing(
     server = make_redis_server("--appendonly", "yes", "--appendfsync", "always")
     url = server.sheppy_url()
     pools = ["prefork", "prefork", "threads"]
-    live = [start(server, pool=pool, concurrency=2 if pool == "prefork" else 4) for pool in pools]
+    live = [start_worker(url, settings(), pool=pool, concurrency=2 if pool == "prefork" else 4)
+            for pool in pools]
     workers.extend(live)
     app = client_app(url, url, **settings())
     scheduled = client_app(url, url, **settings(broker_transport_options={
         "visibility_timeout": LEASE, "delay_threshold": 4}))  # these wait in Redis, not a worker
-    tracked = app.signature(f"{TASKS}.tracked")
+    tracked = sig(app, "tracked")
     plain = group(tracked.clone(args=("plain", n, 0.03)) for n in range(CHAOS_TASKS)).apply_async()
     chords = [chord(tracked.clone(args=("parts", f"{c}.{p}", 0.03)) for p in range(5))(
-        app.signature(f"{TASKS}.record_run", args=("bodies",))) for c in range(CHAOS_CHORDS)]
-    countdowns = [(scheduled if n % 2 else app).signature(
-        f"{TASKS}.tracked", args=("countdown", n)).apply_async(countdown=3 + n)
+        sig(app, "record_run", "bodies")) for c in range(CHAOS_CHORDS)]
+    countdowns = [sig(scheduled if n % 2 else app, "tracked", "countdown", n).apply_async(
+        countdown=3 + n)
         for n in range(CHAOS_COUNTDOWNS)]
     began = time.time()
 
@@ -182,7 +197,8 @@ def test_chaos_of_worker_kills_connection_cuts_and_redis_restarts_loses_nothing(
         victim = live[index]
         kills[victim.name] = time.time()
         victim.kill()
-        live[index] = start(server, pool=pools[index], concurrency=victim.concurrency)
+        live[index] = start_worker(url, settings(), pool=victim.pool,
+                                   concurrency=victim.concurrency)
         workers.append(live[index])
 
     def cut_connections():

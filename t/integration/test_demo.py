@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_cluster
+from t.helpers import needs_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 

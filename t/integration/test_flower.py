@@ -18,12 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port
-from t.integration.test_ops_cli import QUEUE, Setup, wait_until
+from t.helpers import ROOT, OnServer, Project, wait_until
+from t.redis_server import free_port
 
 pytest.importorskip("flower")  # the [flower] extra; the test extra installs it
 
 FLOWER_LINE = "import celery_sheppy.flower\n"
+QUEUE = "celery"
 
 
 class Flower:
@@ -84,10 +85,10 @@ def flowers():
 
 
 @pytest.fixture
-def setup(make_redis_server, start_worker):
-    setup = Setup(make_redis_server(), start_worker)
+def setup(make_redis_server, workers):
+    setup = Project(OnServer(make_redis_server()), workers)
     yield setup
-    setup.app.close()
+    setup.close()
 
 
 def test_flower_shows_sheppy_queue_lengths_with_the_one_documented_line(setup, flowers):
@@ -129,9 +130,9 @@ def test_flower_without_the_line_does_not_know_the_sheppy_broker(setup, flowers)
 
 
 def test_flower_refreshing_its_workers_again_later_logs_no_dropped_read(make_redis_server,
-                                                                        start_worker, flowers):
+                                                                        workers, flowers):
     # Short reads (1 s) and health checks (1 s): a read is overdue after 2 s, not 35 s
-    setup = Setup(make_redis_server(), start_worker, broker_transport_options={
+    setup = Project(OnServer(make_redis_server()), workers, broker_transport_options={
         "polling_interval": 1, "health_check_interval": 1})
     try:
         setup.worker()
@@ -149,4 +150,4 @@ def test_flower_refreshing_its_workers_again_later_logs_no_dropped_read(make_red
         # Then the replies those reads got were read, not dropped as lost connections
         assert "no reply in time" not in flower.log.read_text()
     finally:
-        setup.app.close()
+        setup.close()

@@ -14,17 +14,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import Worker, client_app
-
-TASKS = "t.integration.tasks"
-
-
-def wait_until(predicate, timeout, message, interval=0.2):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
+from t.helpers import client_app, sig, wait_until
 
 
 def command_counts(client):
@@ -55,7 +45,7 @@ def test_ten_idle_workers_on_twenty_queues_each_stay_within_the_command_budget(
     url = server.sheppy_url()
     queues = ",".join(f"q{n}" for n in range(20))
     for _ in range(10):
-        workers.append(Worker(url, url, pool="threads", concurrency=2, queues=queues))
+        workers.start(url, pool="threads", concurrency=2, queues=queues)
     time.sleep(5)  # mingle, the first heartbeats and gossip, the first upkeep runs
 
     # When nothing is sent for 30 s
@@ -75,7 +65,7 @@ def test_heartbeats_events_and_remote_control_reach_every_worker_and_monitor(
     server = make_redis_server()
     url = server.sheppy_url()
     for _ in range(3):
-        workers.append(Worker(url, url, pool="threads", concurrency=2, args=("-E",)))
+        workers.start(url, pool="threads", concurrency=2, args=("-E",))
     app = client_app(url, url)
     seen = []
     with app.connection_for_read() as conn:
@@ -87,7 +77,7 @@ def test_heartbeats_events_and_remote_control_reach_every_worker_and_monitor(
             # Then each worker's heartbeats reach the monitor, a task's events reach it ...
             wait_until(lambda: {e["hostname"] for e in seen if e["type"] == "worker-heartbeat"}
                        >= {w.name for w in workers}, 20, "a heartbeat of every worker")
-            result = app.signature(f"{TASKS}.add", args=(2, 3)).delay()
+            result = sig(app, "add", 2, 3).delay()
             assert result.get(timeout=20) == 5
             wait_until(lambda: {"task-received", "task-started", "task-succeeded"} <= {
                 e["type"] for e in seen if e.get("uuid") == result.id}, 10, "the task's events")
@@ -107,10 +97,9 @@ def test_broadcast_revoke_reaches_a_worker_that_was_disconnected_when_it_was_sen
     # Given a default worker holding a countdown task (due in 6 s)
     server = make_redis_server()
     url = server.sheppy_url()
-    worker = Worker(url, url, pool="prefork", concurrency=2)  # counts in the side Redis
-    workers.append(worker)
+    worker = workers.start(url, pool="prefork", concurrency=2)  # counts in the side Redis
     app = client_app(url, url)
-    result = app.signature(f"{TASKS}.tracked_early_ack", args=("revoked", 1)).apply_async(
+    result = sig(app, "tracked_early_ack", "revoked", 1).apply_async(
         countdown=6)
     wait_until(lambda: "] received" in worker.output(), 20, "the worker to hold it")
 
@@ -139,9 +128,9 @@ def test_finished_stream_goes_once_results_stop(make_redis_server, workers):
 
     server = make_redis_server()
     url = server.sheppy_url()
-    workers.append(Worker(url, url, pool="threads", concurrency=2))
+    workers.start(url, pool="threads", concurrency=2)
     app = client_app(url, url)
-    assert [app.signature(f"{TASKS}.add", args=(n, n)).delay().get(timeout=20)
+    assert [sig(app, "add", n, n).delay().get(timeout=20)
             for n in range(20)] == [2 * n for n in range(20)]
     stream = keys.finished_stream("celery")
     # Then the finished stream has a time to live that outlasts its entries' minute ...
@@ -151,5 +140,5 @@ def test_finished_stream_goes_once_results_stop(make_redis_server, workers):
     # ... so an idle stream goes as a whole, and comes back with the next result
     server.client().expire(stream, 1)
     wait_until(lambda: not server.client().exists(stream), 5, "the stream to expire")
-    assert app.signature(f"{TASKS}.add", args=(1, 1)).delay().get(timeout=20) == 2
+    assert sig(app, "add", 1, 1).delay().get(timeout=20) == 2
     app.close()

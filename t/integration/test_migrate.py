@@ -6,52 +6,39 @@ counted on both sides, then run by a real worker on the destination.
 """
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 
 from celery import states
 
 from celery_sheppy import keys
-from conftest import ROOT, client_app
-
-TASKS = "t.integration.tasks"
+from t.helpers import celery_cli, client_app, sig
 
 
 def migrate(source, destination, *args, broker=None, backend=None):
-    env = dict(os.environ, CELERY_SHEPPY_BROKER=broker or destination,
-               CELERY_SHEPPY_BACKEND=backend or destination,
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, "migrate", *args,
-                             source, destination], env=env, cwd=str(ROOT), capture_output=True,
-                            text=True, timeout=120)
+    result = celery_cli(broker or destination, "migrate", *args, source, destination,
+                        backend=backend or destination, timeout=120)
     assert result.returncode == 0, result.stderr
     return result
 
 
 def sheppy_counts(url, backend):
-    env = dict(os.environ, CELERY_SHEPPY_BROKER=url, CELERY_SHEPPY_BACKEND=backend,
-               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, "sheppy", "status",
-                             "-Q", "celery", "--json"], env=env, cwd=str(ROOT),
-                            capture_output=True, text=True, timeout=60)
+    result = celery_cli(url, "sheppy", "status", "-Q", "celery", "--json", backend=backend)
     assert result.returncode == 0, result.stderr
     queue = json.loads(result.stdout)["queues"][0]
     return queue["ready"], queue["in_flight"], queue["scheduled"]
 
 
 def test_celery_migrate_moves_queued_tasks_from_redis_into_sheppy_and_a_worker_runs_them(
-        make_redis_server, start_worker):
+        make_redis_server, workers):
     server = make_redis_server()
     stock_url, sheppy_url = server.url.replace("/0", "/1"), server.sheppy_url(2)
     backend = server.sheppy_url(3)
     stock_db = server.client(db=1)
     # Given 20 tasks and one countdown task queued on a stock redis:// broker, no worker
     stock = client_app(stock_url, backend)
-    results = [stock.signature(f"{TASKS}.add", args=(i, i)).delay() for i in range(20)]
-    later = stock.signature(f"{TASKS}.add", args=(50, 50)).apply_async(countdown=3600)
+    results = [sig(stock, "add", i, i).delay() for i in range(20)]
+    later = sig(stock, "add", 50, 50).apply_async(countdown=3600)
     assert stock_db.llen("celery") == 21
 
     # Without --ack-messages the tasks are copied: the source keeps them
@@ -71,21 +58,21 @@ def test_celery_migrate_moves_queued_tasks_from_redis_into_sheppy_and_a_worker_r
                                       later.id) is not None  # a UUID id is its sheppy id
 
     # And a sheppy:// worker runs them, their results readable through the producer's app
-    start_worker(sheppy_url, backend, pool="threads", concurrency=4)
+    workers.start(sheppy_url, backend=backend, pool="threads", concurrency=4)
     assert [r.get(timeout=60) for r in results] == [2 * i for i in range(20)]
     stock.close()
 
 
 def test_celery_migrate_moves_queued_tasks_from_sheppy_back_to_redis_scheduled_ones_when_due(
-        make_redis_server, start_worker):
+        make_redis_server, workers):
     server = make_redis_server()
     stock_url, sheppy_url = server.url.replace("/0", "/1"), server.sheppy_url(2)
     backend = server.sheppy_url(3)
     # Given 10 tasks queued on sheppy://, and one sent to its scheduled set (delay_threshold
     # 1 s), due 4 s from now
     app = client_app(sheppy_url, backend, broker_transport_options={"delay_threshold": 1})
-    results = [app.signature(f"{TASKS}.add", args=(i, 1)).delay() for i in range(10)]
-    soon = app.signature(f"{TASKS}.add", args=(7, 7)).apply_async(countdown=4)
+    results = [sig(app, "add", i, 1).delay() for i in range(10)]
+    soon = sig(app, "add", 7, 7).apply_async(countdown=4)
     sent = time.monotonic()
     assert sheppy_counts(sheppy_url, backend) == (10, 0, 1)
 
@@ -101,7 +88,7 @@ def test_celery_migrate_moves_queued_tasks_from_sheppy_back_to_redis_scheduled_o
     assert sheppy_counts(sheppy_url, backend) == (0, 0, 0)
 
     # And a stock redis:// worker runs them
-    start_worker(stock_url, backend, pool="threads", concurrency=4)
+    workers.start(stock_url, backend=backend, pool="threads", concurrency=4)
     assert [r.get(timeout=60) for r in results] == [i + 1 for i in range(10)]
     assert soon.get(timeout=60) == 14
     app.close()

@@ -3,15 +3,15 @@
 Each test starts its own redis-server and worker, sets up a known state (tasks
 running, waiting, scheduled, dead-lettered, stuck on a killed worker) and runs the
 command as an operator would, in a subprocess, checking its counts, its table, its
-JSON and its exit code.
+JSON and its exit code. The stuck, dead letter and scheduled scenarios run once per
+topology (conftest's ``topology``): on a redis-server of their own, then on the local
+Redis Cluster, where Celery's queue ``celery`` is sheppy's queue ``{celery}``.
 """
 
 import json
-import os
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -22,83 +22,31 @@ from celery import VERSION as celery_version_info
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_sheppy import keys
-from conftest import ROOT, free_port, client_app
+from t.helpers import (ROOT, TASKS, OnServer, Project, assert_clean_log, celery_cli, needs_cluster,
+                       wait_until)
+from t.redis_server import free_port
 
-TASKS = "t.integration.tasks"
-QUEUE = "celery"
+QUEUE = "celery"  # the tests on one server; a scenario run per topology uses topology.queue
 LEASE = 4  # seconds: the lease of the stuck test's workers and commands
 
 
-class Setup:
-    """A private redis-server, the tests' settings for it, and a client app on it."""
-
-    def __init__(self, server, start_worker, backend_db=0, **conf):
-        self.server, self._start = server, start_worker
-        self.url, self.backend = server.sheppy_url(), server.sheppy_url(backend_db)
-        self.conf = dict({"worker_prefetch_multiplier": 1}, **conf)
-        self.client = server.client()
-        self.app = client_app(self.url, self.backend, **conf)
-
-    @property
-    def env(self):
-        return dict(os.environ, CELERY_SHEPPY_BROKER=self.url, CELERY_SHEPPY_BACKEND=self.backend,
-                    CELERY_SHEPPY_CONF=json.dumps(self.conf),
-                    CELERY_SHEPPY_COUNTER_URL=self.server.url,
-                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-
-    def worker(self, concurrency=2, pool="threads"):
-        return self._start(self.url, self.backend, pool=pool, concurrency=concurrency,
-                           extra_env={"CELERY_SHEPPY_CONF": json.dumps(self.conf),
-                                      "CELERY_SHEPPY_COUNTER_URL": self.server.url})
-
-    def sig(self, name, *args, **options):
-        return self.app.signature(f"{TASKS}.{name}", args=args, **options)
-
-    def command(self, *args):
-        return [sys.executable, "-m", "celery", "-A", TASKS, "sheppy", *args]
-
-    def cli(self, *args, input=None, env=None):
-        return subprocess.run(self.command(*args), env=env or self.env, cwd=str(ROOT),
-                              input=input, capture_output=True, text=True, timeout=120)
-
-    def json(self, *args):
-        result = self.cli(*args, "--json")
-        assert result.returncode == 0, result.stderr
-        return json.loads(result.stdout)
-
-    def stats(self):
-        return {q["queue"]: q for q in self.json("status")["queues"]}
-
-    def hold_two_and_wait(self, seconds=30):
-        """Two acks_late tasks running: the whole prefetch (2) of a 2-thread worker."""
-        held = [self.sig("hold", seconds).delay() for _ in range(2)]
-        wait_until(lambda: all(r.state == "STARTED" for r in held), 30, "both tasks to start")
-        return held
-
-
 @pytest.fixture
-def ops(make_redis_server, start_worker):
-    setups = []
+def ops(make_redis_server, workers):
+    """Makes a Project on ``topology`` (a scenario run per topology) or, without one, on a
+    redis-server of its own; its workers stop and its app closes when the test ends."""
+    projects = []
 
-    def make(**conf):
-        setups.append(Setup(make_redis_server(), start_worker, **conf))
-        return setups[-1]
+    def make(topology=None, **conf):
+        projects.append(Project(topology or OnServer(make_redis_server()), workers, **conf))
+        return projects[-1]
 
     yield make
-    for setup in setups:
-        setup.app.close()
-
-
-def wait_until(predicate, timeout, message="condition", interval=0.2):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
+    for project in projects:
+        project.close()
 
 
 def poison(setup):
-    setup.client.xadd(keys.pending_stream(QUEUE), {"data": "not a task record"})
+    setup.client.xadd(keys.pending_stream(setup.queue), {"data": "not a task record"})
 
 
 def fits_80_columns(text):
@@ -164,9 +112,7 @@ def test_status_counts_ready_in_flight_scheduled_dead_and_results_per_queue(ops)
 
 def celery_purge(setup):
     """``celery -A app purge -f``, as an operator empties the app's queues."""
-    result = subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, "purge", "-f"],
-                            env=setup.env, cwd=str(ROOT), capture_output=True, text=True,
-                            timeout=120)
+    result = celery_cli(setup.url, "purge", "-f", settings=setup.conf, timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -236,17 +182,16 @@ def test_status_watch_refreshes_until_interrupted(ops):
 
 def test_errors_name_the_fault_and_exit_with_codes_scripts_can_use(ops):
     setup = ops()
-    stock = dict(setup.env, CELERY_SHEPPY_BROKER=setup.server.url)
-    result = setup.cli("status", env=stock)
+    result = setup.cli("status", env={"CELERY_SHEPPY_BROKER": setup.topology.server.url})
     assert result.returncode == 78 and "not sheppy://" in result.stderr
 
     nowhere = f"sheppy://alice:s3cret@127.0.0.1:{free_port()}/0"
-    result = setup.cli("status", env=dict(setup.env, CELERY_SHEPPY_BROKER=nowhere))
+    result = setup.cli("status", env={"CELERY_SHEPPY_BROKER": nowhere})
     assert result.returncode == 69 and "cannot reach" in result.stderr
     assert "alice:**@127.0.0.1" in result.stderr and "s3cret" not in result.stderr
 
     elsewhere = f"sheppy://127.0.0.1:{free_port()}/0"  # results on a server that is down
-    result = setup.cli("status", env=dict(setup.env, CELERY_SHEPPY_BACKEND=elsewhere))
+    result = setup.cli("status", env={"CELERY_SHEPPY_BACKEND": elsewhere})
     assert result.returncode == 69 and "cannot reach the sheppy:// result backend" in result.stderr
 
     result = setup.cli("status", "-Q", "celery,bad:name")
@@ -267,12 +212,21 @@ def test_errors_name_the_fault_and_exit_with_codes_scripts_can_use(ops):
 # -- stuck ------------------------------------------------------------------------------
 
 
-def test_stuck_lists_a_killed_workers_messages_past_the_lease_and_exits_1_until_taken_over(ops):
-    setup = ops(broker_transport_options={"visibility_timeout": LEASE})
+#: A scenario that is quick on one server and slow (19 s) on the cluster.
+SLOW_ON_A_CLUSTER = pytest.mark.parametrize(
+    "topology", ["server", pytest.param("cluster", marks=(needs_cluster, pytest.mark.slow))],
+    indirect=True)
+
+
+@SLOW_ON_A_CLUSTER
+def test_stuck_lists_a_killed_workers_messages_past_the_lease_and_exits_1_until_taken_over(
+        topology, ops):
+    # Given a worker holding two acks_late tasks (its whole prefetch), short lease
+    setup = ops(topology, broker_transport_options={"visibility_timeout": LEASE})
     doomed = setup.worker()
     held = setup.hold_two_and_wait(seconds=8)
     result = setup.cli("stuck")
-    assert (result.returncode, result.stdout) == (0, "nothing stuck\n")
+    assert (result.returncode, result.stdout) == (0, "nothing stuck\n"), result.stderr
 
     # When the worker is killed and a lease passes
     doomed.kill()
@@ -283,9 +237,10 @@ def test_stuck_lists_a_killed_workers_messages_past_the_lease_and_exits_1_until_
     assert result.returncode == 1, result.stderr
     items = json.loads(result.stdout)
     assert sorted(i["task_id"] for i in items) == sorted(r.id for r in held)
-    assert {(i["consumer_state"], i["task"]) for i in items} == {("dead", f"{TASKS}.hold")}
+    assert {(i["queue"], i["consumer_state"], i["task"]) for i in items} == {
+        (topology.queue, "dead", f"{TASKS}.hold")}
     assert all(i["idle"] >= LEASE for i in items)
-    celery = setup.stats()[QUEUE]
+    celery = setup.stats()[topology.queue]
     assert (celery["in_flight"], celery["stuck"], celery["consumers_alive"],
             celery["consumers_dead"]) == (2, 2, 0, 1)
     table = setup.cli("stuck")
@@ -297,7 +252,7 @@ def test_stuck_lists_a_killed_workers_messages_past_the_lease_and_exits_1_until_
     rescuer = setup.worker()
     wait_until(lambda: setup.cli("stuck").returncode == 0, 30, "the messages to be taken over")
     assert [r.get(timeout=60) for r in held] == [8, 8]
-    rescuer.stop()
+    assert_clean_log(rescuer)
 
 
 def test_an_idle_worker_counts_alive_on_every_server_and_a_killed_one_dead(ops):
@@ -342,26 +297,29 @@ def test_an_idle_worker_counts_alive_on_every_server_and_a_killed_one_dead(ops):
 # -- dead letters ------------------------------------------------------------------------
 
 
-def test_dead_letters_are_listed_shown_replayed_to_a_worker_and_purged(ops):
+def test_dead_letters_are_listed_shown_replayed_to_a_worker_and_purged(topology, ops, counter):
     # Broker and backend in one database: the FAILURE Celery stores for Reject(requeue=False)
     # must not ack the message, or the reject finds nothing to dead-letter
-    setup = ops()
-    setup.worker()
+    setup = ops(topology)
+    worker = setup.worker()
     rejected = [setup.sig("picky", "flag").delay() for _ in range(2)]
     poison(setup)
-    dead = keys.dead_letter_stream(QUEUE)
+    dead = keys.dead_letter_stream(topology.queue)
     wait_until(lambda: setup.client.xlen(dead) == 3, 30, "three dead letters")
 
-    # list
+    # list: under the broker's queue, also when asked by the Celery queue's name
     letters = setup.json("dead", "list")
     tasks = {letter["task_id"]: letter for letter in letters if letter["task"]}
     assert sorted(tasks) == sorted(r.id for r in rejected)
-    assert {(letter["reason"], letter["task"]) for letter in tasks.values()} == {
-        ("rejected", f"{TASKS}.picky")}
+    assert {(letter["queue"], letter["reason"], letter["task"]) for letter in tasks.values()} == {
+        (topology.queue, "rejected", f"{TASKS}.picky")}
     bad = [letter for letter in letters if letter["task"] is None]
     assert len(bad) == 1 and bad[0]["reason"].startswith("undecodable")
     table = setup.cli("dead", "list")
     assert fits_80_columns(table.stdout) and len(table.stdout.splitlines()) == 4
+    by_celery_name = setup.json("dead", "list", "-Q", "celery")
+    assert sorted(letter["id"] for letter in by_celery_name) == sorted(
+        letter["id"] for letter in letters)
 
     # show
     shown = setup.cli("dead", "show", bad[0]["id"])
@@ -369,21 +327,27 @@ def test_dead_letters_are_listed_shown_replayed_to_a_worker_and_purged(ops):
     assert re.search(r"^reason: +undecodable", shown.stdout, re.M)
     assert "not a task record" in shown.stdout
     missing = setup.cli("dead", "show", "1-1")
-    assert missing.returncode == 3 and "no dead letter 1-1 in queue(s) celery" in missing.stderr
+    assert missing.returncode == 3
+    assert f"no dead letter 1-1 in queue(s) {topology.queue}" in missing.stderr
+    first = tasks[rejected[0].id]["id"]
+    shown = setup.cli("dead", "show", first)
+    assert shown.returncode == 0, shown.stderr
+    assert rejected[0].id in shown.stdout
 
     # replay asks first: "n" keeps the letter
-    first = tasks[rejected[0].id]["id"]
     refused = setup.cli("dead", "replay", first, input="n\n")
     assert refused.returncode == 1 and "Aborted" in refused.stderr
     assert setup.client.xlen(dead) == 3
 
     # replay with --yes: back to its stream, and the worker runs it
-    setup.client.set("flag", 1)
+    counter.set("flag", 1)
     replayed = setup.cli("dead", "replay", first, "--yes")
-    assert replayed.returncode == 0 and "replayed 1 dead letter(s); celery: 1" in replayed.stdout
+    assert replayed.returncode == 0, replayed.stderr
+    assert f"replayed 1 dead letter(s); {topology.queue}: 1" in replayed.stdout
     wait_until(lambda: rejected[0].state == "SUCCESS", 30, "the replayed task to succeed")
     assert rejected[0].get(timeout=30) == "flag"
-    celery = setup.stats()[QUEUE]
+    assert setup.client.xlen(dead) == 2
+    celery = setup.stats()[topology.queue]
     assert celery["dead_letters"] == 2
     # counted in the result backend's database: Celery 5.7 stores FAILURE for each
     # Reject(requeue=False), then the replayed run's SUCCESS replaced one of them (older
@@ -397,6 +361,8 @@ def test_dead_letters_are_listed_shown_replayed_to_a_worker_and_purged(ops):
     purged = setup.cli("dead", "purge", "--yes")
     assert purged.returncode == 0 and "purged 2 dead letter(s)" in purged.stdout
     assert setup.client.xlen(dead) == 0
+    assert setup.cli("dead", "list").stdout == "no dead letters\n"
+    assert_clean_log(worker)
 
 
 def test_dead_show_prints_what_an_entry_without_a_data_field_held(ops):
@@ -425,29 +391,35 @@ def test_dead_show_prints_what_an_entry_without_a_data_field_held(ops):
 # -- scheduled, revoked -----------------------------------------------------------------
 
 
-def test_scheduled_list_shows_countdown_tasks_soonest_first_and_revoked_list_the_revoked(ops):
-    setup = ops()
-    setup.worker()
+def test_scheduled_list_shows_countdown_tasks_soonest_first_and_revoked_list_the_revoked(
+        topology, ops):
+    # Given two countdown tasks waiting in the queue's scheduled set, one revoked
+    setup = ops(topology)
+    worker = setup.worker()
     later = setup.sig("add", 1, 1).apply_async(countdown=7200)
     sooner = setup.sig("add", 2, 2).apply_async(countdown=3600)
     setup.app.control.revoke(later.id)
     wait_until(lambda: setup.client.zscore(keys.revoked_set(), later.id) is not None, 30,
                "the revoke to be kept")
+    assert setup.client.zcard(keys.scheduled_set(topology.queue)) == 2
 
+    # When the operator lists them, Then they are shown soonest first
     items = setup.json("scheduled", "list")
     assert [i["task_id"] for i in items] == [sooner.id, later.id]
     assert [i["revoked"] for i in items] == [False, True]
-    assert {i["task"] for i in items} == {f"{TASKS}.add"}
+    assert {(i["queue"], i["task"]) for i in items} == {(topology.queue, f"{TASKS}.add")}
     assert 3500 < items[0]["due_in"] <= 3600 and 7100 < items[1]["due_in"] <= 7200
     table = setup.cli("scheduled", "list")
     assert fits_80_columns(table.stdout)
     assert sooner.id in table.stdout and "(revoked)" in table.stdout
-    assert setup.stats()[QUEUE]["scheduled"] == 2
+    assert setup.stats()[topology.queue]["scheduled"] == 2
 
+    # and the revoked one is listed as revoked
     revoked = setup.json("revoked", "list")
     assert revoked["total"] == 1 and [i["task_id"] for i in revoked["revoked"]] == [later.id]
     table = setup.cli("revoked", "list")
     assert later.id in table.stdout and "1 of 1 shown" in table.stdout
+    assert_clean_log(worker)
 
 
 def test_revoked_list_shows_tasks_stopped_with_celery_control_terminate(ops):
@@ -456,9 +428,8 @@ def test_revoked_list_shows_tasks_stopped_with_celery_control_terminate(ops):
     setup = ops()
     worker = setup.worker(pool="prefork")
     (held, _) = setup.hold_two_and_wait()
-    result = subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, "control",
-                             "terminate", "SIGTERM", held.id], env=setup.env, cwd=str(ROOT),
-                            capture_output=True, text=True, timeout=120)
+    result = celery_cli(setup.url, "control", "terminate", "SIGTERM", held.id,
+                        settings=setup.conf, timeout=120)
     assert result.returncode == 0, result.stderr
     wait_until(lambda: held.state == "REVOKED", 30, "the task to be revoked")
 
@@ -521,7 +492,7 @@ def test_metrics_are_printed_and_served_for_prometheus_to_scrape(ops):
             with pytest.raises(urllib.error.HTTPError, match="404"):
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/other", timeout=10)
             worker.kill()
-            setup.server.kill()  # a scrape while Redis is down fails, the server stays up
+            setup.topology.server.kill()  # a scrape while Redis is down fails, the server stays up
             with pytest.raises(urllib.error.HTTPError, match="503") as failed:
                 urllib.request.urlopen(url, timeout=30)
             assert "cannot read the sheppy:// broker" in failed.value.read().decode()
@@ -551,7 +522,7 @@ def test_a_misspelt_transport_option_stops_the_worker_naming_only_options_it_acc
 def test_metrics_serve_starts_while_redis_is_down_and_recovers(ops):
     # Given a broker that is down when the exporter starts
     setup = ops()
-    setup.server.kill()
+    setup.topology.server.kill()
     port = free_port()
     with tempfile.TemporaryFile("w+") as out:
         server = subprocess.Popen(setup.command("metrics", "--serve", str(port)), env=setup.env,
@@ -575,7 +546,7 @@ def test_metrics_serve_starts_while_redis_is_down_and_recovers(ops):
             wait_until(lambda: answered(503), 60, "a 503 from the exporter")
             assert "cannot read the sheppy:// broker" in failures[-1]
             # And once Redis is back, scrapes succeed
-            setup.server.start()
+            setup.topology.server.start()
             setup.sig("add", 1, 1).delay()
             wait_until(lambda: answered(200), 60, "a scrape to succeed")
             server.send_signal(signal.SIGINT)

@@ -9,14 +9,9 @@ tests finish quickly; production keeps the default.
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import redis
@@ -24,12 +19,11 @@ from celery import chord
 from kombu.exceptions import OperationalError
 
 from celery_sheppy import keys, transport
-from conftest import ROOT, Worker, client_app
+from t.helpers import TASKS, client_app, runs, sig, start_worker, wait_until
 
 # Slow; tasks count their runs in the side Redis (conftest's ``counter``).
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("counter")]
 
-TASKS = "t.integration.tasks"
 LEASE = 4  # seconds: the workers' visibility_timeout in these tests
 QUEUE = "celery"
 
@@ -38,35 +32,16 @@ def options(**extra):
     return dict({"visibility_timeout": LEASE}, **extra)
 
 
-def start(server, concurrency=4, pool="threads", conf=None, **transport_options):
-    settings = {"broker_transport_options": options(**transport_options),
-                "worker_prefetch_multiplier": 4}
-    settings.update(conf or {})
-    url = server.sheppy_url()
-    return Worker(url, url, pool=pool, concurrency=concurrency,
-                  extra_env={"CELERY_SHEPPY_CONF": json.dumps(settings)})
+def settings(conf=None, **transport_options):
+    """The workers' settings: a lease of LEASE s (and ``transport_options``), prefetch 4,
+    then ``conf``."""
+    return dict({"broker_transport_options": options(**transport_options),
+                 "worker_prefetch_multiplier": 4}, **(conf or {}))
 
 
 def app_for(server, **transport_options):
     url = server.sheppy_url()
     return client_app(url, url, broker_transport_options=options(**transport_options))
-
-
-def sig(app, name, *args, **options_):
-    return app.signature(f"{TASKS}.{name}", args=args, **options_)
-
-
-def runs(client, key):
-    """``[(value, worker, time), ...]`` recorded by the ``tracked`` family of tasks."""
-    return [tuple(json.loads(item)) for item in client.lrange(key, 0, -1)]
-
-
-def wait_until(predicate, timeout, interval=0.2, message="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
 
 
 def pending_count(client, stream=keys.pending_stream(QUEUE)):
@@ -85,13 +60,13 @@ def test_worker_killed_with_100_acks_late_tasks_loses_none_and_recovers_within_t
     server = make_redis_server()
     client = server.client()
     app = app_for(server)
-    doomed = start(server, concurrency=4, conf={"worker_prefetch_multiplier": 25})
-    workers.append(doomed)
+    doomed = workers.start(server.sheppy_url(), settings({"worker_prefetch_multiplier": 25}),
+                           pool="threads", concurrency=4)
     results = [sig(app, "tracked", "runs", i, 1.0).delay() for i in range(100)]
     wait_until(lambda: pending_count(client) == 100 and len(runs(counter, "runs")) >= 4, 60,
                message="the first worker to hold all 100 tasks")
-    rescuer = start(server, concurrency=20, conf={"worker_prefetch_multiplier": 5})
-    workers.append(rescuer)
+    rescuer = workers.start(server.sheppy_url(), settings({"worker_prefetch_multiplier": 5}),
+                            pool="threads", concurrency=20)
 
     # When it is killed with SIGKILL
     killed_at = time.time()
@@ -125,7 +100,8 @@ def test_countdown_of_three_leases_runs_exactly_once_with_two_workers(make_redis
     # Given two live workers
     server = make_redis_server()
     client = server.client()
-    workers.extend([start(server, concurrency=2), start(server, concurrency=2)])
+    for _ in range(2):
+        workers.start(server.sheppy_url(), settings(), pool="threads", concurrency=2)
     held = app_for(server)  # default delay_threshold: the eta task waits in a worker
     scheduled = app_for(server, delay_threshold=LEASE / 2)  # waits in sheppy:scheduled:<q>
 
@@ -155,7 +131,8 @@ def test_task_running_for_many_leases_on_a_live_worker_is_never_stolen(make_redi
     # Given two live workers and an acks_late task that runs for four leases
     server = make_redis_server()
     client = server.client()
-    workers.extend([start(server, concurrency=2), start(server, concurrency=2)])
+    for _ in range(2):
+        workers.start(server.sheppy_url(), settings(), pool="threads", concurrency=2)
     app = app_for(server)
     result = sig(app, "tracked", "long", "long", 4 * LEASE).delay()
 
@@ -181,7 +158,8 @@ def test_redis_killed_and_restarted_while_tasks_flow_loses_no_published_task(
     app.conf.task_publish_retry_policy = {"max_retries": 30, "interval_start": 0,
                                           "interval_step": 0.2, "interval_max": 0.5}
     for _ in range(2):
-        workers.append(start(server, concurrency=8, conf={"worker_prefetch_multiplier": 8}))
+        workers.start(server.sheppy_url(), settings({"worker_prefetch_multiplier": 8}),
+                      pool="threads", concurrency=8)
     published, failed = [], []
 
     def produce():
@@ -235,7 +213,7 @@ def test_connection_loss_while_acks_late_tasks_drain_loses_none_and_runs_none_tw
     # Given a worker (Celery's defaults, prefetch 16) draining 2 000 acks_late tasks
     server = make_redis_server("--appendonly", "yes", "--appendfsync", "always")
     app = app_for(server)
-    workers.append(start(server, concurrency=4, pool=pool))
+    workers.start(server.sheppy_url(), settings(), pool=pool, concurrency=4)
     ids = [sig(app, "tracked", "drain", i, 0.005).apply_async(ignore_result=True).id
            for i in range(DRAIN_TASKS)]
     wait_until(lambda: counter.llen("drain") >= DRAIN_TASKS // 4, 120, interval=0.05,
@@ -273,8 +251,7 @@ def test_results_stored_while_redis_restarts_are_not_lost_with_default_settings(
     # Given tasks (acked when they start, Celery's default) running when Redis is killed
     server = make_redis_server("--appendonly", "yes", "--appendfsync", "always")
     app = app_for(server)
-    worker = start(server, concurrency=8)
-    workers.append(worker)
+    worker = workers.start(server.sheppy_url(), settings(), pool="threads", concurrency=8)
     results = [sig(app, "sleep", 0.4).delay() for _ in range(60)]
     wait_until(lambda: worker.output().count("succeeded in") >= 8, 60, message="tasks to run")
 
@@ -298,7 +275,8 @@ def test_chord_part_whose_worker_dies_after_reporting_is_redelivered_and_the_bod
     # Given two workers and a chord one of whose parts reports to it, then kills its worker
     server = make_redis_server()
     app = app_for(server)
-    workers.extend([start(server, concurrency=2), start(server, concurrency=2)])
+    for _ in range(2):
+        workers.start(server.sheppy_url(), settings(), pool="threads", concurrency=2)
     header = [sig(app, "tracked", "parts", i) for i in range(4)]
     header.append(sig(app, crashing_task, 99, "crashing-part"))
     body = app.signature(f"{TASKS}.record_run", kwargs={"key": "body"})
@@ -344,8 +322,7 @@ def test_malformed_entries_go_to_the_dead_letters_and_good_tasks_all_run(make_re
     server = make_redis_server()
     client = server.client()
     app = app_for(server)
-    worker = start(server, concurrency=4)
-    workers.append(worker)
+    worker = workers.start(server.sheppy_url(), settings(), pool="threads", concurrency=4)
 
     # When 1 000 malformed entries are mixed with 200 good tasks
     results = []
@@ -392,8 +369,9 @@ def test_task_that_kills_its_worker_ends_in_the_dead_letters_and_the_queue_keeps
     app = app_for(server)
 
     def worker():
-        return start(server, concurrency=1, max_deliveries=MAX_DELIVERIES,
-                     conf={"worker_prefetch_multiplier": 1})
+        return start_worker(server.sheppy_url(), settings({"worker_prefetch_multiplier": 1},
+                                                          max_deliveries=MAX_DELIVERIES),
+                            pool="threads", concurrency=1)
 
     workers.extend([worker(), worker()])
 
@@ -438,7 +416,8 @@ def test_task_revoked_while_every_worker_is_stopped_never_runs(make_redis_server
     # When both are revoked, then workers start
     app.control.revoke(waiting.id)
     app.control.revoke(later.id)
-    workers.extend([start(server, concurrency=2), start(server, concurrency=2)])
+    for _ in range(2):
+        workers.start(server.sheppy_url(), settings(), pool="threads", concurrency=2)
     marker = sig(app, "tracked", "runs", "marker").apply_async(countdown=5)
 
     # Then neither ever runs
@@ -497,26 +476,17 @@ def test_wrong_password_unreachable_host_and_tls_mismatch_fail_clearly_without_s
 
 def worker_log_until(url, text, timeout):
     """Start a worker that cannot become ready; its log once ``text`` shows (or timeout)."""
-    log = tempfile.NamedTemporaryFile(prefix="celery-sheppy-worker-", suffix=".log", delete=False)
-    env = dict(os.environ, CELERY_SHEPPY_BROKER=url, CELERY_SHEPPY_BACKEND=url,
-               PYTHONPATH=str(ROOT), CELERY_SHEPPY_CONF=json.dumps(
-                   {"broker_connection_max_retries": 2, "broker_connection_timeout": 2}))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", TASKS, "worker", "-P", "solo", "-l", "INFO"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), start_new_session=True)
+    worker = start_worker(url, {"broker_connection_max_retries": 2,
+                                "broker_connection_timeout": 2}, pool="solo", wait_ready=False)
     try:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and process.poll() is None:
-            if text in Path(log.name).read_text(errors="replace"):
+        while time.monotonic() < deadline and worker.process.poll() is None:
+            if text in worker.output():
                 break
             time.sleep(0.2)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    output = Path(log.name).read_text(errors="replace")
-    os.unlink(log.name)
-    return output
+        worker.kill()
+    return worker.output()
 
 
 # -- acks_late and results together -----------------------------------------------------------------
@@ -527,7 +497,7 @@ def test_terminal_result_and_the_ack_of_its_message_are_one_step(make_redis_serv
     server = make_redis_server()
     client = server.client()
     app = app_for(server)
-    workers.append(start(server, concurrency=1, pool="prefork"))
+    workers.start(server.sheppy_url(), settings(), pool="prefork", concurrency=1)
 
     # When the task stores its result
     result = sig(app, "pending_after_own_result", "acked").delay()

@@ -6,17 +6,13 @@ producer, the result backend and ``celery sheppy`` each name the server, its ver
 what celery-sheppy needs; the check asks ``COMMAND INFO``, never ``redis_version``.
 """
 
-import os
-import subprocess
-import sys
-
 import kombu
 import pytest
 from celery.exceptions import ImproperlyConfigured
 
-from conftest import ROOT, RedisServer, client_app
+from t.helpers import TASKS, celery_cli, client_app
+from t.redis_server import RedisServer
 
-TASKS = "t.integration.tasks"
 NEEDS = "celery-sheppy needs Redis 7.0 or newer, or Valkey 7.2 or newer"
 
 
@@ -27,15 +23,8 @@ def redis62():
     server.close()
 
 
-def celery(url, *args, backend=None):
-    env = dict(os.environ, CELERY_SHEPPY_BROKER=url, CELERY_SHEPPY_BACKEND=backend or url,
-               PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, *args], cwd=str(ROOT),
-                          env=env, capture_output=True, text=True, timeout=60)
-
-
 def test_a_worker_on_redis_6_2_exits_at_start_naming_the_version_and_what_is_needed(redis62):
-    done = celery(redis62.sheppy_url(), "worker", "-l", "INFO")  # Celery's defaults
+    done = celery_cli(redis62.sheppy_url(), "worker", "-l", "INFO")  # Celery's defaults
     assert done.returncode != 0
     assert (f"the sheppy:// broker at 127.0.0.1:{redis62.port} runs redis 6.2.14, which "
             f"lacks FUNCTION (Redis 7.0): {NEEDS}") in done.stderr
@@ -63,7 +52,7 @@ def test_the_result_backend_on_redis_6_2_refuses_to_store(redis62):
 
 
 def test_celery_sheppy_on_redis_6_2_says_why_and_exits_78(redis62):
-    done = celery(redis62.sheppy_url(), "sheppy", "status")
+    done = celery_cli(redis62.sheppy_url(), "sheppy", "status")
     assert done.returncode == 78
     assert done.stderr.strip() == (
         f"Error: the sheppy:// broker at 127.0.0.1:{redis62.port} runs redis 6.2.14, which "

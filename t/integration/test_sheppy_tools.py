@@ -27,7 +27,7 @@ from sheppy import Queue, Task  # noqa: E402
 from sheppy.backend.redis import RedisBackend  # noqa: E402
 
 from celery_sheppy import keys, records  # noqa: E402
-from conftest import Worker  # noqa: E402
+from t.helpers import start_worker  # noqa: E402
 
 pytestmark = pytest.mark.sheppy_tools
 
@@ -118,7 +118,7 @@ def celery_run(redis_server):
     """Runs every kind of Celery task once, and keeps both workers up for the module.
 
     One run serves every test here (the tests only read), so the workers are started
-    with conftest's Worker directly: the start_worker fixture is per test.
+    here, not with the ``workers`` fixture (which is per test).
     """
     client = redis_server.client()
     client.flushall()
@@ -128,9 +128,8 @@ def celery_run(redis_server):
     pickle_app = client_app(broker, backend, "pickle")
     workers = []
     try:
-        workers.append(Worker(broker, backend, queues=QUEUE))
-        workers.append(Worker(broker, backend, queues=PICKLE_QUEUE,
-                              extra_env={"CELERY_SHEPPY_CONF": json.dumps(PICKLE_CONF)}))
+        workers.append(start_worker(broker, backend=backend, queues=QUEUE))
+        workers.append(start_worker(broker, PICKLE_CONF, backend=backend, queues=PICKLE_QUEUE))
         run = CeleryRun(redis_server, client, app)
 
         # Given one task of each kind, and a chord
@@ -455,7 +454,7 @@ def run_sheppy(server, *args, timeout=60):
 
 
 def test_a_sheppy_worker_on_a_celery_queue_stops_at_once_and_celery_runs_its_tasks(
-        make_redis_server, start_worker):
+        make_redis_server, workers):
     # Given Celery tasks waiting in a sheppy:// queue, no Celery worker
     server = make_redis_server()
     url = server.sheppy_url()
@@ -472,8 +471,8 @@ def test_a_sheppy_worker_on_a_celery_queue_stops_at_once_and_celery_runs_its_tas
         client = server.client()
         assert not any(client.exists(keys.task_record(QUEUE, r.id)) for r in results)
         # And a Celery worker takes the entries over after their lease and runs each
-        start_worker(url, url, pool="threads", extra_env={"CELERY_SHEPPY_CONF": json.dumps(
-            {"broker_transport_options": {"visibility_timeout": 4}})})
+        workers.start(url, {"broker_transport_options": {"visibility_timeout": 4}},
+                      pool="threads")
         assert [r.get(timeout=60) for r in results] == [2, 3, 4]
         assert client.xlen(keys.pending_stream(QUEUE)) == 0
     finally:
@@ -481,11 +480,11 @@ def test_a_sheppy_worker_on_a_celery_queue_stops_at_once_and_celery_runs_its_tas
 
 
 def test_sheppy_task_retry_of_a_celery_record_is_dead_lettered_and_the_record_expires(
-        make_redis_server, start_worker):
+        make_redis_server, workers):
     # Given a Celery task that failed, on a sheppy:// broker and result backend
     server = make_redis_server()
     url = server.sheppy_url()
-    worker = start_worker(url, url, pool="threads")
+    worker = workers.start(url, pool="threads")
     app = client_app(url, url, "json")
     client = server.client()
     try:

@@ -7,8 +7,6 @@ test_cluster_broker.py.
 """
 
 import json
-import subprocess
-import sys
 import uuid
 
 import kombu
@@ -17,14 +15,10 @@ from celery import chord, group
 from celery.exceptions import ImproperlyConfigured
 
 from celery_sheppy import keys, records
-from conftest import ROOT, RedisServer, Worker, client_app
+from t.helpers import celery_cli, client_app, sig, start_worker
+from t.redis_server import RedisServer
 
-TASKS = "t.integration.tasks"
 SENTINEL_OPTIONS = {"master_name": "mymaster"}
-
-
-def sig(app, name, *args, **options):
-    return app.signature(f"{TASKS}.{name}", args=args, **options)
 
 
 def sentinel_conf():
@@ -37,10 +31,9 @@ def sentinel_conf():
 
 @pytest.fixture(scope="module")
 def sentinel_worker(sentinel_set, side_redis):
-    worker = Worker(sentinel_set.sheppy_url(), sentinel_set.sheppy_url(short=True),
-                    pool="threads", concurrency=4,
-                    extra_env={"CELERY_SHEPPY_CONF": json.dumps(sentinel_conf()),
-                               "CELERY_SHEPPY_COUNTER_URL": side_redis.url})
+    worker = start_worker(sentinel_set.sheppy_url(), sentinel_conf(),
+                          backend=sentinel_set.sheppy_url(short=True), pool="threads",
+                          concurrency=4, env={"CELERY_SHEPPY_COUNTER_URL": side_redis.url})
     yield worker
     worker.stop()
 
@@ -71,7 +64,7 @@ def test_acks_late_result_acks_its_message_in_the_same_script_behind_sentinel(
     # broker and backend reach one primary through different URLs: the backend asks the
     # servers (a token) and acks acks_late messages with their result
     assert sig(sentinel_app, "add_acks_late", 1, 1).delay().get(timeout=20) == 2
-    assert sentinel_app.backend._broker_is_here is True
+    assert sentinel_app.backend.writer.broker_is_here is True
     primary = sentinel_set.primary().client()
     assert primary.xpending(keys.pending_stream("celery"), keys.CONSUMER_GROUP)["pending"] == 0
 
@@ -119,8 +112,9 @@ def cluster_broker():
 
 @pytest.fixture(scope="module")
 def cluster_worker(redis_cluster, cluster_broker, side_redis):
-    worker = Worker(cluster_broker.sheppy_url(), redis_cluster.sheppy_url(), pool="threads",
-                    concurrency=4, extra_env={"CELERY_SHEPPY_COUNTER_URL": side_redis.url})
+    worker = start_worker(cluster_broker.sheppy_url(), backend=redis_cluster.sheppy_url(),
+                          pool="threads", concurrency=4,
+                          env={"CELERY_SHEPPY_COUNTER_URL": side_redis.url})
     yield worker
     worker.stop()
 
@@ -209,15 +203,12 @@ def test_stored_records_are_sheppy_records_in_hash_tagged_shards(cluster_worker,
 def test_status_command_sums_result_counters_over_the_shards(cluster_worker, cluster_app,
                                                              cluster_broker, redis_cluster):
     group(sig(cluster_app, "add", i, i) for i in range(30))().get(timeout=30)
-    from celery_sheppy.inspect import queue_stats
+    from celery_sheppy.ops import queue_stats
 
     stats = {s.queue: s for s in queue_stats(cluster_app, ["celery"])}
     assert stats["celery"].completed >= 30
-    env = {"CELERY_SHEPPY_BROKER": cluster_broker.sheppy_url(),
-           "CELERY_SHEPPY_BACKEND": redis_cluster.sheppy_url(), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, "sheppy", "status",
-                          "--json"], capture_output=True, text=True, cwd=str(ROOT),
-                         env=dict(__import__("os").environ, **env), timeout=60)
+    out = celery_cli(cluster_broker.sheppy_url(), "sheppy", "status", "--json",
+                     backend=redis_cluster.sheppy_url())
     assert out.returncode == 0, out.stderr
     queues = {q["queue"]: q for q in json.loads(out.stdout)["queues"]}
     assert queues["celery"]["completed"] >= 30

@@ -1,8 +1,6 @@
 """Real Celery workers (prefork and threads) on the sheppy:// broker and result backend."""
 
 import inspect
-import json
-import os
 import subprocess
 import sys
 import threading
@@ -15,10 +13,10 @@ from celery import VERSION as CELERY_VERSION, chord, group
 from celery.concurrency.thread import TaskPool as ThreadsPool
 from kombu import Producer
 
-from celery_sheppy import group_publish, keys, records
-from conftest import ROOT, Worker, client_app
+from celery_sheppy import keys, records
+from celery_sheppy.patches import group_publish
+from t.helpers import ROOT, TASKS, celery_cli, celery_command, client_app, sig, start_worker, task_env
 
-TASKS = "t.integration.tasks"
 DB = 5  # this module's database; the module-scoped workers outlive single tests
 
 #: Celery 5.7's threads pool cancels the tasks it holds at a warm shutdown (their
@@ -26,7 +24,7 @@ DB = 5  # this module's database; the module-scoped workers outlive single tests
 THREADS_POOL_CANCELS_ON_SHUTDOWN = "cancel_futures" in inspect.getsource(ThreadsPool.on_stop)
 
 #: Groups are published in batches only where kombu has Producer.batch() (5.7+): with older
-#: kombu, Celery's own path, one round trip per task (group_publish.py).
+#: kombu, Celery's own path, one round trip per task (patches/group_publish.py).
 needs_producer_batch = pytest.mark.skipif(not hasattr(Producer, "batch"),
                                           reason="Producer.batch() needs kombu 5.7+")
 
@@ -46,7 +44,7 @@ def db(redis_server):
 
 @pytest.fixture(scope="module", params=["prefork", "threads"])
 def worker(request, url, db):
-    worker = Worker(url, url, pool=request.param, concurrency=2, args=("-E",))
+    worker = start_worker(url, pool=request.param, concurrency=2, args=("-E",))
     yield worker
     worker.stop()
 
@@ -56,17 +54,6 @@ def app(url):
     app = client_app(url, url)
     yield app
     app.close()
-
-
-def sig(app, name, *args, **options):
-    return app.signature(f"{TASKS}.{name}", args=args, **options)
-
-
-def celery_cli(url, *args, env=None, timeout=60):
-    environment = dict(os.environ, CELERY_SHEPPY_BROKER=url, CELERY_SHEPPY_BACKEND=url,
-                       PYTHONPATH=str(ROOT), **(env or {}))
-    return subprocess.run([sys.executable, "-m", "celery", "-A", TASKS, *args], cwd=str(ROOT),
-                          env=environment, capture_output=True, text=True, timeout=timeout)
 
 
 # -- tasks ------------------------------------------------------------------------------
@@ -321,11 +308,9 @@ def test_celery_purge_command_empties_a_queue(url, db):
 def test_beat_publishes_due_tasks_through_sheppy(url, db, tmp_path):
     conf = {"beat_schedule": {"tick": {"task": f"{TASKS}.add", "schedule": 0.5, "args": [1, 2],
                                        "options": {"queue": "beatq"}}}}
-    env = dict(os.environ, CELERY_SHEPPY_BROKER=url, CELERY_SHEPPY_BACKEND=url,
-               CELERY_SHEPPY_CONF=json.dumps(conf), PYTHONPATH=str(ROOT))
     beat = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", TASKS, "beat", "-s", str(tmp_path / "schedule"),
-         "--max-interval", "1"], cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL,
+        celery_command("beat", "-s", str(tmp_path / "schedule"), "--max-interval", "1"),
+        cwd=str(ROOT), env=task_env(url, conf), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 20
@@ -353,9 +338,8 @@ def test_plain_producer_process_publishes_without_importing_celery_sheppy(url, d
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_warm_shutdown_returns_reserved_messages_to_their_stream(pool, url, db):
     queue = f"shutdown-{pool}"
-    conf = json.dumps({"worker_prefetch_multiplier": 5})
-    first = Worker(url, url, pool=pool, concurrency=1, queues=queue,
-                   extra_env={"CELERY_SHEPPY_CONF": conf})
+    first = start_worker(url, {"worker_prefetch_multiplier": 5}, pool=pool, concurrency=1,
+                         queues=queue)
     app = client_app(url, url)
     try:
         running = sig(app, "sleep", 2).apply_async(queue=queue)
@@ -379,7 +363,7 @@ def test_warm_shutdown_returns_reserved_messages_to_their_stream(pool, url, db):
             return
         assert db.xlen(stream) == 4
 
-        second = Worker(url, url, pool=pool, concurrency=1, queues=queue)
+        second = start_worker(url, pool=pool, concurrency=1, queues=queue)
         try:
             assert [result.get(timeout=20) for result in waiting] == [True] * 4
         finally:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of ``sheppy://`` queues, from :func:`celery_sheppy.inspect.queue_stats`.
+"""Prometheus metrics of ``sheppy://`` queues, from :func:`celery_sheppy.ops.queue_stats`.
 
 :data:`METRICS` is the one table of metric names: :func:`exposition` writes it in the
 text exposition format (0.0.4) by hand, so ``celery sheppy metrics`` needs no extra
@@ -10,7 +10,7 @@ package; :func:`serve` answers ``GET /metrics`` with the standard library's HTTP
 import logging
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .inspect import ALIVE, DEAD, queue_stats
+from .stats import ALIVE, DEAD, queue_stats
 
 logger = logging.getLogger(__name__)
 

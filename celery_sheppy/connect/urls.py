@@ -2,7 +2,7 @@
 
 URL forms (``sheppys`` instead of ``sheppy``: TLS to the Redis servers)::
 
-    sheppy://[[user]:password@]host[:port][/db]               one server (connection.py)
+    sheppy://[[user]:password@]host[:port][/db]               one server (params.py)
     sheppy+sentinel://[[user]:password@]h1:26379;sheppy+sentinel://h2:26379[/db]
     sheppy+sentinel://h1:26379;h2:26379[/db]                   (the same, shorter)
     sheppy+cluster://[[user]:password@]h1:7000;h2:7001[/]       seed nodes of a Cluster
@@ -16,19 +16,17 @@ the primary's (an ACL user), as with Celery. Celery's backend loader strips the
 
 A connection-parameter dict (:func:`connection_kwargs`) is redis-py's keyword
 arguments plus, for Sentinel, ``"sentinel": Sentinels(...)`` and, for a Cluster,
-``"cluster": ClusterSeeds(...)``; build pools and clients from it with :func:`make_pool`
-and :func:`make_client` only, never with ``redis.ConnectionPool(**params)``.
+``"cluster": ClusterSeeds(...)``; build pools and clients from it through its topology
+(``topology.topology_of``) only, never with ``redis.ConnectionPool(**params)``.
 """
 
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-import redis
-from redis.cluster import ClusterNode, RedisCluster
-from redis.sentinel import (Sentinel, SentinelConnectionPool, SentinelManagedConnection,
-                            SentinelManagedSSLConnection)
+from redis.sentinel import SentinelManagedSSLConnection
 
-from . import compat, connection
+from .. import compat
+from . import params
 
 #: scheme -> (kind, TLS)
 SCHEMES = {
@@ -136,7 +134,7 @@ def split_options(options):
 
 
 def connection_kwargs(url, options=None, topology_options=None, tls=None):
-    """Connection parameters for ``url``: defaults < ``options`` < URL (connection.py), with
+    """Connection parameters for ``url``: defaults < ``options`` < URL (params.py), with
     the Sentinel or Cluster part for those URLs. ``tls``: TLS when the URL cannot say
     (the ``sentinel://`` Celery's loader leaves of ``sheppys+sentinel://``)."""
     kind = kind_of(url)
@@ -146,13 +144,13 @@ def connection_kwargs(url, options=None, topology_options=None, tls=None):
             raise ValueError(
                 f"options {sorted(topology_options)} are Redis Sentinel options: use a "
                 "sheppy+sentinel://host:26379;host:26379/db URL")
-        return connection.connection_kwargs(url, options)
+        return params.connection_kwargs(url, options)
     _, url_tls, nodes, url_kwargs = parse_nodes(url)
     tls = url_tls if url_tls is not None else bool(tls)
     scheme = "sheppys" if tls else "sheppy"
-    # The server part (timeouts, auth, TLS options) goes through connection.py's table.
+    # The server part (timeouts, auth, TLS options) goes through params.py's table.
     db = url_kwargs.pop("db", 0)
-    kwargs = connection.connection_kwargs(f"{scheme}://localhost/{db}", dict(options or {}, **url_kwargs))
+    kwargs = params.connection_kwargs(f"{scheme}://localhost/{db}", dict(options or {}, **url_kwargs))
     del kwargs["host"], kwargs["port"]
     if kind == "sentinel":
         kwargs["sentinel"] = _sentinels(nodes, topology_options)
@@ -208,9 +206,9 @@ def redact(url):
     parts = []
     for part in url.split(";"):
         if "://" in part:
-            parts.append(connection.redact(part))
+            parts.append(params.redact(part))
         else:
-            parts.append(connection.redact("x://" + part)[len("x://"):])
+            parts.append(params.redact("x://" + part)[len("x://"):])
     return ";".join(parts)
 
 
@@ -220,64 +218,3 @@ def describe(params):
         if part in params:
             return params[part].describe()
     return f"{params.get('host')}:{params.get('port')}"
-
-
-def is_cluster(params):
-    return "cluster" in params
-
-
-def _sentinel_manager(sentinels, kwargs):
-    sentinel_kwargs = dict(sentinels.sentinel_kwargs) or {
-        name: value for name, value in kwargs.items()
-        if name in ("socket_timeout", "socket_connect_timeout", "socket_keepalive")}
-    return Sentinel(list(sentinels.nodes), min_other_sentinels=sentinels.min_other_sentinels,
-                    sentinel_kwargs=sentinel_kwargs)
-
-
-class SentinelBlockingConnectionPool(SentinelConnectionPool, redis.BlockingConnectionPool):
-    """A Sentinel pool whose threads wait for a free connection (as the backend's other pool)."""
-
-    def disconnect(self, inuse_connections=True):
-        # A new primary makes the Sentinel connection call disconnect(inuse_connections=False).
-        compat.disconnect_blocking_pool(self, inuse_connections)
-
-
-def make_pool(params, blocking_timeout=None, pool_class=None):
-    """A connection pool for ``params`` (not for a Cluster: see :func:`make_client`).
-
-    ``blocking_timeout``: threads beyond ``max_connections`` wait up to this long (s).
-    ``pool_class``: a pool class of the caller's (one server only)."""
-    if is_cluster(params):
-        raise ValueError("a Redis Cluster has one pool per node: use make_client()")
-    kwargs = dict(params)
-    sentinels = kwargs.pop("sentinel", None)
-    if sentinels is None:
-        if pool_class is not None:
-            return pool_class(**kwargs)
-        if blocking_timeout is not None:
-            return redis.BlockingConnectionPool(timeout=blocking_timeout, **kwargs)
-        return redis.ConnectionPool(**kwargs)
-    if kwargs.get("connection_class") in (None, redis.Connection):
-        kwargs["connection_class"] = SentinelManagedConnection
-    manager = _sentinel_manager(sentinels, kwargs)
-    if blocking_timeout is not None:
-        return SentinelBlockingConnectionPool(sentinels.master_name, manager,
-                                              timeout=blocking_timeout, **kwargs)
-    return SentinelConnectionPool(sentinels.master_name, manager, **kwargs)
-
-
-def make_client(params, blocking_timeout=None, **extra):
-    """A ``redis.Redis`` (one server, Sentinel) or ``redis.RedisCluster`` for ``params``
-    (``blocking_timeout``: as for :func:`make_pool`; a Cluster's pools do not wait)."""
-    if not is_cluster(params):
-        return redis.Redis(connection_pool=make_pool(params, blocking_timeout), **extra)
-    kwargs = dict(params)
-    seeds = kwargs.pop("cluster")
-    if kwargs.pop("connection_class", None) is redis.SSLConnection:
-        kwargs["ssl"] = True
-    kwargs.pop("health_check_interval", None)  # RedisCluster's node clients do not take it
-    if not kwargs.get("retry_on_timeout"):
-        kwargs.pop("retry_on_timeout", None)  # deprecated there: timeouts are retried anyway
-    return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in seeds.nodes],
-                        **kwargs, **extra)
-

@@ -43,7 +43,7 @@ def install():
             from celery.canvas import group
         except ImportError:  # kombu without Celery: nothing to wrap
             return False
-        from .compat import LazyTasks
+        from ..compat import LazyTasks
         stock = getattr(group, "_apply_tasks", None)
         if stock is None or getattr(stock, "_sheppy_batched", False):
             return False

@@ -11,8 +11,8 @@ import json
 import redis
 from kombu.utils.encoding import bytes_to_str
 
-from . import keys, records
-from . import transport as sheppy_transport
+from .. import keys, records
+from .. import transport as sheppy_transport
 
 
 def describe(data):

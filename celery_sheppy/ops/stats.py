@@ -35,13 +35,13 @@ from dataclasses import asdict, dataclass, field
 import redis
 from kombu.utils.encoding import bytes_to_str
 
-from . import keys
-from .backend import SheppyBackend
-from .connection import CONNECTION_ERRORS, redact
-from .transport import Transport
-from .transport import presence
-from .transport.options import BY_NAME as TRANSPORT_OPTIONS
-from .transport.streams import QueueStreams
+from .. import keys
+from ..backend import SheppyBackend
+from ..connect import CONNECTION_ERRORS, redact
+from ..transport import Transport
+from ..transport import presence
+from ..transport.options import BY_NAME as TRANSPORT_OPTIONS
+from ..transport.streams import QueueStreams
 
 #: Stock values of the transport options read here (docs/transport.md).
 DEFAULT_LEASE = float(TRANSPORT_OPTIONS["visibility_timeout"].default)
@@ -124,7 +124,7 @@ class Inspector:
         self.settings = Settings.of(app)
         channel = connection.default_channel
         self.client = channel.client  # the transport's redis-py client
-        self.cluster = channel.conns.cluster  # queue q is sheppy queue {q} there
+        self.topology = channel.conns.topology  # names queue q {q} on a Redis Cluster
 
     @property
     def url(self):
@@ -136,17 +136,18 @@ class Inspector:
         ``known``: UnknownQueue for a name of ``only`` that is none of those and has no
         stream, scheduled set or dead letters (a typo would show a row of zeros)."""
         if only:
-            named = list(dict.fromkeys(keys.broker_queue(keys.check_queue(name), self.cluster)
+            named = list(dict.fromkeys(self.topology.broker_queue(keys.check_queue(name))
                                        for name in only))
             if known:
                 self._check_known(named)
             return named
         names = {self.app.conf.task_default_queue, *self.app.amqp.queues.keys()}
-        names = {keys.broker_queue(name, self.cluster) for name in names}
+        names = {self.topology.broker_queue(name) for name in names}
         for name in self.client.hkeys(keys.queue_registry()):
             names.add(bytes_to_str(name))
-        shards = set(self.app.backend.result_queues) if self.cluster and isinstance(
-            self.app.backend, SheppyBackend) else set()
+        backend = self.app.backend
+        shards = (set(backend.result_queues) - {backend.queue}
+                  if isinstance(backend, SheppyBackend) else set())
         return sorted(name for name in names if _usable(name) and name not in shards)
 
     def _check_known(self, names):
@@ -184,7 +185,7 @@ class Inspector:
         ``sheppy://`` result backend's queue), or None when results go elsewhere."""
         backend = self.app.backend
         if isinstance(backend, SheppyBackend):
-            return keys.broker_queue(backend.queue, self.cluster)
+            return self.topology.broker_queue(backend.queue)
         return None
 
     @property
@@ -193,7 +194,7 @@ class Inspector:
         backend's queue counts in each of its result shards (keys.result_shards)."""
         backend = self.app.backend
         if isinstance(backend, SheppyBackend) and backend.result_queues != (backend.queue,):
-            return {keys.broker_queue(backend.queue, self.cluster): backend.result_queues}
+            return {self.topology.broker_queue(backend.queue): backend.result_queues}
         return {}
 
     def stats(self, queues=None):

@@ -19,16 +19,16 @@ _installed = False
 _lock = threading.Lock()
 
 
-def install():
-    """Wrap ``kombu.messaging.Producer.maybe_declare`` once per process."""
+def install(channel_class):
+    """Wrap ``kombu.messaging.Producer.maybe_declare`` once per process, for channels of
+    ``channel_class`` (the sheppy:// transport's)."""
     global _installed
     with _lock:
         if _installed:
             return True
         from kombu.messaging import Producer
 
-        from .transport import Channel
-
+        Channel = channel_class
         stock = Producer.maybe_declare
 
         def maybe_declare(self, entity, retry=False, **retry_policy):

@@ -227,11 +227,11 @@ def test_nested_chord_in_a_chord_header(worker, app):
 
 @pytest.mark.parametrize("pool", ["prefork", "threads"])
 def test_a_chord_sent_by_a_task_fires_in_the_process_that_sent_it(
-        make_redis_server, start_worker, pool):
+        make_redis_server, workers, pool):
     # Given a worker with one pool process (or thread): the chord a chain's first task
     # sends is applied there, and its parts run there too, the last one joining the header
     server = make_redis_server()
-    start_worker(server.sheppy_url(), server.sheppy_url(), pool=pool, concurrency=1)
+    workers.start(server.sheppy_url(), pool=pool, concurrency=1)
     app = client_app(server.sheppy_url(), server.sheppy_url())
     try:
         workflow = (sig(app, "add", 1, 0, immutable=True)

@@ -12,10 +12,12 @@ A chord's state is its keys alone: the part keeps nothing between calls.
 
 from dataclasses import dataclass
 
+import redis
 from celery.canvas import maybe_signature
 from celery.exceptions import ChordError
 from celery.result import GroupResult, ResultBase, allow_join_result
 from celery.utils.log import get_logger
+from kombu.exceptions import OperationalError
 from kombu.utils.encoding import bytes_to_str
 
 from .. import compat, keys, records, scripts
@@ -174,8 +176,17 @@ class NativeChords:
             logger.exception("Chord %r raised: %r", group_id, reason)
             return backend.chord_error_from_stack(
                 callback, compat.chord_error(reason, cause=exc))
+        def send_body():
+            try:
+                return compat.publish_callback(app, callback.delay, values)
+            except OperationalError as exc:
+                # kombu's "broker unreachable": retried as the backend retries its own
+                # commands, through a restart of Redis, not only Celery's publish retries
+                # (under a second in all)
+                raise redis.ConnectionError(f"chord body not sent: {exc}") from exc
+
         try:
-            compat.publish_callback(app, callback.delay, values)
+            self.ensure(send_body, ())
         except Exception as exc:  # pylint: disable=broad-except
             logger.exception("Chord callback for %r raised: %r", group_id, exc)
             return backend.chord_error_from_stack(

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 import redis
-from celery import states
+from celery import chord, states
 from celery.exceptions import BackendStoreError
 
 from celery_sheppy import keys
@@ -223,3 +223,31 @@ def test_unreadable_record_fails_its_own_get_and_spares_other_waiters(redis_serv
         bad_result.get(timeout=1)
     threads[0].join(10)
     app.close()
+
+
+@pytest.mark.slow
+def test_chord_body_sent_while_the_brokers_redis_restarts_goes_once_it_is_back(
+        make_redis_server, workers):
+    # Given a worker of one thread that has sent a chord's body before (its producer
+    # connection is open), the results on a second server, up all along. (A prefork child
+    # sending the body here waited for the broker through its own reconnect in every run,
+    # with or without the backend's retry: the threads pool is where the send failed.)
+    pool = "threads"
+    broker_server = make_redis_server("--appendonly", "yes", "--appendfsync", "always")
+    broker, backend = broker_server.sheppy_url(), make_redis_server().sheppy_url()
+    workers.start(broker, backend=backend, pool=pool, concurrency=1)
+    app = client_app(broker, backend)
+    try:
+        assert chord([sig(app, "add", 1, 1)])(sig(app, "tsum")).get(timeout=30) == 2
+
+        # When a chord's last part returns while the broker's Redis is down: killed 0.5 s
+        # after the chord is sent, back 3 s later (Celery's own publish retries give up
+        # within a second)
+        result = chord([sig(app, "sleep", 1.0), sig(app, "sleep", 1.5)])(sig(app, "tsum"))
+        time.sleep(0.5)
+        broker_server.restart(downtime=3.0)
+
+        # Then the body is sent once the broker is back, and runs: the chord is not failed
+        assert result.get(timeout=60) == 2.5
+    finally:
+        app.close()

@@ -303,6 +303,17 @@ class SheppyBackend(AsyncBackendMixin, KeyValueStoreBackend):
         if not compat.told_by_celery(self, result):
             self.result_consumer.also_tell(result, weak=weak)
 
+    def mark_as_revoked(self, task_id, reason="", request=None, store_result=True,
+                        state=states.REVOKED):
+        # A revoke never overwrites a result, as Celery 5.7's worker checks before it stores
+        # one. Celery 5.6's stores REVOKED for every id of a revoke broadcast, and its chord
+        # error handler revokes a group body, then fails each task of it: the revoke arriving
+        # after the failure replaced the chord's error with "revoked".
+        if store_result and self.get_state(task_id) in states.READY_STATES:
+            store_result = False
+        return super().mark_as_revoked(task_id, reason, request=request,
+                                       store_result=store_result, state=state)
+
     def remove_pending_result(self, result):
         waited_on = self.result_consumer.stop_telling(result)
         if waited_on or compat.waited_on_by_another(self, result):

@@ -128,6 +128,23 @@ def test_non_uuid_task_ids_work_for_celery(worker, app, client):
     assert record["id"] == records.sheppy_id(task_id) and record["celery"]["task_id"] == task_id
 
 
+def test_a_revoke_never_overwrites_a_stored_result(app):
+    # Given a task that failed (as Celery's chord error handler fails a group body's tasks)
+    # and one that has no result yet
+    failed, waiting = str(uuid.uuid4()), str(uuid.uuid4())
+    app.backend.mark_as_failure(failed, ValueError("the chord's error"))
+
+    # When both are revoked as a worker's revoke handler does (Celery 5.6 stores REVOKED for
+    # every id of a broadcast, whatever its state)
+    for task_id in (failed, waiting):
+        app.backend.mark_as_revoked(task_id, reason="revoked")
+
+    # Then the failure stays, and the waiting one is revoked
+    assert app.AsyncResult(failed).state == "FAILURE"
+    assert isinstance(app.AsyncResult(failed).result, ValueError)
+    assert app.AsyncResult(waiting).state == "REVOKED"
+
+
 def test_forget_deletes_the_record(worker, app, client):
     result = sig(app, "add", 1, 2).delay()
     result.get(timeout=20)

@@ -110,6 +110,18 @@ def rewrite(path):
     text, broker_gates = re.subn(r"""(broker_url)\.startswith\((['"])redis\2\)""",
                                  r"\1.startswith(('redis', 'sheppy'))", text)
     count += broker_gates
+    # Celery 5.6's chord error handler revokes a group body (a broadcast) and then fails each
+    # of its tasks; 5.6's worker stores REVOKED for every id it is told to revoke, whatever
+    # its state, so a waiter may get "revoked" first (5.7 checks the state: its suite passes
+    # this test on sheppy://). On Celery before 5.7 with sheppy:// the group-body case may
+    # raise TaskRevokedError instead of the part's exception; any other failure still fails.
+    text = text.replace(
+        "    def test_chord_error_propagation_with_different_body_types(",
+        "    @pytest.mark.xfail(TEST_BACKEND.startswith('sheppy://')"
+        " and __import__('celery').VERSION < (5, 7), strict=False,"
+        " raises=__import__('celery.exceptions', fromlist=['x']).TaskRevokedError,"
+        " reason='Celery 5.6 revokes a group body before it fails it')\n"
+        "    def test_chord_error_propagation_with_different_body_types(", 1)
     if path.name == "test_tasks.py":
         # test_replaced_task_nesting_level_0/_1 clear their flag after delay() returns, so a
         # task_received that comes first (sheppy:// delivers to the in-process worker before
